@@ -1,0 +1,14 @@
+"""One entry point over every packed-sequence attention kernel."""
+
+from .api import AUTO_ORDER, BACKENDS, BackendUnavailable, attention, backend_reasons, backend_status, choose_backend, check_inputs
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "BackendUnavailable",
+    "attention",
+    "backend_reasons",
+    "backend_status",
+    "check_inputs",
+    "choose_backend",
+]

@@ -1,0 +1,160 @@
+"""``varlen.attention``: one entry point over every packed-sequence kernel.
+
+Inputs are checked before any kernel runs; a named backend that cannot take them raises with its
+reasons and never falls back; ``backend="auto"`` takes the first backend, in a per-device order of
+speed, whose declared capabilities fit, and :func:`choose_backend` says why.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..seqinfo import SeqInfo
+
+BACKENDS = ("flash", "xformers", "flex", "sdpa", "nested", "reference")
+# fastest first; measured on an H100 (SPEC.md): FA2 varlen ~ xFormers < Flex < SDPA on padding
+AUTO_ORDER = {
+    "cuda": ("flash", "xformers", "flex", "sdpa", "nested", "reference"),
+    "cpu": ("sdpa", "nested", "flex", "reference"),
+}
+
+
+class BackendUnavailable(ValueError):
+    """A named backend cannot run these inputs; the message lists why."""
+
+
+def backend_module(name: str) -> ModuleType:
+    match name:
+        case "flash":
+            from . import flash as m
+        case "xformers":
+            from . import xformers as m
+        case "flex":
+            from . import flex as m
+        case "sdpa":
+            from . import sdpa as m
+        case "nested":
+            from . import nested as m
+        case "reference":
+            from . import reference as m
+        case _:
+            raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS} or 'auto'")
+    return m
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, window_size) -> None:
+    """Raise ValueError naming the first problem. Reads only shapes and host metadata."""
+    if not isinstance(info, SeqInfo):
+        raise ValueError(f"info must be a varlen.SeqInfo, got {type(info).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a packed [T, H, D] tensor, got {shape}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
+        if x.shape[0] != info.total_tokens:
+            raise ValueError(f"{name} has {x.shape[0]} tokens but cu_seqlens ends at {info.total_tokens}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k head sizes differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if info.cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {info.cu_seqlens.device}, q on {q.device}: call info.to(device)")
+    if info.cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32, got {info.cu_seqlens.dtype}")
+    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
+        raise ValueError(f"window_size must be (left, right) with -1 for unbounded, got {window_size}")
+
+
+def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bool, window_size) -> list[str]:
+    """Why backend ``name`` cannot run these inputs here; empty if it can."""
+    m = backend_module(name)
+    why = m.unavailable()
+    if why:
+        return [why]
+    return m.CAPS.reasons(q, k, causal, window_size) + m.reasons(q, k, v, info, causal, window_size)
+
+
+_AUTO: dict[tuple, tuple[str, str]] = {}
+
+
+def _auto(q, k, v, info, causal, window_size) -> tuple[str, str]:
+    device = q.device.type
+    skipped = []
+    for name in AUTO_ORDER.get(device, ("reference",)):
+        why = backend_reasons(name, q, k, v, info, causal, window_size)
+        if not why:
+            note = f"; skipped {'; '.join(skipped)}" if skipped else ""
+            return name, f"auto chose {name}: the fastest backend on {device} that takes these inputs{note}"
+        skipped.append(f"{name} ({', '.join(why)})")
+    raise BackendUnavailable("no attention backend can run these inputs: " + "; ".join(skipped))
+
+
+def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1)) -> tuple[str, str]:
+    """``(backend, why)`` that ``backend="auto"`` uses; decided once per kind of input."""
+    window_size = (int(window_size[0]), int(window_size[1]))
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = (q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], causal, window_size, grad)
+    hit = _AUTO.get(key)
+    if hit is None:
+        hit = _AUTO[key] = _auto(q, k, v, info, causal, window_size)
+    return hit
+
+
+def attention(
+    q: Tensor,  # [T, H, D]
+    k: Tensor,  # [T, Hkv, D]
+    v: Tensor,  # [T, Hkv, D]
+    info: SeqInfo,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    backend: str = "auto",
+) -> Tensor:  # [T, H, D]
+    """Attention inside each sequence of a packed batch.
+
+    ``window_size=(left, right)`` limits query i to keys ``i-left .. i+right`` (-1: unbounded);
+    ``causal=True`` sets ``right=0``. k/v may have fewer heads than q (GQA).
+    """
+    check_inputs(q, k, v, info, window_size)
+    window_size = (int(window_size[0]), int(window_size[1]))
+    if backend == "auto":
+        backend, _ = choose_backend(q, k, v, info, causal=causal, window_size=window_size)
+    else:
+        why = backend_reasons(backend, q, k, v, info, causal, window_size)
+        if why:
+            raise BackendUnavailable(f"backend {backend!r} cannot run these inputs: {'; '.join(why)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return backend_module(backend).attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size)
+
+
+def backend_status() -> dict[str, dict]:
+    """Each backend's declared capabilities and whether it can run on this machine."""
+    out = {}
+    for name in BACKENDS:
+        m = backend_module(name)
+        c = m.CAPS
+        out[name] = {
+            "available": m.unavailable() is None,
+            "reason": m.unavailable(),
+            "devices": sorted(c.devices),
+            "dtypes": sorted(str(d).removeprefix("torch.") for d in c.dtypes),
+            "head_dims": c.head_dims,
+            "causal": c.causal,
+            "window": c.window,
+            "gqa": c.gqa,
+            "autograd": c.autograd,
+            "notes": c.notes,
+        }
+    return out

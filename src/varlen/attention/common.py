@@ -1,0 +1,84 @@
+"""What every backend shares: its declared capabilities and the window rule.
+
+A backend module exposes ``CAPS`` (a :class:`Capabilities`), ``unavailable()`` (why it cannot run
+on this machine at all, or ``None``), ``reasons(q, k, v, info, causal, window_size)`` (why it
+cannot run these inputs) and ``attention(q, k, v, info, *, causal, scale, window_size)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+HALF = frozenset({torch.float16, torch.bfloat16})
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    name: str
+    devices: frozenset[str]
+    dtypes: frozenset[torch.dtype]
+    head_dims: str  # human-readable rule, checked by ``head_dim_ok``
+    head_dim_ok: Callable[[int], bool]
+    causal: bool = True
+    window: bool = False
+    gqa: bool = True
+    autograd: bool = True
+    notes: str = ""
+
+    def reasons(self, q: Tensor, k: Tensor, causal: bool, window_size: tuple[int, int]) -> list[str]:
+        out = []
+        if q.device.type not in self.devices:
+            out.append(f"runs on {'/'.join(sorted(self.devices))}, not {q.device.type}")
+        if q.dtype not in self.dtypes:
+            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
+            out.append(f"takes {names}, not {str(q.dtype).removeprefix('torch.')}")
+        if not self.head_dim_ok(q.shape[-1]):
+            out.append(f"head size {q.shape[-1]} unsupported (needs {self.head_dims})")
+        if causal and not self.causal:
+            out.append("no causal masking")
+        if tuple(window_size) != (-1, -1) and not self.window:
+            out.append("no sliding window")
+        if k.shape[1] != q.shape[1] and not self.gqa:
+            out.append("no grouped-query attention (k/v with fewer heads)")
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not self.autograd:
+            out.append("forward only (no autograd)")
+        return out
+
+
+def window_bounds(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:
+    """(left, right) key offsets a query may see; -1 = unbounded. Causal forces right = 0.
+
+    Query i sees key j when ``i - left <= j <= i + right``, inside its own sequence::
+
+        causal, window (-1, -1)    window (1, 0)     window (1, 1)
+            1 0 0 0                  1 0 0 0          1 1 0 0
+            1 1 0 0                  1 1 0 0          1 1 1 0
+            1 1 1 0                  0 1 1 0          0 1 1 1
+            1 1 1 1                  0 0 1 1          0 0 1 1
+    """
+    left, right = (int(w) for w in window_size)
+    if causal:
+        right = 0
+    return left, right
+
+
+def band(q_pos: Tensor, k_pos: Tensor, left: int, right: int) -> Tensor:
+    """Elementwise: may a query at ``q_pos`` see a key at ``k_pos`` (same sequence assumed)."""
+    ok = torch.ones_like(q_pos == k_pos)
+    if right >= 0:
+        ok = ok & (k_pos <= q_pos + right)
+    if left >= 0:
+        ok = ok & (k_pos >= q_pos - left)
+    return ok
+
+
+def repeat_kv(x: Tensor, heads: int) -> Tensor:
+    """``[T, Hkv, D]`` -> ``[T, heads, D]``: query head h uses kv head h // (heads // Hkv)."""
+    if x.shape[1] == heads:
+        return x
+    return x.repeat_interleave(heads // x.shape[1], dim=1)

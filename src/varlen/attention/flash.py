@@ -1,0 +1,162 @@
+"""FlashAttention varlen on ``cu_seqlens``: the fastest kernels for packed rows.
+
+Three implementations of the same call, preferred in this order when present:
+
+- ``fa4``: FlashAttention-4, ``flash_attn.cute.flash_attn_varlen_func`` (Hopper/Blackwell).
+- ``fa2``: the ``flash_attn`` package's ``flash_attn_varlen_func`` (FlashAttention-2/3 builds).
+- ``torch``: PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (FA2 inside torch >= 2.10).
+
+``VARLEN_FLASH_IMPL=fa4|fa2|torch`` forces one; a forced one that cannot run raises, never falls
+back. torch 2.10 spelled causality ``is_causal``; 2.11+ takes ``window_size=(-1, 0)``: the
+signature is probed, not the version.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..seqinfo import SeqInfo
+from .common import HALF, Capabilities, repeat_kv, window_bounds
+
+IMPLS = ("fa4", "fa2", "torch")
+
+CAPS = Capabilities(
+    name="flash",
+    devices=frozenset({"cuda"}),
+    dtypes=HALF,
+    head_dims="a multiple of 8, at most 256 (fa4: 64, 96 or 128)",
+    head_dim_ok=lambda d: d % 8 == 0 and d <= 256,
+    window=True,
+    notes="FlashAttention varlen: " + " > ".join(IMPLS),
+)
+
+
+@functools.cache
+def _torch_varlen():
+    """(varlen_attn, its parameter names) or (None, reason)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None, f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)"
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _has_fa4() -> bool:
+    spec = importlib.util.find_spec("flash_attn")  # finds, does not import
+    return bool(spec and spec.submodule_search_locations) and any(
+        (Path(p) / "cute" / "interface.py").exists() for p in spec.submodule_search_locations
+    )
+
+
+@functools.cache
+def impl_unavailable(impl: str) -> str | None:
+    """Why ``impl`` cannot run on this machine, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, _ = torch.cuda.get_device_capability()
+    match impl:
+        case "torch":
+            fn, why = _torch_varlen()
+            if fn is None:
+                return why
+            return None if major >= 8 else f"needs compute capability >= 8.0, have {major}.x"
+        case "fa2":
+            if importlib.util.find_spec("flash_attn_2_cuda") is None:
+                return "flash-attn (2.x) not installed (pip install flash-attn; source build)"
+            return None if major >= 8 else f"needs compute capability >= 8.0, have {major}.x"
+        case "fa4":
+            if not _has_fa4():
+                return "flash-attn-4 (flash_attn.cute) not installed"
+            return None if major >= 9 else f"needs Hopper or newer (compute capability >= 9.0), have {major}.x"
+    raise ValueError(f"unknown flash implementation {impl!r}; choose from {IMPLS}")
+
+
+def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size) -> list[str]:
+    why = impl_unavailable(impl)
+    if why:
+        return [why]
+    out = []
+    if impl == "fa4" and q.shape[-1] not in (64, 96, 128):
+        out.append(f"fa4: head size {q.shape[-1]} unsupported (64, 96 or 128)")
+    if impl == "torch":
+        params = _torch_varlen()[1]
+        if tuple(window_size) != (-1, -1) and "window_size" not in params:
+            out.append(f"torch {torch.__version__} varlen_attn has no window_size")
+    return out
+
+
+def forced_impl() -> str | None:
+    impl = os.environ.get("VARLEN_FLASH_IMPL") or None
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"VARLEN_FLASH_IMPL={impl!r}; choose from {IMPLS}")
+    return impl
+
+
+def unavailable() -> str | None:
+    impl = forced_impl()
+    whys = {i: impl_unavailable(i) for i in ((impl,) if impl else IMPLS)}
+    if not all(whys.values()):
+        return None
+    if len(set(whys.values())) == 1:
+        return next(iter(whys.values()))
+    return "; ".join(f"{i}: {w}" for i, w in whys.items())
+
+
+def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size) -> tuple[str | None, list[str]]:
+    """The implementation to use, or None with every implementation's reasons."""
+    impl = forced_impl()
+    whys = []
+    for i in (impl,) if impl else IMPLS:
+        r = impl_reasons(i, q, k, causal, window_size)
+        if not r:
+            return i, []
+        whys += [f"{i}: {w}" if not w.startswith(i) else w for w in r]
+    return None, whys
+
+
+def reasons(q, k, v, info, causal, window_size) -> list[str]:
+    return choose_impl(q, k, causal, window_size)[1]
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size) -> Tensor:
+    impl, whys = choose_impl(q, k, causal, window_size)
+    if impl is None:
+        raise ValueError("flash cannot run: " + "; ".join(whys))
+    left, right = window_bounds(causal, window_size)
+    cu, m = info.cu_seqlens, info.max_seqlen
+    match impl:
+        case "torch":
+            fn, params = _torch_varlen()
+            kw = {"scale": scale}
+            if "window_size" in params:
+                kw["window_size"] = (left, right)
+            else:  # torch 2.10
+                kw["is_causal"] = causal
+            if k.shape[1] != q.shape[1]:
+                if "enable_gqa" in params:
+                    kw["enable_gqa"] = True
+                else:
+                    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+            return fn(q, k, v, cu, cu, m, m, **kw)
+        case "fa2":
+            from flash_attn import flash_attn_varlen_func
+
+            return flash_attn_varlen_func(
+                q, k, v, cu, cu, m, m, softmax_scale=scale, causal=causal, window_size=(left, right)
+            )
+        case "fa4":
+            from flash_attn.cute import flash_attn_varlen_func
+
+            out = flash_attn_varlen_func(
+                q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m,
+                softmax_scale=scale, causal=causal,
+                window_size=(None if left < 0 else left, None if right < 0 else right),
+            )
+            return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,97 @@
+"""FlexAttention with a document mask: the PyTorch-native way to attend within sequences.
+
+The ``BlockMask`` is built once per batch (cached on the SeqInfo) and reused by every layer; on
+the GPU ``flex_attention`` runs through one module-level ``torch.compile`` (eager Flex is a dense
+reference implementation). Mask functions are small named closures, as in attention-gym.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..seqinfo import SeqInfo
+from .common import FLOATS, Capabilities, window_bounds
+
+CAPS = Capabilities(
+    name="flex",
+    devices=frozenset({"cpu", "cuda"}),
+    dtypes=FLOATS,
+    head_dims="any on CPU; a power of two >= 16 on CUDA",
+    head_dim_ok=lambda d: d >= 1,
+    window=True,
+    notes="document BlockMask built once per batch; compiled on CUDA; forward-only on CPU",
+)
+
+
+def unavailable() -> str | None:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError as e:  # pragma: no cover - torch >= 2.5 has it
+        return f"torch.nn.attention.flex_attention missing ({e})"
+    return None
+
+
+def reasons(q, k, v, info, causal, window_size) -> list[str]:
+    d = q.shape[-1]
+    out = []
+    if q.device.type == "cuda" and (d < 16 or d & (d - 1)):
+        out.append(f"head size {d} unsupported on CUDA (the Triton kernel needs a power of two >= 16)")
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if q.device.type == "cpu" and grad:
+        out.append("no backward on CPU (torch's FlexAttention is forward-only there)")
+    return out
+
+
+def generate_doc_mask_mod(document_ids: Tensor, left: int, right: int):
+    """Query and key in the same sequence, and inside the (left, right) window."""
+
+    def doc_mask(b, h, q_idx, kv_idx):
+        ok = document_ids[q_idx] == document_ids[kv_idx]
+        # inside one sequence the index difference is the position difference
+        if right >= 0:
+            ok = ok & (kv_idx <= q_idx + right)
+        if left >= 0:
+            ok = ok & (kv_idx >= q_idx - left)
+        return ok
+
+    return doc_mask
+
+
+def block_mask(info: SeqInfo, causal: bool, window_size: tuple[int, int]):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    left, right = window_bounds(causal, window_size)
+    t = info.total_tokens
+
+    def build():
+        mask_mod = generate_doc_mask_mod(info.document_ids, left, right)
+        on_gpu = info.device.type == "cuda" and not torch.compiler.is_compiling()
+        return create_block_mask(mask_mod, None, None, t, t, device=info.device, _compile=on_gpu)
+
+    return info.cached(("flex_block_mask", left, right), build)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    mask = block_mask(info, causal, window_size)
+    qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
+    gqa = k.shape[1] != q.shape[1]
+    if q.device.type == "cuda":
+        out = _compiled_flex()(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
+    else:
+        with warnings.catch_warnings():  # eager Flex warns that it is unfused; on CPU that is the point
+            warnings.simplefilter("ignore", UserWarning)
+            out = flex_attention(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
+    return out[0].transpose(0, 1)  # [T, H, D]

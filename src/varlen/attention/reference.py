@@ -1,0 +1,57 @@
+"""The oracle: plain PyTorch math in float32 (float64 stays float64), one sequence at a time.
+
+Slow and simple on purpose. It needs no optional package, runs on any device with autograd, and
+loops over the host copy of the lengths, so it never reads a value back from the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..seqinfo import SeqInfo
+from .common import FLOATS, Capabilities, band, repeat_kv, window_bounds
+
+CAPS = Capabilities(
+    name="reference",
+    devices=frozenset({"cpu", "cuda"}),
+    dtypes=FLOATS,
+    head_dims="any",
+    head_dim_ok=lambda d: d >= 1,
+    window=True,
+    notes="float32 math per sequence; defines correctness",
+)
+
+
+def unavailable() -> str | None:
+    return None
+
+
+def reasons(q, k, v, info, causal, window_size) -> list[str]:
+    return []
+
+
+def attention(
+    q: Tensor,  # [T, H, D]
+    k: Tensor,  # [T, Hkv, D]
+    v: Tensor,  # [T, Hkv, D]
+    info: SeqInfo,
+    *,
+    causal: bool,
+    scale: float,
+    window_size: tuple[int, int],
+) -> Tensor:
+    left, right = window_bounds(causal, window_size)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads = q.shape[1]
+    outs = []
+    for qs, ks, vs in zip(info.split(q), info.split(k), info.split(v)):
+        qs = qs.to(compute).transpose(0, 1)  # [H, L, D]
+        ks = repeat_kv(ks.to(compute), heads).transpose(0, 1)
+        vs = repeat_kv(vs.to(compute), heads).transpose(0, 1)
+        scores = (qs @ ks.transpose(1, 2)) * scale  # [H, L, L]
+        pos = torch.arange(qs.shape[1], device=q.device)
+        allowed = band(pos[:, None], pos[None, :], left, right)  # the diagonal is always allowed
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))  # [L, H, D]
+    return torch.cat(outs).to(q.dtype)

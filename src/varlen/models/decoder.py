@@ -1,0 +1,176 @@
+"""The study's reference decoder (SPEC.md), in one file, on any batch layout and any backend.
+
+    x = tok_emb(ids) + pos_emb(position_ids)
+    24 x { x = x + proj(attn(qkv(LN(x))));  x = x + fc2(GELU(fc1(LN(x)))) }
+    logits = head(LN(x))
+
+The same blocks run three layouts:
+- padded ``[B, L]`` with ``attention_mask``: SDPA on ``[B, H, L, D]`` with one combined mask;
+- packed ``[T]`` with a :class:`~varlen.SeqInfo`: :func:`varlen.attention` with any backend;
+- jagged nested ``[B, j]``: SDPA on nested q/k/v. q, k, v are split before the head reshape,
+  which is what lets the block run on nested tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..attention import attention
+from ..attention.nested import nested_sdpa
+from ..attention.sdpa import padded_attention, padded_mask
+from ..seqinfo import SeqInfo
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int = 1024
+    max_len: int = 1024  # learned absolute positions
+    dim: int = 1024
+    n_layers: int = 24
+    n_heads: int = 16
+    mlp_ratio: int = 4
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "DecoderConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    "study": DecoderConfig(),  # 24 x 1024, 16 heads of 64: the study's model
+    "small": DecoderConfig(max_len=512, dim=256, n_layers=4, n_heads=4),
+    "tiny": DecoderConfig(max_len=256, dim=64, n_layers=2, n_heads=4),  # CPU tests
+}
+
+
+class _Ctx(NamedTuple):
+    """What every layer needs about the batch; built once per forward."""
+
+    layout: str  # "packed" | "padded" | "nested"
+    causal: bool
+    backend: str
+    info: SeqInfo | None
+    mask: Tensor | None  # [B, 1, L, L] for padded
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: Tensor, ctx: _Ctx) -> Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # split first: works on nested tensors too
+        match ctx.layout:
+            case "packed":  # x: [T, C]
+                q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)) for t in (q, k, v))  # [T, H, D]
+                y = attention(q, k, v, ctx.info, causal=ctx.causal, backend=ctx.backend)
+            case "padded":  # x: [B, L, C]
+                q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+                y = padded_attention(q, k, v, ctx.mask).transpose(1, 2)  # [B, L, H, D]
+            case "nested":  # x: [B, j, C] jagged; SDPA wants each [B, j, H, D] contiguous
+                q, k, v = (t.contiguous().unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+                y = nested_sdpa(q, k, v, causal=ctx.causal).transpose(1, 2)
+        return self.proj(y.flatten(-2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.dim, bias=False)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim, bias=False)
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim)
+        self.fc2 = nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim)
+
+    def forward(self, x: Tensor, ctx: _Ctx) -> Tensor:
+        x = x + self.attn(self.ln1(x), ctx)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig | str = "tiny", *, backend: str = "auto"):
+        super().__init__()
+        self.cfg = cfg = DecoderConfig.from_name(cfg) if isinstance(cfg, str) else cfg
+        self.backend = backend
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim, padding_idx=cfg.pad_id)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.dim, bias=False)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        info: SeqInfo | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        causal: bool | None = None,
+        backend: str | None = None,
+    ) -> Tensor:
+        """Logits in the layout of ``input_ids``.
+
+        Packed ``[T]`` (or ``[1, T]``) needs ``info``; padded ``[B, L]`` needs ``attention_mask``;
+        nested ``[B, j]`` takes ``position_ids`` (nested) or restarts positions itself.
+        ``causal`` defaults to ``self.training``: the study trains causal and evaluates non-causal.
+        """
+        causal = self.training if causal is None else causal
+        backend = backend or self.backend
+        if input_ids.is_nested:
+            if position_ids is None:
+                raise ValueError("nested input_ids need nested position_ids (NestedCollator makes them)")
+            ctx = _Ctx("nested", causal, backend, None, None)
+        elif info is not None:
+            if input_ids.dim() == 2 and input_ids.shape[0] == 1:
+                input_ids = input_ids[0]
+            if input_ids.dim() != 1 or input_ids.shape[0] != info.total_tokens:
+                raise ValueError(
+                    f"packed input_ids must be [T] with T={info.total_tokens} (from info), got {tuple(input_ids.shape)}"
+                )
+            position_ids = info.position_ids
+            ctx = _Ctx("packed", causal, backend, info, None)
+        elif attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            ctx = _Ctx("padded", causal, backend, None, padded_mask(attention_mask.bool(), causal))
+        else:
+            raise ValueError("pass info= for a packed batch, attention_mask= for a padded one, or nested input_ids")
+        x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self.head(self.ln_f(x))
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Mean cross-entropy over real targets, for packed, padded or nested logits."""
+    if logits.is_nested:
+        logits, labels = logits.values(), labels.values()
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index)
+
+
+def forward_batch(model: Decoder, batch: dict, **kw) -> Tensor:
+    """Run a collator's batch through the model (keys: info / attention_mask / position_ids)."""
+    extra = {k: batch[k] for k in ("info", "attention_mask", "position_ids") if k in batch}
+    return model(batch["input_ids"], **extra, **kw)

@@ -1,0 +1,170 @@
+"""Every backend against a float64 computation done sequence by sequence, forward and gradients.
+
+Error budgets come from the data: a backend may be off by at most 2x the error of a plain
+PyTorch computation in the input's precision (plus a few ulps), measured on the same inputs.
+"""
+
+import pytest
+import torch
+
+import varlen
+from varlen import BACKENDS, SeqInfo, attention
+from varlen.attention import api, backend_reasons
+
+from helpers import bound, max_err, random_qkv, truth_attention
+
+LENGTHS = {
+    "len1": [1],
+    "one_seq": [37],
+    "all_equal": [8, 8, 8, 8],
+    "many_tiny": [1, 2, 1, 1, 3, 1, 2, 1, 1, 1, 2, 1],
+    "max_len": [64, 3, 64, 1],
+    "random": None,  # drawn per test
+}
+SHAPES = {"mha": (4, 4, 16), "gqa": (4, 2, 16), "mqa_d8": (2, 1, 8)}
+MASKS = {"full": (False, (-1, -1)), "causal": (True, (-1, -1)), "window": (False, (3, 1)), "causal_window": (True, (2, 0))}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _lengths(name, seed):
+    if LENGTHS[name] is not None:
+        return LENGTHS[name]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 65, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+
+
+def _check(backend, lengths, shape, mask, dtype, seed, grad):
+    causal, window = MASKS[mask]
+    heads, kv_heads, d = SHAPES[shape]
+    q, k, v = random_qkv(lengths, heads, kv_heads, d, dtype, seed=seed)
+    info = SeqInfo.from_lengths(lengths)
+    for x in (q, k, v):
+        x.requires_grad_(grad)
+    why = backend_reasons(backend, q, k, v, info, causal, window)
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+
+    out = attention(q, k, v, info, causal=causal, window_size=window, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    q64, k64, v64 = (x.detach().double().requires_grad_(grad) for x in (q, k, v))
+    truth = truth_attention(q64, k64, v64, lengths, causal, window)
+    qb, kb, vb = (x.detach().clone().requires_grad_(grad) for x in (q, k, v))
+    base = truth_attention(qb, kb, vb, lengths, causal, window, dtype=dtype)
+    assert max_err(out, truth) <= bound(max_err(base, truth), dtype), (max_err(out, truth), max_err(base, truth))
+    if not grad:
+        return
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    out.backward(dout.to(dtype))
+    truth.backward(dout)
+    base.backward(dout.to(dtype))
+    for x, x64, xb, name in ((q, q64, qb, "dq"), (k, k64, kb, "dk"), (v, v64, vb, "dv")):
+        err, base_err = max_err(x.grad, x64.grad), max_err(xb.grad, x64.grad)
+        assert err <= bound(base_err, dtype), (name, err, base_err)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lengths", LENGTHS)
+@pytest.mark.parametrize("mask", MASKS)
+def test_forward_and_grad_f32(backend, lengths, mask):
+    _check(backend, _lengths(lengths, 1), "gqa", mask, torch.float32, seed=hash((backend, lengths, mask)) % 1000, grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_shapes_and_dtypes(backend, shape, dtype):
+    _check(backend, _lengths("random", 7), shape, "causal", DTYPES[dtype], seed=11, grad=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask", MASKS)
+def test_forward_only(backend, mask):
+    # Flex on the CPU is forward-only: inference paths are tested here
+    with torch.no_grad():
+        _check(backend, _lengths("random", 3), "mha", mask, torch.float32, seed=5, grad=False)
+
+
+def test_auto_chooses_and_says_why():
+    q, k, v = random_qkv([3, 4], 2, 2, 8, torch.float32)
+    info = SeqInfo.from_lengths([3, 4])
+    name, why = varlen.choose_backend(q, k, v, info, causal=True)
+    assert name == api.AUTO_ORDER["cpu"][0] == "sdpa"
+    assert why.startswith("auto chose sdpa")
+    out = attention(q, k, v, info, causal=True)
+    assert torch.equal(out, attention(q, k, v, info, causal=True, backend="sdpa"))
+
+
+def test_auto_skips_backends_that_cannot_take_inputs():
+    # nested cannot do a window: auto must not pick it even when it comes first
+    q, k, v = random_qkv([3, 4], 2, 2, 8, torch.float32)
+    info = SeqInfo.from_lengths([3, 4])
+    order = api.AUTO_ORDER["cpu"]
+    try:
+        api.AUTO_ORDER["cpu"] = ("nested", "reference")
+        api._AUTO.clear()
+        name, why = varlen.choose_backend(q, k, v, info, window_size=(1, 1))
+        assert name == "reference" and "nested (no sliding window)" in why
+    finally:
+        api.AUTO_ORDER["cpu"] = order
+        api._AUTO.clear()
+
+
+@pytest.mark.parametrize(
+    "backend, kwargs, message",
+    [
+        ("flash", {}, "no CUDA device"),
+        ("xformers", {}, "xformers"),
+        ("nested", {"causal": True}, "causal nested SDPA needs CUDA"),
+        ("nested", {"window_size": (2, 0)}, "no sliding window"),
+        ("nope", {}, "unknown attention backend"),
+    ],
+)
+def test_named_backend_never_falls_back(backend, kwargs, message):
+    q, k, v = random_qkv([3, 4], 2, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match=message):
+        attention(q, k, v, SeqInfo.from_lengths([3, 4]), backend=backend, **kwargs)
+
+
+def test_flex_backward_on_cpu_is_refused_with_reason():
+    q, k, v = random_qkv([3, 4], 2, 2, 16, torch.float32)
+    q.requires_grad_()
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        attention(q, k, v, SeqInfo.from_lengths([3, 4]), backend="flex")
+
+
+def test_capability_reasons_name_dtype_and_head_size():
+    from varlen.attention import flash
+
+    q = torch.zeros(5, 2, 12)
+    why = flash.CAPS.reasons(q, q, False, (-1, -1))
+    assert any("head size 12" in w for w in why)
+    assert any("takes bfloat16, float16, not float32" in w for w in why)
+    assert any("not cpu" in w for w in why)
+
+
+def _bad_inputs():
+    info = SeqInfo.from_lengths([3, 4])
+    ok = torch.zeros(7, 2, 8)
+    yield "tokens", (torch.zeros(6, 2, 8), ok, ok, info), "6 tokens but cu_seqlens ends at 7"
+    yield "rank", (torch.zeros(7, 16), ok, ok, info), "packed \\[T, H, D\\]"
+    yield "kv", (ok, ok, torch.zeros(7, 1, 8), info), "k and v shapes differ"
+    yield "head", (ok, torch.zeros(7, 2, 4), torch.zeros(7, 2, 4), info), "head sizes differ"
+    yield "gqa", (torch.zeros(7, 3, 8), ok, ok, info), "multiple of k/v heads"
+    yield "device", (ok, ok.to("meta"), ok.to("meta"), info), "different devices"
+    yield "info_device", (ok.to("meta"),) * 3 + (info,), "call info.to"
+    yield "dtype", (ok, ok.double(), ok.double(), info), "dtypes differ"
+    yield "int", (ok.long(),) * 3 + (info,), "floating point"
+    yield "info", (ok, ok, ok, [0, 3, 7]), "varlen.SeqInfo"
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()), ids=lambda c: c[0])
+def test_bad_input_raises_before_kernel(case):
+    _, args, message = case
+    with pytest.raises(ValueError, match=message):
+        attention(*args, backend="reference")
+
+
+def test_bad_window_raises():
+    q = torch.zeros(7, 2, 8)
+    with pytest.raises(ValueError, match="window_size"):
+        attention(q, q, q, SeqInfo.from_lengths([3, 4]), window_size=(-2, 0))

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from varlen import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SeqInfo, SyntheticDataset
+from varlen.data import IGNORE_INDEX, move_batch, sample_lengths
+
+
+def _samples(n=5, max_len=20, seed=0):
+    ds = SyntheticDataset(n, max_len=max_len, vocab_size=50, seed=seed)
+    return [ds[i] for i in range(n)]
+
+
+def test_synthetic_is_deterministic_and_shifted():
+    ds = SyntheticDataset(10, max_len=30, vocab_size=50, seed=3)
+    inp, tgt = ds[4]
+    inp2, tgt2 = SyntheticDataset(10, max_len=30, vocab_size=50, seed=3)[4]
+    assert torch.equal(inp, inp2) and torch.equal(tgt, tgt2)
+    assert torch.equal(inp[1:], tgt[:-1])
+    assert 1 <= len(inp) <= 30 and inp.min() >= 1 and inp.max() < 50
+
+
+@pytest.mark.parametrize("dist", ["uniform", "fixed", "lognormal"])
+def test_length_dists_in_range(dist):
+    lens = sample_lengths(500, dist, 100, seed=1)
+    assert min(lens) >= 1 and max(lens) <= 100
+    if dist == "fixed":
+        assert set(lens) == {100}
+
+
+def test_length_file(tmp_path):
+    p = tmp_path / "lens.txt"
+    p.write_text("5\n7 300\n")
+    assert sample_lengths(4, str(p), 100) == [5, 7, 100, 5]
+    with pytest.raises(ValueError, match="neither"):
+        sample_lengths(4, str(tmp_path / "missing.txt"), 100)
+
+
+def test_pad_collators():
+    samples = _samples()
+    lens = [len(i) for i, _ in samples]
+    fixed = PadCollator(length=32)(samples)
+    assert fixed["input_ids"].shape == (5, 32)
+    longest = PadToLongestCollator(pad_to_multiple_of=8)(samples)
+    assert longest["input_ids"].shape[1] == -(-max(lens) // 8) * 8
+    for b in (fixed, longest):
+        assert b["attention_mask"].sum(1).tolist() == lens
+        assert (b["labels"][~b["attention_mask"]] == IGNORE_INDEX).all()
+        assert (b["input_ids"][~b["attention_mask"]] == 0).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        PadCollator(length=4)(samples)
+
+
+def test_pack_collator_keeps_samples_apart():
+    samples = _samples()
+    b = PackCollator()(samples)
+    info = b["info"]
+    assert isinstance(info, SeqInfo) and info.lengths == tuple(len(i) for i, _ in samples)
+    for (inp, tgt), pi, pt in zip(samples, info.split(b["input_ids"]), info.split(b["labels"])):
+        assert torch.equal(inp, pi) and torch.equal(tgt, pt)
+
+
+def test_nested_collator():
+    samples = _samples()
+    b = NestedCollator()(samples)
+    assert b["input_ids"].is_nested
+    for (inp, _), row, pos in zip(samples, b["input_ids"].unbind(), b["position_ids"].unbind()):
+        assert torch.equal(row, inp) and pos.tolist() == list(range(len(inp)))
+
+
+def test_dict_samples_and_bad_samples():
+    b = PackCollator()([{"input_ids": [1, 2, 3], "labels": [2, 3, 4]}])
+    assert b["input_ids"].tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="same length"):
+        PackCollator()([{"input_ids": [1, 2, 3], "labels": [2, 3]}])
+    with pytest.raises(ValueError, match="empty batch"):
+        PackCollator()([])
+
+
+@pytest.mark.parametrize("collate", [PadCollator(length=32), PadToLongestCollator(), PackCollator(), NestedCollator()],
+                         ids=["padded", "longest", "packed", "nested"])
+def test_dataloader_with_workers(collate):
+    ds = SyntheticDataset(12, max_len=20, vocab_size=50)
+    direct = collate([ds[i] for i in range(4)])
+    loader = DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2)
+    first = move_batch(next(iter(loader)), "cpu")
+    for key, value in direct.items():
+        if isinstance(value, SeqInfo):
+            assert first[key].lengths == value.lengths
+            assert torch.equal(first[key].cu_seqlens, value.cu_seqlens)
+        elif value.is_nested:
+            assert torch.equal(first[key].values(), value.values())
+        else:
+            assert torch.equal(first[key], value)

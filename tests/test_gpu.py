@@ -1,0 +1,89 @@
+"""GPU checks, run on the H100 through the device: ``pytest -m gpu``.
+
+Each backend against a float64 computation in bf16, forward and backward, causal and not, at the
+study's shapes (16 heads of 64, lengths up to 1023); the decoder's packed path against padded
+under bf16 autocast; and no host sync inside ``attention``.
+"""
+
+import pytest
+import torch
+
+from varlen import BACKENDS, Decoder, PackCollator, PadCollator, SeqInfo, attention
+from varlen.attention import backend_reasons
+from varlen.data import SyntheticDataset, move_batch
+from varlen.models import forward_batch, lm_loss
+
+from helpers import bound, max_err, random_qkv, truth_attention
+
+pytestmark = pytest.mark.gpu
+
+STUDY_LENGTHS = {"random": None, "len1_and_max": [1, 1023, 1, 512], "many_tiny": [1, 2, 3] * 20}
+
+
+def _lengths(name):
+    if STUDY_LENGTHS[name] is not None:
+        return STUDY_LENGTHS[name]
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(1, 1024, (16,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("lengths", STUDY_LENGTHS)
+@pytest.mark.parametrize("kv_heads", [16, 4], ids=["mha", "gqa"])
+def test_backend_bf16_vs_float64(backend, causal, lengths, kv_heads):
+    lengths = _lengths(lengths)
+    q, k, v = random_qkv(lengths, 16, kv_heads, 64, torch.bfloat16, device="cuda", seed=len(lengths))
+    info = SeqInfo.from_lengths(lengths, device="cuda")
+    for x in (q, k, v):
+        x.requires_grad_()
+    why = backend_reasons(backend, q, k, v, info, causal, (-1, -1))
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+    out = attention(q, k, v, info, causal=causal, backend=backend)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    truth = truth_attention(q64, k64, v64, lengths, causal)
+    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    base = truth_attention(qb, kb, vb, lengths, causal, dtype=torch.bfloat16)
+    assert max_err(out, truth) <= bound(max_err(base, truth), torch.bfloat16)
+    dout = torch.randn(out.shape, device="cuda", dtype=torch.float64)
+    out.backward(dout.bfloat16())
+    truth.backward(dout)
+    base.backward(dout.bfloat16())
+    for x, x64, xb in ((q, q64, qb), (k, k64, kb), (v, v64, vb)):
+        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["flash", "flex", "sdpa", "nested"])
+def test_attention_does_not_sync(backend):
+    lengths = _lengths("random")
+    q, k, v = random_qkv(lengths, 16, 16, 64, torch.bfloat16, device="cuda")
+    info = SeqInfo.from_lengths(lengths, device="cuda")
+    if backend_reasons(backend, q, k, v, info, True, (-1, -1)):
+        pytest.skip(f"{backend} unavailable")
+    attention(q, k, v, info, causal=True, backend=backend)  # warm-up builds per-batch masks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        attention(q, k, v, info, causal=True, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("backend", ["flash", "flex", "sdpa"])
+def test_decoder_packed_matches_padded_bf16(backend):
+    torch.manual_seed(0)
+    model = Decoder("small").cuda()
+    ds = SyntheticDataset(16, max_len=511)
+    samples = [ds[i] for i in range(16)]
+    packed = move_batch(PackCollator()(samples), "cuda")
+    padded = move_batch(PadCollator(length=512)(samples), "cuda")
+    losses = {}
+    with torch.autocast("cuda", torch.bfloat16):
+        for train in (False, True):
+            model.train(train)
+            lp = lm_loss(forward_batch(model, packed, backend=backend), packed["labels"])
+            ld = lm_loss(forward_batch(model, padded), padded["labels"])
+            losses[train] = (lp.item(), ld.item())
+            assert abs(lp.item() - ld.item()) < 1e-2, (train, lp.item(), ld.item())
+    print(backend, losses)
