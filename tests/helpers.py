@@ -39,9 +39,10 @@ def max_err(a: Tensor, b: Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def bound(baseline_err: float, dtype: torch.dtype) -> float:
-    """2x the error of a same-precision PyTorch computation, with a floor of a few ulps."""
-    return 2 * baseline_err + 8 * torch.finfo(dtype).eps
+def bound(baseline_err: float, dtype: torch.dtype, magnitude: float = 1.0) -> float:
+    """2x the error of a same-precision PyTorch computation, plus a few ulps of the data's
+    magnitude (where the baseline happens to be exact, e.g. a zero gradient)."""
+    return 2 * baseline_err + 8 * torch.finfo(dtype).eps * max(magnitude, 1.0)
 
 
 def random_qkv(lengths, heads, kv_heads, head_dim, dtype, device="cpu", seed=0):

@@ -4,6 +4,8 @@ Error budgets come from the data: a backend may be off by at most 2x the error o
 PyTorch computation in the input's precision (plus a few ulps), measured on the same inputs.
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -57,16 +59,17 @@ def _check(backend, lengths, shape, mask, dtype, seed, grad):
     out.backward(dout.to(dtype))
     truth.backward(dout)
     base.backward(dout.to(dtype))
+    magnitude = max(g.abs().max().item() for g in (q64.grad, k64.grad, v64.grad))
     for x, x64, xb, name in ((q, q64, qb, "dq"), (k, k64, kb, "dk"), (v, v64, vb, "dv")):
         err, base_err = max_err(x.grad, x64.grad), max_err(xb.grad, x64.grad)
-        assert err <= bound(base_err, dtype), (name, err, base_err)
+        assert err <= bound(base_err, dtype, magnitude), (name, err, base_err)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lengths", LENGTHS)
 @pytest.mark.parametrize("mask", MASKS)
 def test_forward_and_grad_f32(backend, lengths, mask):
-    _check(backend, _lengths(lengths, 1), "gqa", mask, torch.float32, seed=hash((backend, lengths, mask)) % 1000, grad=True)
+    _check(backend, _lengths(lengths, 1), "gqa", mask, torch.float32, seed=zlib.crc32(f"{backend}{lengths}{mask}".encode()) % 1000, grad=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

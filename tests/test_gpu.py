@@ -50,8 +50,9 @@ def test_backend_bf16_vs_float64(backend, causal, lengths, kv_heads):
     out.backward(dout.bfloat16())
     truth.backward(dout)
     base.backward(dout.bfloat16())
+    magnitude = max(g.abs().max().item() for g in (q64.grad, k64.grad, v64.grad))
     for x, x64, xb in ((q, q64, qb), (k, k64, kb), (v, v64, vb)):
-        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.bfloat16)
+        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.bfloat16, magnitude)
 
 
 @pytest.mark.parametrize("backend", ["flash", "flex", "sdpa", "nested"])
