@@ -7,6 +7,7 @@ cannot run these inputs) and ``attention(q, k, v, info, *, causal, scale, window
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,3 +83,20 @@ def repeat_kv(x: Tensor, heads: int) -> Tensor:
     if x.shape[1] == heads:
         return x
     return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def probe(fn):
+    """Memoise an environment probe and let ``torch.compile`` treat its answer as a constant.
+
+    Probes look at packages and devices (``find_spec``, CUDA capability): dynamo cannot trace
+    those, and a graph break in every attention call would split the compiled model per layer.
+    """
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def memo(*args):
+        if args not in cache:
+            cache[args] = fn(*args)
+        return cache[args]
+
+    return torch.compiler.assume_constant_result(memo)

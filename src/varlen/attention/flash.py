@@ -13,7 +13,6 @@ signature is probed, not the version.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 import os
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..seqinfo import SeqInfo
-from .common import HALF, Capabilities, repeat_kv, window_bounds
+from .common import HALF, Capabilities, probe, repeat_kv, window_bounds
 
 IMPLS = ("fa4", "fa2", "torch")
 
@@ -38,14 +37,12 @@ CAPS = Capabilities(
 )
 
 
-@functools.cache
-def _torch_varlen():
-    """(varlen_attn, its parameter names) or (None, reason)."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None, f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)"
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+try:  # torch's own module: importing it costs nothing extra
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = frozenset(inspect.signature(_varlen_attn).parameters)
+except ImportError:
+    _varlen_attn, _VARLEN_PARAMS = None, frozenset()
 
 
 def _has_fa4() -> bool:
@@ -55,7 +52,7 @@ def _has_fa4() -> bool:
     )
 
 
-@functools.cache
+@probe
 def impl_unavailable(impl: str) -> str | None:
     """Why ``impl`` cannot run on this machine, or None."""
     if not torch.cuda.is_available():
@@ -63,9 +60,8 @@ def impl_unavailable(impl: str) -> str | None:
     major, _ = torch.cuda.get_device_capability()
     match impl:
         case "torch":
-            fn, why = _torch_varlen()
-            if fn is None:
-                return why
+            if _varlen_attn is None:
+                return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)"
             return None if major >= 8 else f"needs compute capability >= 8.0, have {major}.x"
         case "fa2":
             if importlib.util.find_spec("flash_attn_2_cuda") is None:
@@ -86,8 +82,7 @@ def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size) -> 
     if impl == "fa4" and q.shape[-1] not in (64, 96, 128):
         out.append(f"fa4: head size {q.shape[-1]} unsupported (64, 96 or 128)")
     if impl == "torch":
-        params = _torch_varlen()[1]
-        if tuple(window_size) != (-1, -1) and "window_size" not in params:
+        if tuple(window_size) != (-1, -1) and "window_size" not in _VARLEN_PARAMS:
             out.append(f"torch {torch.__version__} varlen_attn has no window_size")
     return out
 
@@ -133,18 +128,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
     cu, m = info.cu_seqlens, info.max_seqlen
     match impl:
         case "torch":
-            fn, params = _torch_varlen()
             kw = {"scale": scale}
-            if "window_size" in params:
+            if "window_size" in _VARLEN_PARAMS:
                 kw["window_size"] = (left, right)
             else:  # torch 2.10
                 kw["is_causal"] = causal
             if k.shape[1] != q.shape[1]:
-                if "enable_gqa" in params:
+                if "enable_gqa" in _VARLEN_PARAMS:
                     kw["enable_gqa"] = True
                 else:
                     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-            return fn(q, k, v, cu, cu, m, m, **kw)
+            return _varlen_attn(q, k, v, cu, cu, m, m, **kw)
         case "fa2":
             from flash_attn import flash_attn_varlen_func
 

@@ -88,8 +88,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
     mask = block_mask(info, causal, window_size)
     qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
     gqa = k.shape[1] != q.shape[1]
-    if q.device.type == "cuda":
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
         out = _compiled_flex()(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
+    elif q.device.type == "cuda":  # inside the caller's torch.compile: it fuses Flex itself
+        out = flex_attention(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
     else:
         with warnings.catch_warnings():  # eager Flex warns that it is unfused; on CPU that is the point
             warnings.simplefilter("ignore", UserWarning)

@@ -6,14 +6,13 @@ said as the reason rather than discovered at the first call.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 import torch
 from torch import Tensor
 
 from ..seqinfo import SeqInfo
-from .common import HALF, Capabilities
+from .common import HALF, Capabilities, probe
 
 CAPS = Capabilities(
     name="xformers",
@@ -26,7 +25,7 @@ CAPS = Capabilities(
 )
 
 
-@functools.cache
+@probe
 def unavailable() -> str | None:
     if importlib.util.find_spec("xformers") is None:
         return "xformers not installed (pip install varlen[xformers] on a CUDA machine)"
