@@ -187,7 +187,9 @@ class SeqInfo:
         return self.cached(("flat_index", length), build)
 
     def _check_length(self, length: int) -> None:
-        if length < max(self.lengths):
+        # max_seqlen first: under torch.compile, reading the host lengths would make the compiled
+        # graph guard on (and recompile for) every batch's lengths
+        if length < self.max_seqlen and length < max(self.lengths):
             raise ValueError(f"padded length {length} is below the longest sequence ({max(self.lengths)})")
 
     def pack(self, x: Tensor) -> Tensor:

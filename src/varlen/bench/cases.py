@@ -1,0 +1,101 @@
+"""The study as data: presets, strategies, one frozen ``Case`` per measurement, one ``Result``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# strategy -> how batches are made and which attention runs
+STRATEGIES = {
+    "padded": "pad every sample to max_len + 1, SDPA with one padding/causal mask (the baseline)",
+    "longest": "pad to the longest sample (multiple of 8), SDPA with a mask",
+    "nested": "jagged nested tensors, SDPA on nested q/k/v",
+    "packed-flash": "one packed row, FlashAttention varlen",
+    "packed-xformers": "one packed row, xFormers BlockDiagonalMask",
+    "packed-flex": "one packed row, FlexAttention document mask",
+    "packed-sdpa": "one packed row, unpacked to padding for SDPA inside attention",
+}
+BASELINE = "padded"
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str = "study"  # decoder preset
+    batch_size: int = 32
+    max_len: int = 1023  # longest sample
+    vocab_size: int = 1024
+    length_dist: str = "uniform"
+    steps: int = 20
+    warmup: int = 5
+    seed: int = 0
+    num_workers: int = 4
+    device: str = "cuda"
+    dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
+
+
+PRESETS = {
+    # SPEC.md: 32 samples of 1..1023 tokens, the 24-layer decoder, bf16 autocast
+    "study": Workload(),
+    # fits 2 CPU cores in minutes
+    "tiny": Workload(model="tiny", batch_size=8, max_len=127, steps=5, warmup=2, num_workers=1,
+                     device="cpu", dtype="float32"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    strategy: str
+    mode: str  # "eval" | "train"
+    compile: bool
+    workload: Workload = field(default_factory=Workload)
+
+    @property
+    def backend(self) -> str:
+        if self.strategy.startswith("packed-"):
+            return self.strategy.removeprefix("packed-")
+        return "nested" if self.strategy == "nested" else "sdpa"
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}/{self.mode}/{'compiled' if self.compile else 'eager'}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Case":
+        return cls(d["strategy"], d["mode"], d["compile"], Workload(**d["workload"]))
+
+
+@dataclass
+class Result:
+    """One case's measurement; a case that failed has ``error`` set and no numbers."""
+
+    strategy: str
+    backend: str
+    mode: str
+    compile: bool
+    step_ms_mean: float | None = None
+    step_ms_median: float | None = None
+    step_ms_min: float | None = None
+    tokens_per_s: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None  # fraction of the bf16 matmul peak measured in the same run
+    padding_frac: float | None = None
+    peak_mem_gib: float | None = None
+    recompiles: int | None = None
+    graphs: int | None = None
+    loss: float | None = None
+    steps: int | None = None
+    wall_s: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, case: Case, error: str, wall_s: float | None = None) -> "Result":
+        return cls(case.strategy, case.backend, case.mode, case.compile, error=error, wall_s=wall_s)
+
+
+def grid(strategies, modes, compile_modes, workload: Workload) -> list[Case]:
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    return [Case(s, m, c, workload) for c in compile_modes for m in modes for s in strategies]

@@ -1,0 +1,133 @@
+"""``varlen bench``: the variable-length study as one command."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from ..info import environment
+from .cases import PRESETS, STRATEGIES, grid
+from .report import add_comparisons, add_mfu, print_table, save
+from .runner import measure_peak, result_dicts, run_all
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="varlen bench", description=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="workload preset (default: study on a GPU, tiny on a CPU)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {','.join(STRATEGIES)}")
+    p.add_argument("--modes", default="eval,train", help="comma list of eval,train")
+    p.add_argument("--compile", choices=["both", "on", "off"], default="both")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-len", type=int, help="longest sample length")
+    p.add_argument("--length-dist", help="uniform, fixed, lognormal, or a file of lengths")
+    p.add_argument("--steps", type=int, help="timed steps per case")
+    p.add_argument("--warmup", type=int, help="untimed steps per case (compilation happens here)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int, help="DataLoader workers")
+    p.add_argument("--device", choices=["cuda", "cpu"])
+    p.add_argument("--case-timeout", type=float, default=None, help="seconds per case (default 900 GPU, 600 CPU)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default bench-out/DEVICE-DATE)")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                   help="combine the results.json of runs split across calls (same device) into --out; runs nothing")
+    return p.parse_args(argv)
+
+
+def merge(dirs: list[Path], out: Path) -> dict:
+    """One report from several partial runs; a later run's case replaces an earlier one's."""
+    reports = [json.loads((d / "results.json").read_text()) for d in dirs]
+    gpus = {r["env"].get("gpu") for r in reports}
+    if len(gpus) > 1:
+        raise SystemExit(f"varlen bench --merge: runs come from different devices {gpus}; compare only within one")
+    cases = {}
+    for r in reports:
+        for c in r["cases"]:
+            cases[(c["strategy"], c["mode"], c["compile"])] = c
+    peaks = [r["matmul_peak_tflops"] for r in reports if r.get("matmul_peak_tflops")]
+    report = {**reports[0], "matmul_peak_tflops": max(peaks, default=None), "cases": list(cases.values()),
+              "merged_from": [r["env"]["date"] for r in reports]}
+    add_comparisons(report["cases"])
+    add_mfu(report["cases"], report["matmul_peak_tflops"])
+    return report
+
+
+def workload_from(args):
+    preset = args.preset or ("study" if torch.cuda.is_available() else "tiny")
+    w = PRESETS[preset]
+    overrides = {k: getattr(args, k) for k in ("batch_size", "max_len", "length_dist", "steps", "warmup", "seed",
+                                               "num_workers", "device") if getattr(args, k) is not None}
+    w = replace(w, **overrides)
+    if w.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("varlen bench: --device cuda but no CUDA device here; use --preset tiny or --device cpu")
+    if w.steps < 1 or w.warmup < 1:
+        raise SystemExit("varlen bench: --steps and --warmup must be >= 1 (compiled cases compile in warm-up)")
+    return preset, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.merge:
+        report = merge(args.merge, args.out or Path("bench-out/merged"))
+        print_table(report)
+        paths = save(report, args.out or Path("bench-out/merged"))
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+        return 0
+    preset, w = workload_from(args)
+    compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+    cases = grid([s for s in args.strategies.split(",") if s], [m for m in args.modes.split(",") if m],
+                 compile_modes, w)
+    env = {**environment(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    out = args.out or Path("bench-out") / f"{(env['gpu'] or 'cpu').split(' x')[0].replace(' ', '-')}-{env['date'][:10]}"
+    timeout = args.case_timeout or (900 if w.device == "cuda" else 600)
+
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), console=console)
+    except ImportError:
+        console = progress = None
+
+    print(f"varlen bench: preset {preset}, {len(cases)} cases on {w.device}; workload {json.dumps(asdict(w))}", flush=True)
+    peak = measure_peak(w.device)
+
+    def tell(i, case, result):
+        if result is None:
+            if progress:
+                progress.update(task, description=f"{case.name}")
+            return
+        msg = (f"{case.name}: {result.step_ms_mean:.1f} ms/step, {result.tflops:.2f} TFLOP/s, loss {result.loss:.4f}, "
+               f"recompiles {result.recompiles}" if result.error is None else f"{case.name}: FAILED: {result.error}")
+        (progress.console.print if progress else print)(msg)
+        if progress:
+            progress.advance(task)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if progress:
+            with progress:
+                task = progress.add_task("starting", total=len(cases))
+                results = run_all(cases, timeout, Path(tmp), tell)
+        else:
+            results = run_all(cases, timeout, Path(tmp), tell)
+
+    report = {"env": env, "preset": preset, "workload": asdict(w), "matmul_peak_tflops": peak,
+              "cases": result_dicts(results)}
+    add_comparisons(report["cases"])
+    add_mfu(report["cases"], peak)
+    print_table(report, console)
+    paths = save(report, out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    best = min((c for c in report["cases"] if c["error"] is None), key=lambda c: c["step_ms_mean"], default=None)
+    summary = {"out": str(out), "cases": len(results), "failed": sum(r.error is not None for r in results),
+               "fastest": best and f"{best['strategy']}/{best['mode']}/{'compiled' if best['compile'] else 'eager'}"}
+    print(json.dumps(summary))  # last line: one line of JSON for scripts
+    return 0

@@ -1,0 +1,145 @@
+"""Report a study: a table (rich), speed-ups against the padded baseline, a bar chart, JSON, CSV
+and a markdown table. Results JSON: ``{"env", "workload", "matmul_peak_tflops", "cases": [...]}``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .cases import BASELINE, STRATEGIES
+
+COLUMNS = [
+    "strategy", "backend", "mode", "compile", "step_ms_mean", "step_ms_median", "step_ms_min",
+    "speedup", "tokens_per_s", "tflops", "mfu", "padding_frac", "peak_mem_gib", "recompiles",
+    "graphs", "loss", "loss_delta", "steps", "wall_s", "error",
+]
+
+
+def add_comparisons(cases: list[dict]) -> None:
+    """Speed-up and loss difference against the padded baseline of the same mode and compile."""
+    base = {(c["mode"], c["compile"]): c for c in cases if c["strategy"] == BASELINE and c["error"] is None}
+    for c in cases:
+        b = base.get((c["mode"], c["compile"]))
+        ok = b is not None and c["error"] is None
+        c["speedup"] = b["step_ms_mean"] / c["step_ms_mean"] if ok else None
+        c["loss_delta"] = c["loss"] - b["loss"] if ok else None
+
+
+def add_mfu(cases: list[dict], peak_tflops: float | None) -> None:
+    for c in cases:
+        c["mfu"] = c["tflops"] / peak_tflops if peak_tflops and c.get("tflops") is not None else None
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def rows(cases: list[dict]) -> list[list[str]]:
+    out = []
+    for c in cases:
+        out.append([
+            c.get("strategy"), c.get("mode"), "yes" if c.get("compile") else "no",
+            _fmt(c.get("step_ms_mean"), ".1f"), _fmt(c.get("step_ms_median"), ".1f"), _fmt(c.get("speedup"), ".2f"),
+            _fmt(c.get("tokens_per_s") and c.get("tokens_per_s") / 1e3, ".1f"), _fmt(c.get("tflops"), ".2f"),
+            _fmt(c.get("mfu") and 100 * c.get("mfu"), ".1f"), _fmt(c.get("padding_frac") and 100 * c.get("padding_frac"), ".0f"),
+            _fmt(c.get("peak_mem_gib"), ".2f"), _fmt(c.get("recompiles"), "d"), _fmt(c.get("loss"), ".4f"),
+            (c.get("error") or "")[:90],
+        ])
+    return out
+
+
+HEADER = ["strategy", "mode", "compiled", "step ms", "median", "speed-up", "ktok/s", "TFLOP/s", "MFU %",
+          "pad %", "peak GiB", "recompiles", "loss", "error"]
+
+
+def env_line(env: dict) -> str:
+    return (f"{env.get('gpu') or 'CPU'} | driver {env.get('driver') or '-'} | torch {env['torch']} | "
+            f"CUDA {env.get('cuda') or '-'} | Python {env['python']} | {env['date']}")
+
+
+def print_table(report: dict, console=None) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # plain text without the bench extra
+        print(env_line(report["env"]))
+        print(" | ".join(HEADER))
+        for r in rows(report["cases"]):
+            print(" | ".join(r))
+        return
+    console = console or Console()
+    table = Table(title=f"varlen bench — {env_line(report['env'])}", title_justify="left")
+    for h in HEADER:
+        table.add_column(h, justify="left" if h in ("strategy", "mode", "error") else "right",
+                         overflow="fold", max_width=60 if h == "error" else None)
+    for r in rows(report["cases"]):
+        table.add_row(*r)
+    console.print(table)
+    peak = report.get("matmul_peak_tflops")
+    console.print(f"matmul peak measured in this run: {_fmt(peak, '.1f')} TFLOP/s; "
+                  f"speed-up is against '{BASELINE}' with the same mode and compile setting")
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# varlen bench: {report['env']['date']}", "", env_line(report["env"]), "",
+             f"Workload: `{json.dumps(report['workload'])}`; matmul peak {_fmt(report.get('matmul_peak_tflops'), '.1f')} TFLOP/s.", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(report["cases"])]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> Path | None:
+    """Step times per strategy: eval and train panels, eager and compiled bars, like the study's figure."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cases = report["cases"]
+    strategies = [s for s in STRATEGIES if any(c["strategy"] == s for c in cases)]
+    modes = [m for m in ("eval", "train") if any(c["mode"] == m for c in cases)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for j, compiled in enumerate((False, True)):
+            xs, ys, fails = [], [], []
+            for i, s in enumerate(strategies):
+                c = next((c for c in cases if c["strategy"] == s and c["mode"] == mode and c["compile"] == compiled), None)
+                if c is None:
+                    continue
+                x = i + (j - 0.5) * 0.38
+                if c["error"] is None:
+                    xs.append(x)
+                    ys.append(c["step_ms_mean"])
+                else:
+                    fails.append(x)
+            bars = ax.bar(xs, ys, width=0.38, label="compiled" if compiled else "eager", color=("C1" if compiled else "C0"))
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            for x in fails:
+                ax.text(x, 0, "×", ha="center", va="bottom", color="red", fontsize=12)
+        ax.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
+        ax.set_ylabel("step time (ms, mean)")
+        ax.set_title(f"{mode} (× = failed, see table)")
+        ax.legend()
+    fig.suptitle(f"varlen bench: {env_line(report['env'])}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save(report: dict, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md"}
+    paths["json"].write_text(json.dumps(report, indent=2, default=str))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(report["cases"])
+    paths["md"].write_text(markdown(report))
+    png = plot(report, out / "step_times.png")
+    if png:
+        paths["png"] = png
+    return paths

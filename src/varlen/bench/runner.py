@@ -1,0 +1,92 @@
+"""Run each case in its own process with a time limit; a failure becomes that case's result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..attention.api import backend_module
+from .cases import Case, Result
+
+
+def _reason(stderr: str, returncode: int) -> str:
+    """The exception line of a traceback (or the last line), kept short."""
+    lines = [l.strip() for l in stderr.strip().splitlines() if l.strip()]
+    errors = [l for l in lines if ("Error" in l or "Exception" in l) and ":" in l and not l.startswith("File ")]
+    line = errors[-1] if errors else (lines[-1] if lines else "")
+    if returncode < 0:
+        line = f"killed by signal {-returncode}" + (f" ({line})" if line else "")
+    return (line or f"exit code {returncode}")[:400]
+
+
+def precheck(case: Case) -> str | None:
+    """A reason known without starting a process (backend absent on this machine)."""
+    try:
+        return backend_module(case.backend).unavailable()
+    except ValueError as e:
+        return str(e)
+
+
+def run_case_in_process(case: Case, timeout_s: float, workdir: Path) -> Result:
+    why = precheck(case)
+    if why:
+        return Result.failed(case, why, wall_s=0.0)
+    stem = case.name.replace("/", "_")
+    case_path, out_path = workdir / f"{stem}.case.json", workdir / f"{stem}.result.json"
+    case_path.write_text(json.dumps(case.to_dict()))
+    out_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    # own session: on a timeout the DataLoader workers go down with the case
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "varlen.bench.worker", str(case_path), str(out_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return Result.failed(case, f"timed out after {timeout_s:.0f} s", wall_s=time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0 or not out_path.exists():
+        return Result.failed(case, _reason(stderr, proc.returncode), wall_s=wall)
+    result = Result(**json.loads(out_path.read_text()))
+    result.wall_s = wall
+    return result
+
+
+def measure_peak(device: str, timeout_s: float = 300) -> float | None:
+    """bf16 (GPU) or float32 (CPU) matmul TFLOP/s, in a process of its own."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "peak.json"
+        try:
+            subprocess.run([sys.executable, "-m", "varlen.bench.worker", "--peak", device, str(out)],
+                           capture_output=True, timeout=timeout_s, check=True)
+            return json.loads(out.read_text())["tflops"]
+        except (subprocess.SubprocessError, OSError, KeyError, json.JSONDecodeError):
+            return None
+
+
+def run_all(cases: list[Case], timeout_s: float, workdir: Path, progress=None) -> list[Result]:
+    """Every case in turn; ``progress(i, case, result_or_None)`` is told before and after each."""
+    results = []
+    for i, case in enumerate(cases):
+        if progress:
+            progress(i, case, None)
+        result = run_case_in_process(case, timeout_s, workdir)
+        results.append(result)
+        if progress:
+            progress(i, case, result)
+    return results
+
+
+def result_dicts(results: list[Result]) -> list[dict]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,166 @@
+"""One case, in its own process: ``python -m varlen.bench.worker CASE.json RESULT.json``.
+
+A crash, an out-of-memory or a compile failure ends only this process; the runner records it.
+Step time is wall time from asking the DataLoader for a batch to the end of the step on the
+device (synchronised), so data loading counts, as a user would see it.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, move_batch
+from ..models import Decoder, DecoderConfig, forward_batch, lm_loss
+from .cases import Case, Result
+from .flops import step_flops
+
+
+def _collator(case: Case, cfg: DecoderConfig):
+    w = case.workload
+    match case.strategy:
+        case "padded":
+            return PadCollator(length=-(-(w.max_len + 1) // 8) * 8)
+        case "longest":
+            return PadToLongestCollator(pad_to_multiple_of=8)
+        case "nested":
+            return NestedCollator()
+        case _:
+            # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
+            # the compiled graph from specialising on each batch's longest sample
+            return PackCollator(max_seqlen=w.max_len if case.compile else None)
+
+
+def _mark_dynamic(batch: dict) -> None:
+    # The token count changes every batch: say so up front instead of recompiling to learn it.
+    mark = torch._dynamo.maybe_mark_dynamic
+    if "info" in batch:
+        for t in (batch["input_ids"], batch["labels"], batch["info"].position_ids, batch["info"].document_ids):
+            mark(t, 0)
+    elif "attention_mask" in batch:
+        for t in (batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            mark(t, 1)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_case(case: Case) -> Result:
+    w = case.workload
+    device = torch.device(w.device)
+    on_gpu = device.type == "cuda"
+    train = case.mode == "train"
+    torch.manual_seed(w.seed)
+    base = DecoderConfig.from_name(w.model)
+    cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, w.max_len + 1))
+    model = Decoder(cfg, backend=case.backend).to(device).train(train)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
+    n = w.warmup + w.steps
+    ds = SyntheticDataset(n * w.batch_size, max_len=w.max_len, vocab_size=w.vocab_size,
+                          length_dist=w.length_dist, seed=w.seed)
+    loader = DataLoader(ds, batch_size=w.batch_size, shuffle=False, drop_last=True, collate_fn=_collator(case, cfg),
+                        num_workers=w.num_workers, pin_memory=on_gpu)
+    fwd = torch.compile(model) if case.compile else model
+    autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
+    grad = torch.enable_grad() if train else torch.no_grad()
+
+    def step(batch):
+        with grad, autocast:
+            loss = lm_loss(forward_batch(fwd, batch, causal=train), batch["labels"])
+        if train:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    times, losses, flops, real, computed = [], [], 0.0, 0, 0
+    graphs_after_warmup = 0
+    it = iter(loader)
+    for i in range(n):
+        t0 = time.perf_counter()
+        host = next(it)
+        batch = move_batch(host, device, non_blocking=True)
+        if case.compile:
+            _mark_dynamic(batch)
+        loss = step(batch)
+        if on_gpu:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if i == w.warmup - 1:
+            graphs_after_warmup = _graphs()
+        if i < w.warmup:
+            continue
+        lengths = ds.lengths[i * w.batch_size:(i + 1) * w.batch_size]
+        times.append(dt)
+        losses.append(loss)
+        flops += step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
+                            mlp_ratio=cfg.mlp_ratio)
+        real += sum(lengths)
+        computed += host["attention_mask"].numel() if "attention_mask" in host else sum(lengths)
+    total = sum(times)
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process RSS)
+    return Result(
+        case.strategy, case.backend, case.mode, case.compile,
+        step_ms_mean=1e3 * total / len(times),
+        step_ms_median=1e3 * statistics.median(times),
+        step_ms_min=1e3 * min(times),
+        tokens_per_s=real / total,
+        tflops=flops / total / 1e12,
+        padding_frac=1 - real / computed,
+        peak_mem_gib=peak,
+        recompiles=(_graphs() - graphs_after_warmup) if case.compile else 0,
+        graphs=_graphs() if case.compile else 0,
+        loss=float(torch.stack(losses).float().mean()),
+        steps=len(times),
+    )
+
+
+def matmul_peak(device: str) -> float:
+    """TFLOP/s of a large matmul: bf16 8192^3 on a GPU, float32 1024^3 on a CPU (median of 10)."""
+    if device == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    else:
+        n, dtype = 1024, torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for i in range(13):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def main(argv: list[str]) -> int:
+    if argv[0] == "--peak":
+        out = {"device": argv[1], "tflops": matmul_peak(argv[1])}
+        with open(argv[2], "w") as f:
+            json.dump(out, f)
+        return 0
+    case = Case.from_dict(json.loads(open(argv[0]).read()))
+    result = run_case(case)
+    with open(argv[1], "w") as f:
+        json.dump(asdict(result), f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

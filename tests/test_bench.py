@@ -1,0 +1,127 @@
+"""The bench's pieces on the CPU. No test asserts a time."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from varlen.bench import Case, Workload, attention_flops, grid, linear_flops, step_flops
+from varlen.bench.report import add_comparisons, save
+from varlen.bench.runner import run_all
+from varlen.models import Decoder, DecoderConfig
+
+TINY = Workload(model="tiny", batch_size=4, max_len=31, steps=2, warmup=1, num_workers=0, device="cpu", dtype="float32")
+
+
+def _count_matmul_flops(cfg: DecoderConfig, lengths, causal: bool) -> float:
+    """Count by walking the model: every Linear is 2*in*out per token; attention by hand."""
+    model = Decoder(cfg)
+    linear = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attn = 0
+    for n in lengths:
+        pairs = n * (n + 1) / 2 if causal else n * n  # (query, key) pairs that are computed
+        attn += cfg.n_layers * 2 * 2 * pairs * cfg.dim  # QK^T and PV, 2 flops per multiply-add
+    return linear * sum(lengths) + attn
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_flops_formula_matches_hand_count(train):
+    cfg = DecoderConfig.from_name("tiny")
+    lengths = [4, 8, 12]
+    got = step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train)
+    hand = _count_matmul_flops(cfg, lengths, causal=False)
+    if not train:
+        assert got == pytest.approx(hand)
+    else:  # the formula halves causal attention (L^2 / 2, not L(L+1)/2) and triples for backward
+        causal_hand = _count_matmul_flops(cfg, lengths, causal=True)
+        assert 3 * causal_hand > got > 3 * (causal_hand - cfg.n_layers * 4 * cfg.dim * sum(lengths))
+
+
+def test_flops_match_spec_numbers():
+    # SPEC.md: linear 9.93 TFLOP for 16,384 tokens; eval attention ~1.10 TFLOP for 32 uniform lengths
+    assert linear_flops(16384, 1024, 24, 1024) == pytest.approx(9.93e12, rel=1e-3)
+    mean_sq = sum(n * n for n in range(1, 1024)) / 1023
+    assert attention_flops([1] * 32, 1024, 24, causal=False) * mean_sq == pytest.approx(1.10e12, rel=1e-2)
+
+
+def test_grid_rejects_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown strategies"):
+        grid(["padded", "packed-nope"], ["eval"], [False], TINY)
+
+
+def test_failing_case_is_reported_and_rest_go_on(tmp_path):
+    cases = [
+        Case("packed-nope", "eval", False, TINY),  # unknown backend
+        Case("nested", "train", False, TINY),  # refused inside the worker process on a CPU
+        Case("packed-sdpa", "eval", False, TINY),
+    ]
+    results = run_all(cases, timeout_s=300, workdir=tmp_path)
+    assert "unknown attention backend 'nope'" in results[0].error
+    assert "causal nested SDPA needs CUDA" in results[1].error
+    assert results[2].error is None and results[2].steps == 2 and results[2].step_ms_mean > 0
+
+
+def test_case_timeout_is_a_result(tmp_path):
+    slow = Case("padded", "eval", False, Workload(**{**TINY.__dict__, "steps": 10_000}))
+    (result,) = run_all([slow], timeout_s=3, workdir=tmp_path)
+    assert result.error == "timed out after 3 s"
+
+
+def test_bench_end_to_end_writes_results(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "varlen.bench", "--preset", "tiny", "--strategies", "padded,packed-sdpa",
+           "--compile", "off", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--max-len", "31",
+           "--num-workers", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary == {"out": str(out), "cases": 4, "failed": 0, "fastest": summary["fastest"]}
+    report = json.loads((out / "results.json").read_text())
+    assert {"gpu", "torch", "cuda", "date"} <= report["env"].keys()
+    assert len(report["cases"]) == 4
+    keys = {"strategy", "backend", "mode", "compile", "step_ms_mean", "step_ms_median", "tokens_per_s", "tflops",
+            "peak_mem_gib", "recompiles", "loss", "error", "speedup", "padding_frac"}
+    for c in report["cases"]:
+        assert keys <= c.keys() and c["error"] is None and c["step_ms_mean"] > 0
+    by = {(c["strategy"], c["mode"]): c for c in report["cases"]}
+    for mode in ("eval", "train"):  # same seed, same samples: the strategies agree on the loss
+        assert by[("packed-sdpa", mode)]["loss"] == pytest.approx(by[("padded", mode)]["loss"], abs=1e-4)
+        assert by[("padded", mode)]["padding_frac"] > 0.3 and by[("packed-sdpa", mode)]["padding_frac"] == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == 4 and rows[0]["strategy"] == "padded"
+    png = (out / "step_times.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| padded | eval |" in (out / "results.md").read_text()
+
+
+def test_speedup_against_padded_of_same_mode():
+    cases = [
+        {"strategy": "padded", "mode": "eval", "compile": False, "step_ms_mean": 10.0, "loss": 7.0, "error": None},
+        {"strategy": "packed-flash", "mode": "eval", "compile": False, "step_ms_mean": 4.0, "loss": 7.001, "error": None},
+        {"strategy": "packed-flex", "mode": "train", "compile": False, "step_ms_mean": 4.0, "loss": 7.0, "error": None},
+    ]
+    add_comparisons(cases)
+    assert cases[1]["speedup"] == pytest.approx(2.5) and cases[1]["loss_delta"] == pytest.approx(0.001)
+    assert cases[2]["speedup"] is None  # no padded train baseline in this run
+
+
+def test_merge_combines_split_runs(tmp_path):
+    from varlen.bench.cli import main
+
+    def part(name, cases, peak):
+        d = tmp_path / name
+        save({"env": {"gpu": "G", "torch": "t", "cuda": "c", "python": "p", "date": name}, "workload": {},
+              "matmul_peak_tflops": peak, "cases": cases}, d)
+        return d
+
+    base = {"backend": "sdpa", "error": None, "tflops": 1.0, "loss": 7.0}
+    a = part("a", [{**base, "strategy": "padded", "mode": "eval", "compile": False, "step_ms_mean": 10.0}], 100.0)
+    b = part("b", [{**base, "strategy": "packed-flex", "mode": "eval", "compile": False, "step_ms_mean": 5.0}], 110.0)
+    assert main(["--merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "results.json").read_text())
+    assert merged["matmul_peak_tflops"] == 110.0
+    assert [c["speedup"] for c in merged["cases"]] == [1.0, 2.0]
