@@ -3,13 +3,15 @@
 # `varlen bench --merge` joins the parts. Usage: benchmarks/run_gpu.sh PART OUT_DIR
 #   tests        GPU tests (pytest -m gpu)
 #   eval-eager | train-eager | eval-compiled | train-compiled   one slice of the study
+# BENCH_ARGS adds flags (e.g. --strategies). Output goes to files under OUT_DIR as it happens.
 set -uo pipefail
 part=$1; out=$2; mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" NCCL_NVLS_ENABLE=0
 case $part in
-  tests) python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_gpu.py >"$out/gpu_tests.txt" 2>&1
+  tests) python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_gpu.py ${TEST_ARGS:-} >"$out/gpu_tests.txt" 2>&1
          tail -15 "$out/gpu_tests.txt" ;;
   *-*)   mode=${part%-*}; comp=${part#*-}; [ "$comp" = compiled ] && c=on || c=off
-         python3 -m varlen bench --preset study --modes "$mode" --compile "$c" --case-timeout 420 \
-           --out "$out/$part" ${BENCH_ARGS:-} 2>&1 | grep -v "━" | tail -40 ;;
+         python3 -m varlen bench --preset study --modes "$mode" --compile "$c" --out "$out/$part" ${BENCH_ARGS:-} \
+           >"$out/$part.log" 2>&1
+         grep -E "ms/step|FAILED|fastest" "$out/$part.log" | tail -30 ;;
 esac

@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"varlen bench: preset {preset}, {len(cases)} cases on {w.device}; workload {json.dumps(asdict(w))}", flush=True)
     peak = measure_peak(w.device)
 
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "cases.jsonl"  # one line per finished case: survives a run cut short
+    partial.write_text("")
+
     def tell(i, case, result):
         if result is None:
             if progress:
@@ -108,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = (f"{case.name}: {result.step_ms_mean:.1f} ms/step, {result.tflops:.2f} TFLOP/s, loss {result.loss:.4f}, "
                f"recompiles {result.recompiles}" if result.error is None else f"{case.name}: FAILED: {result.error}")
         (progress.console.print if progress else print)(msg)
+        with partial.open("a") as f:
+            f.write(json.dumps(asdict(result)) + "\n")
         if progress:
             progress.advance(task)
 
