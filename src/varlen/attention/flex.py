@@ -69,8 +69,9 @@ def block_mask(info: SeqInfo, causal: bool, window_size: tuple[int, int]):
 
     def build():
         mask_mod = generate_doc_mask_mod(info.document_ids, left, right)
-        on_gpu = info.device.type == "cuda" and not torch.compiler.is_compiling()
-        return create_block_mask(mask_mod, None, None, t, t, device=info.device, _compile=on_gpu)
+        # not _compile=True: that compiles for each new token count, i.e. every batch (seen on
+        # the H100: >200 s for 23 batches); the dense evaluation is one pass over T x T booleans
+        return create_block_mask(mask_mod, None, None, t, t, device=info.device)
 
     return info.cached(("flex_block_mask", left, right), build)
 
