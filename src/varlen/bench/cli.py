@@ -51,7 +51,10 @@ def merge(dirs: list[Path], out: Path) -> dict:
         for c in r["cases"]:
             cases[(c["strategy"], c["mode"], c["compile"])] = c
     peaks = [r["matmul_peak_tflops"] for r in reports if r.get("matmul_peak_tflops")]
-    report = {**reports[0], "matmul_peak_tflops": max(peaks, default=None), "cases": list(cases.values()),
+    order = list(STRATEGIES)
+    ordered = sorted(cases.values(), key=lambda c: (c["compile"], c["mode"] != "eval", order.index(c["strategy"])
+                                                    if c["strategy"] in order else len(order)))
+    report = {**reports[0], "matmul_peak_tflops": max(peaks, default=None), "cases": ordered,
               "merged_from": [r["env"]["date"] for r in reports]}
     add_comparisons(report["cases"])
     add_mfu(report["cases"], report["matmul_peak_tflops"])

@@ -115,13 +115,18 @@ def plot(report: dict, path: Path) -> Path | None:
                     ys.append(c["step_ms_mean"])
                 else:
                     fails.append(x)
-            bars = ax.bar(xs, ys, width=0.38, label="compiled" if compiled else "eager", color=("C1" if compiled else "C0"))
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            # an outlier (a case that recompiles every step) would flatten the others: clip it
+            # at 2.5x the padded baseline and print its value on the bar
+            base = [c["step_ms_mean"] for c in cases if c["strategy"] == BASELINE and c["mode"] == mode and c["error"] is None]
+            top = 2.5 * max(base) if base else None
+            shown = [min(y, top) if top else y for y in ys]
+            bars = ax.bar(xs, shown, width=0.38, label="compiled" if compiled else "eager", color=("C1" if compiled else "C0"))
+            ax.bar_label(bars, labels=[f"{y:.0f}" + ("*" if top and y > top else "") for y in ys], fontsize=7)
             for x in fails:
                 ax.text(x, 0, "×", ha="center", va="bottom", color="red", fontsize=12)
         ax.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
         ax.set_ylabel("step time (ms, mean)")
-        ax.set_title(f"{mode} (× = failed, see table)")
+        ax.set_title(f"{mode}  (× failed, see table; * bar clipped)")
         ax.legend()
     fig.suptitle(f"varlen bench: {env_line(report['env'])}", fontsize=9)
     fig.tight_layout()
