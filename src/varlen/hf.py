@@ -1,0 +1,214 @@
+"""varlen inside stock HuggingFace models: ``attn_implementation="varlen"``, no patched modeling files.
+
+Importing this module registers the implementation with transformers' ``AttentionInterface`` (and
+a mask function, so padded batches keep their 2-D ``attention_mask``)::
+
+    import varlen.hf
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="varlen")
+    varlen.hf.use(backend="flash")        # default "auto"
+
+A batch is one of:
+- packed rows ``[B, L]`` whose ``position_ids`` restart at 0 at each sample (what
+  ``DataCollatorWithFlattening`` and TRL's padding-free packing make), optionally with the
+  ``cu_seq_lens_q``/``max_length_q`` flash kwargs, or with a ``varlen_info`` SeqInfo from
+  :class:`VarlenCollator` (no device read at all);
+- padded rows with a 2-D ``attention_mask`` (unpadded once per batch);
+- plain rows (one sequence each).
+Sequence boundaries are derived once per batch, not per layer, and are found from
+``position_ids`` whether or not a KV cache is active (transformers' own ``sdpa`` path stops looking
+for packed rows when ``use_cache=True`` and silently attends across samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .attention import BACKENDS, attention
+from .data.collate import IGNORE_INDEX
+from .seqinfo import SeqInfo
+
+NAME = "varlen"
+_STATE = {"backend": "auto"}
+# The last batch's metadata: every layer of a forward sees the same position_ids / mask tensor.
+_LAST: dict[str, Any] = {"key": None, "value": None}
+
+
+def use(backend: str = "auto") -> None:
+    """Choose the kernel behind ``attn_implementation="varlen"``."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS} or 'auto'")
+    _STATE["backend"] = backend
+
+
+def _once_per_batch(tensor: Tensor, build):
+    key = (id(tensor), tensor.data_ptr(), tuple(tensor.shape), tensor._version)
+    if _LAST["key"] != key:
+        _LAST["value"], _LAST["key"] = build(), key
+    return _LAST["value"]
+
+
+def _is_packed(pos: Tensor, real: Tensor | None = None) -> bool:
+    """Does any row restart its positions at a (real) token after its first?"""
+    restarts = pos[:, 1:] == 0
+    if real is not None:
+        restarts &= real[:, 1:] & real[:, :-1]
+    return bool(restarts.any())
+
+
+def _from_mask(mask: Tensor, pos: Tensor | None) -> tuple[SeqInfo, Tensor] | None:
+    """Padded rows (left or right): lengths and the flat indices of real tokens; None if no padding."""
+    m = mask.detach().to("cpu", torch.bool)
+    if bool(m.all()):
+        return None
+    lens = m.sum(1)
+    starts = m.int().argmax(1)
+    spans = torch.arange(m.shape[1])[None, :] - starts[:, None]
+    if not torch.equal((spans >= 0) & (spans < lens[:, None]), m):
+        raise ValueError("varlen: every row's attention_mask must be one contiguous run of real tokens")
+    if int(lens.sum()) == 0:
+        raise ValueError("varlen: attention_mask has no real token")
+    indices = m.flatten().nonzero().flatten()
+    pos = None if pos is None else pos.detach().cpu().expand(m.shape[0], -1)
+    if pos is not None and _is_packed(pos, m):
+        info = SeqInfo.from_position_ids(pos.flatten()[indices])
+    else:
+        info = SeqInfo.from_lengths([int(n) for n in lens if n > 0])
+    return info, indices
+
+
+def _from_positions(pos: Tensor, rows: int) -> SeqInfo:
+    pos = pos.detach().cpu()
+    if pos.shape[0] != rows:
+        pos = pos.expand(rows, -1)
+    if not _is_packed(pos):
+        if pos[:, 0].any():
+            raise ValueError("varlen: position_ids of a row must start at 0")
+        return SeqInfo.from_lengths([pos.shape[1]] * rows)
+    if pos[:, 0].any():
+        raise ValueError("varlen: packed rows must start at position 0 (each row begins a sample)")
+    return SeqInfo.from_position_ids(pos.flatten())
+
+
+def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kwargs: dict) -> tuple[SeqInfo, Tensor | None]:
+    """SeqInfo for the flattened ``rows * length`` tokens, and the real-token indices when padded."""
+    info = kwargs.get("varlen_info")
+    indices = None
+    if info is None:
+        pos = kwargs.get("position_ids")
+        cu = kwargs.get("cu_seq_lens_q")
+        unpadded = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            unpadded = _once_per_batch(attention_mask, lambda: _from_mask(attention_mask, pos))
+        if unpadded is not None:
+            info, indices = unpadded
+        elif cu is not None:
+            info = _once_per_batch(cu, lambda: SeqInfo.from_cu_seqlens(cu.to(torch.int32), max_seqlen=kwargs.get("max_length_q")))
+        elif pos is not None:
+            info = _once_per_batch(pos, lambda: _from_positions(pos, rows))
+        else:
+            info = SeqInfo.from_lengths([length] * rows)
+    expected = rows * length if indices is None else indices.numel()
+    if info.total_tokens != expected:
+        raise ValueError(f"varlen: sequence metadata covers {info.total_tokens} tokens, the batch has {expected}")
+    if info.device != torch.device(device):
+        info = info.cached(("to", str(device)), lambda: info.to(device, non_blocking=True))
+    if indices is not None and indices.device != torch.device(device):
+        indices = indices.to(device, non_blocking=True)
+    return info, indices
+
+
+def _decode_step(query, key, value, attention_mask, scaling, causal):
+    """Queries shorter than keys (generation with a KV cache): no packing there, plain SDPA."""
+    lq, lk = query.shape[2], key.shape[2]
+    i = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
+    j = torch.arange(lk, device=query.device)[None, :]
+    allowed = (j <= i) if causal else torch.ones(lq, lk, dtype=torch.bool, device=query.device)
+    allowed = allowed[None, None]
+    if attention_mask is not None and attention_mask.dim() == 2:
+        allowed = allowed & attention_mask[:, None, None, -lk:].bool()
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: Tensor,  # [B, H, L, D]
+    key: Tensor,  # [B, Hkv, L, D]
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:  # [B, L, H, D]
+    if dropout:
+        raise ValueError(
+            f"varlen attention has no dropout (got p={dropout}); set the model's attention dropout to 0 "
+            "(GPT2: attn_pdrop=0.0)"
+        )
+    causal = getattr(module, "is_causal", True)
+    b, h, length, d = query.shape
+    if key.shape[2] != length:
+        return _decode_step(query, key, value, attention_mask, scaling, causal), None
+    info, indices = batch_info(b, length, query.device, attention_mask, kwargs)
+    q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d) for x in (query, key, value))  # [B*L, H, D]
+    if indices is not None:
+        q, k, v = q[indices], k[indices], v[indices]
+    window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
+    out = attention(q, k, v, info, causal=causal, scale=scaling, window_size=window, backend=_STATE["backend"])
+    if indices is not None:
+        out = out.new_zeros(b * length, h, d).index_copy(0, indices, out)
+    return out.view(b, length, h, d), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    # like FlashAttention: the model hands over the 2-D padding mask (or None), not a dense mask
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+@dataclass(frozen=True)
+class VarlenCollator:
+    """Samples (dicts with ``input_ids`` and optional ``labels``) -> one packed row ``[1, T]``.
+
+    Returns ``input_ids``, ``labels``, ``position_ids`` (restarting at 0) and ``varlen_info``. The
+    first label of every sample is ``ignore_index``, so no token learns to predict the next
+    sample's first token (HF models shift labels inside the loss).
+    """
+
+    ignore_index: int = IGNORE_INDEX
+
+    def __call__(self, features: list[dict]) -> dict:
+        if not features:
+            raise ValueError("empty batch: no samples")
+        ids, labels = [], []
+        for i, f in enumerate(features):
+            x = torch.as_tensor(f["input_ids"]).long().flatten()
+            y = torch.as_tensor(f["labels"]).long().flatten() if f.get("labels") is not None else x.clone()
+            if y.shape != x.shape:
+                raise ValueError(f"sample {i}: labels ({y.numel()}) and input_ids ({x.numel()}) differ in length")
+            if x.numel() == 0:
+                raise ValueError(f"sample {i} is empty")
+            y = y.clone()
+            y[0] = self.ignore_index
+            ids.append(x)
+            labels.append(y)
+        info = SeqInfo.from_lengths([len(x) for x in ids])
+        return {
+            "input_ids": torch.cat(ids)[None],
+            "labels": torch.cat(labels)[None],
+            "position_ids": info.position_ids[None],
+            "varlen_info": info,
+        }
+
+
+register()

@@ -1,0 +1,203 @@
+"""Stock transformers models padding-free through attn_implementation="varlen" (tiny random configs)."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+import varlen.hf  # noqa: E402  registers "varlen"
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
+
+CONFIGS = {
+    "gpt2": GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=97, n_positions=128, bos_token_id=1, eos_token_id=2,
+                       attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+    "llama_gqa": LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=128, vocab_size=97, max_position_embeddings=128, bos_token_id=1, eos_token_id=2),
+    "qwen2_gqa": Qwen2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=1,
+                             intermediate_size=128, vocab_size=97, max_position_embeddings=128, bos_token_id=1, eos_token_id=2),
+}
+LENGTHS = [5, 1, 17, 3, 9]
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend():
+    varlen.hf.use("auto")
+    yield
+    varlen.hf.use("auto")
+
+
+def _models(name, train=False):
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[name]), attn_implementation="sdpa").double()
+    vm = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[name]), attn_implementation="varlen").double()
+    vm.load_state_dict(ref.state_dict())
+    return ref.train(train), vm.train(train)
+
+
+def _samples(lengths=LENGTHS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (n,), generator=g) for n in lengths]
+
+
+def _padded(samples, left=False):
+    width = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = s, 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("with_info", [True, False], ids=["varlen_info", "position_ids_only"])
+def test_packed_matches_padded_logits_loss_grads(name, with_info):
+    ref, vm = _models(name, train=True)
+    samples = _samples()
+    ids, mask, labels = _padded(samples)
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    out_ref.loss.backward()
+    batch = varlen.hf.VarlenCollator()([{"input_ids": s} for s in samples])
+    if not with_info:
+        batch.pop("varlen_info")
+    out = vm(**batch, use_cache=False)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits[0], out_ref.logits[mask.bool()], rtol=1e-9, atol=1e-9)
+    # HF's loss upcasts logits to float32 whatever the model's dtype: float32 tolerance there
+    torch.testing.assert_close(out.loss, out_ref.loss, rtol=1e-6, atol=1e-6)
+    g_ref, g = _grads(ref), _grads(vm)
+    assert g.keys() == g_ref.keys() and g
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_hf_flattening_collator_gives_same_loss(name):
+    _, vm = _models(name)
+    feats = [{"input_ids": s.tolist()} for s in _samples()]
+    ours = vm(**varlen.hf.VarlenCollator()(feats)).loss
+    for flash_kwargs in (False, True):
+        hf = DataCollatorWithFlattening(return_flash_attn_kwargs=flash_kwargs)(feats)
+        torch.testing.assert_close(vm(**hf).loss, ours, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_packed_eval_with_default_cache_is_right(name):
+    # transformers' sdpa stops looking for packed rows when a cache is active (use_cache=True
+    # is the default in eval) and attends across samples; varlen reads position_ids regardless
+    ref, vm = _models(name)
+    samples = _samples()
+    ids, mask, _ = _padded(samples)
+    batch = varlen.hf.VarlenCollator()([{"input_ids": s} for s in samples])
+    batch.pop("varlen_info")
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+        got = vm(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_several_packed_rows(name):
+    # TRL-style best-fit packing: [B, L] rows, each holding several samples
+    ref, vm = _models(name)
+    rows = [_samples([5, 1, 6], seed=1), _samples([4, 8], seed=2)]
+    ids = torch.stack([torch.cat(r) for r in rows])
+    pos = torch.stack([torch.cat([torch.arange(len(s)) for s in r]) for r in rows])
+    with torch.no_grad():
+        got = vm(input_ids=ids, position_ids=pos).logits
+        for b, row in enumerate(rows):
+            start = 0
+            for s in row:
+                alone = ref(input_ids=s[None], use_cache=False).logits[0]
+                torch.testing.assert_close(got[b, start:start + len(s)], alone, rtol=1e-9, atol=1e-9)
+                start += len(s)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("left", [False, True], ids=["right_pad", "left_pad"])
+def test_padded_batches_keep_working(name, left):
+    ref, vm = _models(name)
+    ids, mask, _ = _padded(_samples(), left=left)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        got = vm(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_backend_choice(backend):
+    ref, vm = _models("llama_gqa")
+    samples = _samples()
+    ids, mask, _ = _padded(samples)
+    varlen.hf.use(backend)
+    with torch.no_grad():
+        got = vm(**{k: v for k, v in varlen.hf.VarlenCollator()([{"input_ids": s} for s in samples]).items()}).logits[0]
+        want = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="unknown backend"):
+        varlen.hf.use("nope")
+
+
+def test_generation_after_packed_prefill_shapes():
+    _, vm = _models("llama_gqa")
+    ids = _samples([6])[0][None]
+    with torch.no_grad():
+        out = vm.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda vm: vm(input_ids=torch.ones(1, 6, dtype=torch.long), position_ids=torch.tensor([[0, 1, 2, 0, 2, 3]])),
+         "step by 1"),
+        (lambda vm: vm(input_ids=torch.ones(1, 6, dtype=torch.long), position_ids=torch.tensor([[1, 2, 0, 1, 2, 3]])),
+         "start at"),
+        (lambda vm: varlen.hf.VarlenCollator()([{"input_ids": [5, 6, 7], "labels": [5, 6]}]), "differ in length"),
+        (lambda vm: varlen.hf.VarlenCollator()([]), "empty batch"),
+    ],
+    ids=["positions_skip", "positions_not_from_0", "labels_length", "empty"],
+)
+def test_bad_input_is_a_clear_error(make, message):
+    _, vm = _models("llama_gqa")
+    with pytest.raises(ValueError, match=message):
+        make(vm)
+
+
+def test_dropout_is_refused_not_ignored():
+    cfg = copy.deepcopy(CONFIGS["gpt2"])
+    cfg.attn_pdrop = 0.1
+    vm = AutoModelForCausalLM.from_config(cfg, attn_implementation="varlen").train()
+    with pytest.raises(ValueError, match="no dropout"):
+        vm(input_ids=torch.ones(1, 4, dtype=torch.long))
+
+
+def test_compiled_model_matches_eager():
+    _, vm = _models("llama_gqa")
+    batch = varlen.hf.VarlenCollator()([{"input_ids": s} for s in _samples()])
+    with torch.no_grad():
+        want = vm(**batch).logits
+        got = torch.compile(vm)(**batch).logits
+    # HF computes RoPE in float32 even in a float64 model; Inductor fuses it differently
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_trainer_example_trains(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--steps", "12", "--out", str(tmp_path)])
+    assert out["steps"] == 12 and len(out["losses"]) == 12
+    assert all(torch.isfinite(torch.tensor(out["losses"])))
+    assert sum(out["losses"][-3:]) < sum(out["losses"][:3])  # it learns something
