@@ -201,3 +201,16 @@ def test_trainer_example_trains(tmp_path):
     assert out["steps"] == 12 and len(out["losses"]) == 12
     assert all(torch.isfinite(torch.tensor(out["losses"])))
     assert sum(out["losses"][-3:]) < sum(out["losses"][:3])  # it learns something
+
+
+def test_metadata_is_not_reused_across_batches():
+    # batches of the same shape one after another must each get their own boundaries
+    ref, vm = _models("llama_gqa")
+    for seed, lengths in enumerate(([3, 9, 4], [10, 2, 4], [1, 1, 14])):
+        samples = _samples(lengths, seed=seed)
+        ids, mask, _ = _padded(samples)
+        batch = varlen.hf.VarlenCollator()([{"input_ids": s} for s in samples])
+        with torch.no_grad():
+            got = vm(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+            want = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -35,7 +35,8 @@ from .seqinfo import SeqInfo
 NAME = "varlen"
 _STATE = {"backend": "auto"}
 # The last batch's metadata: every layer of a forward sees the same position_ids / mask tensor.
-_LAST: dict[str, Any] = {"key": None, "value": None}
+# The tensor itself is kept, so its identity cannot pass to a later batch's tensor.
+_LAST: dict[str, Any] = {"tensor": None, "version": None, "value": None}
 
 
 def use(backend: str = "auto") -> None:
@@ -46,9 +47,8 @@ def use(backend: str = "auto") -> None:
 
 
 def _once_per_batch(tensor: Tensor, build):
-    key = (id(tensor), tensor.data_ptr(), tuple(tensor.shape), tensor._version)
-    if _LAST["key"] != key:
-        _LAST["value"], _LAST["key"] = build(), key
+    if _LAST["tensor"] is not tensor or _LAST["version"] != tensor._version:
+        _LAST.update(value=build(), tensor=tensor, version=tensor._version)
     return _LAST["value"]
 
 
