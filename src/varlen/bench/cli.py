@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             return
         msg = (f"{case.name}: {result.step_ms_mean:.1f} ms/step, {result.tflops:.2f} TFLOP/s, loss {result.loss:.4f}, "
                f"recompiles {result.recompiles}" if result.error is None else f"{case.name}: FAILED: {result.error}")
-        (progress.console.print if progress else print)(msg)
+        if progress:
+            progress.console.print(msg, markup=False)  # reasons hold brackets, e.g. varlen[xformers]
+        else:
+            print(msg, flush=True)
         with partial.open("a") as f:
             f.write(json.dumps(asdict(result)) + "\n")
         if progress:
