@@ -125,3 +125,29 @@ def test_merge_combines_split_runs(tmp_path):
     merged = json.loads((tmp_path / "m" / "results.json").read_text())
     assert merged["matmul_peak_tflops"] == 110.0
     assert [c["speedup"] for c in merged["cases"]] == [1.0, 2.0]
+
+
+def test_hf_gpt2_study_part_runs_and_agrees(tmp_path):
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "-m", "varlen.bench", "--model", "hf-gpt2", "--preset", "tiny",
+           "--strategies", "hf-padded,hf-packed-sdpa,hf-varlen-sdpa", "--compile", "off", "--steps", "2",
+           "--warmup", "1", "--batch-size", "4", "--max-len", "31", "--num-workers", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cases = json.loads((out / "results.json").read_text())["cases"]
+    assert len(cases) == 6 and all(c["error"] is None for c in cases)
+    by = {(c["strategy"], c["mode"]): c for c in cases}
+    for mode in ("eval", "train"):
+        base = by[("hf-padded", mode)]
+        assert base["speedup"] == 1.0  # HF strategies are measured against HF padding
+        for s in ("hf-packed-sdpa", "hf-varlen-sdpa"):
+            assert by[(s, mode)]["loss"] == pytest.approx(base["loss"], abs=1e-4)
+            assert by[(s, mode)]["speedup"] is not None
+
+
+def test_model_family_is_checked():
+    from varlen.bench.cli import main
+
+    with pytest.raises(SystemExit, match="runs hf-padded"):
+        main(["--model", "hf-gpt2", "--strategies", "packed-sdpa", "--preset", "tiny"])

@@ -186,6 +186,7 @@ class VarlenCollator:
     """
 
     ignore_index: int = IGNORE_INDEX
+    max_seqlen: int | None = None  # a fixed upper bound keeps torch.compile from specialising per batch
 
     def __call__(self, features: list[dict]) -> dict:
         if not features:
@@ -202,7 +203,7 @@ class VarlenCollator:
             y[0] = self.ignore_index
             ids.append(x)
             labels.append(y)
-        info = SeqInfo.from_lengths([len(x) for x in ids])
+        info = SeqInfo.from_lengths([len(x) for x in ids], max_seqlen=self.max_seqlen)
         return {
             "input_ids": torch.cat(ids)[None],
             "labels": torch.cat(labels)[None],

@@ -15,6 +15,15 @@ STRATEGIES = {
     "packed-sdpa": "one packed row, unpacked to padding for SDPA inside attention",
 }
 BASELINE = "padded"
+from .hf_models import HF_STRATEGIES  # noqa: E402
+
+STRATEGIES.update(HF_STRATEGIES)
+DECODER_STRATEGIES = [s for s in STRATEGIES if not s.startswith("hf-")]
+
+
+def baseline_of(strategy: str) -> str:
+    """What a strategy's speed-up is measured against: padding, in the same model family."""
+    return "hf-padded" if strategy.startswith("hf-") else BASELINE
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,9 @@ class Case:
 
     @property
     def backend(self) -> str:
-        if self.strategy.startswith("packed-"):
-            return self.strategy.removeprefix("packed-")
+        for prefix in ("packed-", "hf-varlen-"):
+            if self.strategy.startswith(prefix):
+                return self.strategy.removeprefix(prefix)
         return "nested" if self.strategy == "nested" else "sdpa"
 
     @property

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ..info import environment
-from .cases import PRESETS, STRATEGIES, grid
+from .cases import DECODER_STRATEGIES, PRESETS, STRATEGIES, grid
+from .hf_models import HF_STRATEGIES
 from .report import add_comparisons, add_mfu, print_table, save
 from .runner import measure_peak, result_dicts, run_all
 
@@ -22,7 +23,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="varlen bench", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="workload preset (default: study on a GPU, tiny on a CPU)")
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma list of {','.join(STRATEGIES)}")
+    p.add_argument("--model", choices=["decoder", "hf-gpt2"], default="decoder",
+                   help="the study's reference decoder, or a stock HF GPT2LMHeadModel of the same size")
+    p.add_argument("--strategies", default=None,
+                   help=f"comma list (default: all of the model's): {','.join(STRATEGIES)}")
     p.add_argument("--modes", default="eval,train", help="comma list of eval,train")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
     p.add_argument("--batch-size", type=int)
@@ -84,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     preset, w = workload_from(args)
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
-    cases = grid([s for s in args.strategies.split(",") if s], [m for m in args.modes.split(",") if m],
+    family = list(HF_STRATEGIES) if args.model == "hf-gpt2" else DECODER_STRATEGIES
+    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else family
+    wrong = [s for s in strategies if s not in family]
+    if wrong:
+        raise SystemExit(f"varlen bench: --model {args.model} runs {','.join(family)}; not {','.join(wrong)}")
+    cases = grid(strategies, [m for m in args.modes.split(",") if m],
                  compile_modes, w)
     env = {**environment(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     out = args.out or Path("bench-out") / f"{(env['gpu'] or 'cpu').split(' x')[0].replace(' ', '-')}-{env['date'][:10]}"

@@ -21,7 +21,7 @@ def attention_flops(lengths: Sequence[int], dim: int, n_layers: int, causal: boo
 
 
 def step_flops(lengths: Sequence[int], *, dim: int, n_layers: int, vocab_size: int, train: bool,
-               mlp_ratio: int = 4) -> float:
-    causal = train  # the study trains causal and evaluates non-causal
+               mlp_ratio: int = 4, causal: bool | None = None) -> float:
+    causal = train if causal is None else causal  # the study's decoder trains causal, evaluates non-causal
     fwd = linear_flops(sum(lengths), dim, n_layers, vocab_size, mlp_ratio) + attention_flops(lengths, dim, n_layers, causal)
     return 3 * fwd if train else fwd

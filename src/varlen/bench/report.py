@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from .cases import BASELINE, STRATEGIES
+from .cases import BASELINE, STRATEGIES, baseline_of
 
 COLUMNS = [
     "strategy", "backend", "mode", "compile", "step_ms_mean", "step_ms_median", "step_ms_min",
@@ -18,9 +18,9 @@ COLUMNS = [
 
 def add_comparisons(cases: list[dict]) -> None:
     """Speed-up and loss difference against the padded baseline of the same mode and compile."""
-    base = {(c["mode"], c["compile"]): c for c in cases if c["strategy"] == BASELINE and c["error"] is None}
+    base = {(c["strategy"], c["mode"], c["compile"]): c for c in cases if c["error"] is None}
     for c in cases:
-        b = base.get((c["mode"], c["compile"]))
+        b = base.get((baseline_of(c["strategy"]), c["mode"], c["compile"]))
         ok = b is not None and c["error"] is None
         c["speedup"] = b["step_ms_mean"] / c["step_ms_mean"] if ok else None
         c["loss_delta"] = c["loss"] - b["loss"] if ok else None
@@ -117,7 +117,8 @@ def plot(report: dict, path: Path) -> Path | None:
                     fails.append(x)
             # an outlier (a case that recompiles every step) would flatten the others: clip it
             # at 2.5x the padded baseline and print its value on the bar
-            base = [c["step_ms_mean"] for c in cases if c["strategy"] == BASELINE and c["mode"] == mode and c["error"] is None]
+            base = [c["step_ms_mean"] for c in cases
+                    if c["strategy"] in (BASELINE, "hf-padded") and c["mode"] == mode and c["error"] is None]
             top = 2.5 * max(base) if base else None
             shown = [min(y, top) if top else y for y in ys]
             bars = ax.bar(xs, shown, width=0.38, label="compiled" if compiled else "eager", color=("C1" if compiled else "C0"))

@@ -42,7 +42,13 @@ def _collator(case: Case, cfg: DecoderConfig):
 def _mark_dynamic(batch: dict) -> None:
     # The token count changes every batch: say so up front instead of recompiling to learn it.
     mark = torch._dynamo.maybe_mark_dynamic
-    if "info" in batch:
+    if "position_ids" in batch and not batch["input_ids"].is_nested:  # HF packed row [1, T]
+        for t in (batch["input_ids"], batch["labels"], batch["position_ids"]):
+            mark(t, 1)
+        if "varlen_info" in batch:
+            mark(batch["varlen_info"].position_ids, 0)
+            mark(batch["varlen_info"].document_ids, 0)
+    elif "info" in batch:
         for t in (batch["input_ids"], batch["labels"], batch["info"].position_ids, batch["info"].document_ids):
             mark(t, 0)
     elif "attention_mask" in batch:
@@ -64,12 +70,20 @@ def run_case(case: Case) -> Result:
     torch.manual_seed(w.seed)
     base = DecoderConfig.from_name(w.model)
     cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, w.max_len + 1))
-    model = Decoder(cfg, backend=case.backend).to(device).train(train)
+    hf = case.strategy.startswith("hf-")
+    if hf:
+        from . import hf_models
+
+        model = hf_models.gpt2(cfg, case.strategy).to(device).train(train)
+        collate = hf_models.collator(case.strategy, w.max_len, case.compile)
+    else:
+        model = Decoder(cfg, backend=case.backend).to(device).train(train)
+        collate = _collator(case, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
     n = w.warmup + w.steps
     ds = SyntheticDataset(n * w.batch_size, max_len=w.max_len, vocab_size=w.vocab_size,
                           length_dist=w.length_dist, seed=w.seed)
-    loader = DataLoader(ds, batch_size=w.batch_size, shuffle=False, drop_last=True, collate_fn=_collator(case, cfg),
+    loader = DataLoader(ds, batch_size=w.batch_size, shuffle=False, drop_last=True, collate_fn=collate,
                         num_workers=w.num_workers, pin_memory=on_gpu)
     fwd = torch.compile(model) if case.compile else model
     autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
@@ -77,7 +91,10 @@ def run_case(case: Case) -> Result:
 
     def step(batch):
         with grad, autocast:
-            loss = lm_loss(forward_batch(fwd, batch, causal=train), batch["labels"])
+            if hf:
+                loss = hf_models.loss(fwd, batch)
+            else:
+                loss = lm_loss(forward_batch(fwd, batch, causal=train), batch["labels"])
         if train:
             loss.backward()
             opt.step()
@@ -105,7 +122,7 @@ def run_case(case: Case) -> Result:
         times.append(dt)
         losses.append(loss)
         flops += step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
-                            mlp_ratio=cfg.mlp_ratio)
+                            mlp_ratio=cfg.mlp_ratio, causal=True if hf else None)  # GPT2 is always causal
         real += sum(lengths)
         computed += host["attention_mask"].numel() if "attention_mask" in host else sum(lengths)
     total = sum(times)
