@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data.collate import IGNORE_INDEX, _pairs
+from ..data.collate import IGNORE_INDEX, _pad, _pairs
 from ..models import DecoderConfig
 
 HF_STRATEGIES = {
@@ -40,14 +40,10 @@ class HFPadCollator:
         self.length = length
 
     def __call__(self, samples):
-        pairs = _pairs(samples)
-        ids = torch.zeros(len(pairs), self.length, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, (x, _) in enumerate(pairs):
-            ids[i, : len(x)], mask[i, : len(x)] = x, 1
-        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-        labels[:, 0] = IGNORE_INDEX
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        # HF shifts labels inside its loss: labels are the inputs themselves
+        batch = _pad([(x, x) for x, _ in _pairs(samples)], self.length, 0, IGNORE_INDEX)
+        batch["labels"][:, 0] = IGNORE_INDEX
+        return batch
 
 
 class HFPackCollator:
