@@ -219,6 +219,18 @@ class SeqInfo:
 
         return self.cached(("padding_mask", length), build)
 
+    def nested(self, x: Tensor) -> Tensor:
+        """Packed ``[T, *]`` -> jagged nested ``[B, j, *]`` on ``x``'s storage.
+
+        Every nested tensor of a batch is built on one cached offsets tensor, so they share their
+        ragged dimension (SDPA requires it of q, k and v); the host lengths give min/max, so
+        nothing is read back from the device.
+        """
+        offsets = self.cached("nested_offsets", lambda: self.cu_seqlens.long())
+        return torch.nested.nested_tensor_from_jagged(
+            x.contiguous(), offsets=offsets, min_seqlen=min(self.lengths), max_seqlen=max(self.lengths)
+        )
+
     def split(self, x: Tensor) -> tuple[Tensor, ...]:
         """Packed ``[T, *]`` -> one tensor per sequence (host lengths: no sync)."""
         return x.split(list(self.lengths))

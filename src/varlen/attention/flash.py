@@ -80,7 +80,7 @@ def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size) -> 
         return [why]
     out = []
     if impl == "fa4" and q.shape[-1] not in (64, 96, 128):
-        out.append(f"fa4: head size {q.shape[-1]} unsupported (64, 96 or 128)")
+        out.append(f"head size {q.shape[-1]} unsupported (64, 96 or 128)")
     if impl == "torch":
         if tuple(window_size) != (-1, -1) and "window_size" not in _VARLEN_PARAMS:
             out.append(f"torch {torch.__version__} varlen_attn has no window_size")
@@ -112,7 +112,7 @@ def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size) -> tuple[str | 
         r = impl_reasons(i, q, k, causal, window_size)
         if not r:
             return i, []
-        whys += [f"{i}: {w}" if not w.startswith(i) else w for w in r]
+        whys += [f"{i}: {w}" for w in r]
     return None, whys
 
 

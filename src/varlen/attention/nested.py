@@ -7,7 +7,6 @@ On the CPU only the math kernel takes jagged inputs, and it refuses ``is_causal`
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -45,21 +44,8 @@ def nested_sdpa(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float |
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
 
 
-def offsets(info: SeqInfo) -> Tensor:
-    # One offsets tensor per batch: nested tensors built on the same offsets share their ragged
-    # dimension, which SDPA requires of q, k and v.
-    return info.cached("nested_offsets", lambda: info.cu_seqlens.long())
-
-
-def as_nested(x: Tensor, info: SeqInfo) -> Tensor:
-    """Packed ``[T, *]`` -> jagged ``[B, j, *]`` sharing ``x``'s storage."""
-    return torch.nested.nested_tensor_from_jagged(
-        x.contiguous(), offsets=offsets(info), min_seqlen=min(info.lengths), max_seqlen=max(info.lengths)
-    )
-
-
 def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size) -> Tensor:
     heads = q.shape[1]
-    qn, kn, vn = (as_nested(x, info).transpose(1, 2) for x in (q, repeat_kv(k, heads), repeat_kv(v, heads)))
+    qn, kn, vn = (info.nested(x).transpose(1, 2) for x in (q, repeat_kv(k, heads), repeat_kv(v, heads)))
     out = nested_sdpa(qn, kn, vn, causal=causal, scale=scale)  # [B, H, j, D]
     return out.transpose(1, 2).values()

@@ -7,7 +7,6 @@ across a sample boundary and all strategies train on the same predictions.
 
 from __future__ import annotations
 
-import torch
 
 from ..data.collate import IGNORE_INDEX, _pad, _pairs
 from ..models import DecoderConfig

@@ -117,8 +117,9 @@ def plot(report: dict, path: Path) -> Path | None:
                     fails.append(x)
             # an outlier (a case that recompiles every step) would flatten the others: clip it
             # at 2.5x the padded baseline and print its value on the bar
+            baselines = {baseline_of(s) for s in strategies}
             base = [c["step_ms_mean"] for c in cases
-                    if c["strategy"] in (BASELINE, "hf-padded") and c["mode"] == mode and c["error"] is None]
+                    if c["strategy"] in baselines and c["mode"] == mode and c["error"] is None]
             top = 2.5 * max(base) if base else None
             shown = [min(y, top) if top else y for y in ys]
             bars = ax.bar(xs, shown, width=0.38, label="compiled" if compiled else "eager", color=("C1" if compiled else "C0"))

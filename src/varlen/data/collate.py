@@ -112,17 +112,10 @@ class NestedCollator:
     def __call__(self, samples):
         pairs = _pairs(samples)
         info = SeqInfo.from_lengths([len(i) for i, _ in pairs])
-        offsets = info.cu_seqlens.long()
-
-        def nest(values: Tensor) -> Tensor:
-            return torch.nested.nested_tensor_from_jagged(
-                values, offsets=offsets, min_seqlen=min(info.lengths), max_seqlen=max(info.lengths)
-            )
-
         return {
-            "input_ids": nest(torch.cat([i for i, _ in pairs])),
-            "labels": nest(torch.cat([t for _, t in pairs])),
-            "position_ids": nest(info.position_ids),
+            "input_ids": info.nested(torch.cat([i for i, _ in pairs])),
+            "labels": info.nested(torch.cat([t for _, t in pairs])),
+            "position_ids": info.nested(info.position_ids),
         }
 
 
