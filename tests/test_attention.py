@@ -171,3 +171,16 @@ def test_bad_window_raises():
     q = torch.zeros(7, 2, 8)
     with pytest.raises(ValueError, match="window_size"):
         attention(q, q, q, SeqInfo.from_lengths([3, 4]), window_size=(-2, 0))
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("lengths", ["len1", "many_tiny", "max_len"])
+def test_flex_filler_tokens_change_nothing(monkeypatch, mask, lengths):
+    # on CUDA Flex runs at T rounded up to a whole 128-token block; force that path here with
+    # 16-token blocks so the filler document is exercised on the CPU too
+    from varlen.attention import flex
+
+    monkeypatch.setattr(flex, "padded_tokens", lambda info: -(-info.total_tokens // 16) * 16)
+    lens = LENGTHS[lengths]
+    assert sum(lens) % 16, "the case must need filler tokens"
+    _check("flex", lens, "gqa", mask, torch.float32, seed=zlib.crc32(f"{mask}{lengths}".encode()), grad=False)

@@ -153,6 +153,30 @@ def test_generation_after_packed_prefill_shapes():
     assert out.shape == (1, 9)
 
 
+def _packed_batch():
+    return varlen.hf.VarlenCollator()([{"input_ids": s} for s in _samples([3, 5, 2])])
+
+
+def _without(batch, key):
+    return {k: v for k, v in batch.items() if k != key}
+
+
+def _as_flash_kwargs(batch):
+    info = batch.pop("varlen_info")
+    m = max(info.lengths)
+    return dict(batch, cu_seq_lens_q=info.cu_seqlens, cu_seq_lens_k=info.cu_seqlens, max_length_q=m, max_length_k=m)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_packed_row_without_positions_is_refused_compiled_too(name):
+    _, vm = _models(name)
+    batch = _without(_packed_batch(), "position_ids")
+    # compiled, the check runs on the device (no host read): torch raises it as a RuntimeError
+    with pytest.raises((ValueError, RuntimeError), match="needs its collator's position_ids"):
+        with torch.no_grad():
+            torch.compile(vm)(**batch)
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -162,8 +186,11 @@ def test_generation_after_packed_prefill_shapes():
          "start at"),
         (lambda vm: varlen.hf.VarlenCollator()([{"input_ids": [5, 6, 7], "labels": [5, 6]}]), "differ in length"),
         (lambda vm: varlen.hf.VarlenCollator()([]), "empty batch"),
+        (lambda vm: vm(**_without(_packed_batch(), "position_ids")), "needs its collator's position_ids"),
+        (lambda vm: vm(**_as_flash_kwargs(_without(_packed_batch(), "position_ids"))), "needs its collator's position_ids"),
     ],
-    ids=["positions_skip", "positions_not_from_0", "labels_length", "empty"],
+    ids=["positions_skip", "positions_not_from_0", "labels_length", "empty", "packed_without_positions",
+         "flash_kwargs_without_positions"],
 )
 def test_bad_input_is_a_clear_error(make, message):
     _, vm = _models("llama_gqa")

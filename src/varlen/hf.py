@@ -94,6 +94,36 @@ def _from_positions(pos: Tensor, rows: int) -> SeqInfo:
     return SeqInfo.from_position_ids(pos.flatten())
 
 
+def _check_positions(pos: Tensor | None, info: SeqInfo, rows: int) -> None:
+    """A packed row needs positions that restart with each sample, or RoPE / learned positions run
+    on across samples while attention stays inside them: a silently wrong model."""
+    if info.num_seqs == rows:
+        return
+    if pos is None:
+        raise ValueError(
+            f"varlen: the batch's sequence metadata packs {info.num_seqs} samples into {rows} row(s) but no "
+            "position_ids were given; pass the collator's position_ids (restarting at 0 per sample)"
+        )
+    pos = pos.expand(rows, -1).reshape(-1)
+    if pos.numel() != info.total_tokens:
+        raise ValueError(f"varlen: position_ids cover {pos.numel()} tokens, the sequence metadata {info.total_tokens}")
+    message = ("varlen: position_ids do not restart at 0 with each packed sample as cu_seqlens / varlen_info say; "
+               "a packed row needs its collator's position_ids")
+    if pos.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not torch.equal(pos.long(), info.position_ids.to(pos.device)):
+            raise ValueError(message)
+    else:  # checked on the device, without reading anything back to the host
+        torch._assert_async((pos == info.position_ids.to(pos.device)).all(), message)
+
+
+def _check_positions_once(pos: Tensor | None, info: SeqInfo, rows: int) -> None:
+    if torch.compiler.is_compiling():  # an async device check, fused into the graph
+        return _check_positions(pos, info, rows)
+    if info._cache.get("positions_checked", ()) is not pos:  # every layer gets the same tensor
+        _check_positions(pos, info, rows)
+        info._cache["positions_checked"] = pos
+
+
 def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kwargs: dict) -> tuple[SeqInfo, Tensor | None]:
     """SeqInfo for the flattened ``rows * length`` tokens, and the real-token indices when padded."""
     info = kwargs.get("varlen_info")
@@ -108,10 +138,13 @@ def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kw
             info, indices = unpadded
         elif cu is not None:
             info = _once_per_batch(cu, lambda: SeqInfo.from_cu_seqlens(cu.to(torch.int32), max_seqlen=kwargs.get("max_length_q")))
+            _check_positions_once(pos, info, rows)
         elif pos is not None:
             info = _once_per_batch(pos, lambda: _from_positions(pos, rows))
         else:
             info = SeqInfo.from_lengths([length] * rows)
+    else:
+        _check_positions_once(kwargs.get("position_ids"), info, rows)
     expected = rows * length if indices is None else indices.numel()
     if info.total_tokens != expected:
         raise ValueError(f"varlen: sequence metadata covers {info.total_tokens} tokens, the batch has {expected}")

@@ -61,19 +61,36 @@ def generate_doc_mask_mod(document_ids: Tensor, left: int, right: int):
     return doc_mask
 
 
+BLOCK = 128  # Flex's default Q and KV block size
+
+
+def padded_tokens(info: SeqInfo) -> int:
+    """The token count Flex runs at on CUDA: ``T`` rounded up to a whole block.
+
+    Compiled Flex with a symbolic token count below one block (GQA, ``T = 120``) made Inductor
+    fail with ``NoValidChoicesError`` on the H100; whole blocks also keep the BlockMask free of a
+    partial last block. Filler tokens form a document of their own and are sliced off.
+    """
+    t = info.total_tokens
+    return -(-t // BLOCK) * BLOCK if info.device.type == "cuda" else t
+
+
 def block_mask(info: SeqInfo, causal: bool, window_size: tuple[int, int]):
     from torch.nn.attention.flex_attention import create_block_mask
 
     left, right = window_bounds(causal, window_size)
-    t = info.total_tokens
+    t = padded_tokens(info)
 
     def build():
-        mask_mod = generate_doc_mask_mod(info.document_ids, left, right)
+        doc = info.document_ids
+        if t > doc.shape[0]:  # filler tokens: one extra document, attending only to itself
+            doc = torch.nn.functional.pad(doc, (0, t - doc.shape[0]), value=info.num_seqs)
+        mask_mod = generate_doc_mask_mod(doc, left, right)
         # not _compile=True: that compiles for each new token count, i.e. every batch (seen on
         # the H100: >200 s for 23 batches); the dense evaluation is one pass over T x T booleans
         return create_block_mask(mask_mod, None, None, t, t, device=info.device)
 
-    return info.cached(("flex_block_mask", left, right), build)
+    return info.cached(("flex_block_mask", left, right, t), build)
 
 
 @functools.cache
@@ -87,7 +104,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
     from torch.nn.attention.flex_attention import flex_attention
 
     mask = block_mask(info, causal, window_size)
-    qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]
+    t, pad = q.shape[0], padded_tokens(info) - info.total_tokens
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T_pad, D]
     gqa = k.shape[1] != q.shape[1]
     if q.device.type == "cuda" and not torch.compiler.is_compiling():
         out = _compiled_flex()(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
@@ -97,4 +117,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
         with warnings.catch_warnings():  # eager Flex warns that it is unfused; on CPU that is the point
             warnings.simplefilter("ignore", UserWarning)
             out = flex_attention(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
-    return out[0].transpose(0, 1)  # [T, H, D]
+    return out[0].transpose(0, 1)[:t]  # [T, H, D]
