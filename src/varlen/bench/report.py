@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from .cases import BASELINE, STRATEGIES, baseline_of
+from .cases import STRATEGIES, baseline_of
 
 COLUMNS = [
     "strategy", "backend", "mode", "compile", "step_ms_mean", "step_ms_median", "step_ms_min",
@@ -78,7 +78,7 @@ def print_table(report: dict, console=None) -> None:
     console.print(table)
     peak = report.get("matmul_peak_tflops")
     console.print(f"matmul peak measured in this run: {_fmt(peak, '.1f')} TFLOP/s; "
-                  f"speed-up is against '{BASELINE}' with the same mode and compile setting")
+                  "speed-up is against the padded baseline (padded, hf-padded) with the same mode and compile setting")
 
 
 def markdown(report: dict) -> str:
@@ -130,7 +130,9 @@ def plot(report: dict, path: Path) -> Path | None:
         ax.set_ylabel("step time (ms, mean)")
         ax.set_title(f"{mode}  (× failed, see table; * bar clipped)")
         ax.legend()
-    fig.suptitle(f"varlen bench: {env_line(report['env'])}", fontsize=9)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(f"varlen bench: {env_line(report['env'])}", 90), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
