@@ -18,7 +18,7 @@ from dataclasses import asdict
 import torch
 from torch.utils.data import DataLoader
 
-from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, move_batch
+from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
 from ..models import Decoder, DecoderConfig, forward_batch, lm_loss
 from .cases import Case, Result
 from .flops import step_flops
@@ -37,23 +37,6 @@ def _collator(case: Case, cfg: DecoderConfig):
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
             # the compiled graph from specialising on each batch's longest sample
             return PackCollator(max_seqlen=w.max_len if case.compile else None)
-
-
-def _mark_dynamic(batch: dict) -> None:
-    # The token count changes every batch: say so up front instead of recompiling to learn it.
-    mark = torch._dynamo.maybe_mark_dynamic
-    if "position_ids" in batch and not batch["input_ids"].is_nested:  # HF packed row [1, T]
-        for t in (batch["input_ids"], batch["labels"], batch["position_ids"]):
-            mark(t, 1)
-        if "varlen_info" in batch:
-            mark(batch["varlen_info"].position_ids, 0)
-            mark(batch["varlen_info"].document_ids, 0)
-    elif "info" in batch:
-        for t in (batch["input_ids"], batch["labels"], batch["info"].position_ids, batch["info"].document_ids):
-            mark(t, 0)
-    elif "attention_mask" in batch:
-        for t in (batch["input_ids"], batch["labels"], batch["attention_mask"]):
-            mark(t, 1)
 
 
 def _graphs() -> int:
@@ -109,7 +92,7 @@ def run_case(case: Case) -> Result:
         host = next(it)
         batch = move_batch(host, device, non_blocking=True)
         if case.compile:
-            _mark_dynamic(batch)
+            mark_dynamic(batch)
         loss = step(batch)
         if on_gpu:
             torch.cuda.synchronize()

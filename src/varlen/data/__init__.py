@@ -5,10 +5,13 @@ from .collate import (
     IGNORE_INDEX,
     NestedCollator,
     PackCollator,
+    PackRowsCollator,
     PadCollator,
     PadToLongestCollator,
+    mark_dynamic,
     move_batch,
 )
+from .sampler import CostModel, TokenBudgetSampler, best_fit_decreasing, split_across_ranks
 from .synthetic import LENGTH_DISTS, SyntheticDataset, sample_lengths
 
 __all__ = [
@@ -16,10 +19,16 @@ __all__ = [
     "IGNORE_INDEX",
     "LENGTH_DISTS",
     "NestedCollator",
+    "CostModel",
     "PackCollator",
+    "PackRowsCollator",
     "PadCollator",
     "PadToLongestCollator",
     "SyntheticDataset",
+    "TokenBudgetSampler",
+    "best_fit_decreasing",
+    "mark_dynamic",
     "move_batch",
     "sample_lengths",
+    "split_across_ranks",
 ]

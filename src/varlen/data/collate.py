@@ -90,18 +90,83 @@ class PackCollator:
 
     Each sample keeps its own targets, so no token learns to predict the next sample. ``max_seqlen``
     (optional) is a fixed upper bound handed to the kernels, which keeps it constant for
-    ``torch.compile``.
+    ``torch.compile``. ``pad_to`` fills the row up to that many tokens (static shapes for CUDA
+    graphs): the filler forms sequences of its own, no longer than ``max_seqlen``, with ignored
+    labels, so it never mixes with real tokens.
     """
 
     max_seqlen: int | None = None
+    pad_to: int | None = None
+    pad_id: int = 0
+    ignore_index: int = IGNORE_INDEX
 
     def __call__(self, samples):
         pairs = _pairs(samples)
-        info = SeqInfo.from_lengths([len(i) for i, _ in pairs], max_seqlen=self.max_seqlen)
+        lengths = [len(i) for i, _ in pairs]
+        total = sum(lengths)
+        if self.pad_to is not None and total > self.pad_to:
+            raise ValueError(f"batch has {total} tokens, more than pad_to={self.pad_to}")
+        filler = filler_lengths(self.pad_to - total if self.pad_to else 0, self.max_seqlen)
+        info = SeqInfo.from_lengths(lengths + filler, max_seqlen=self.max_seqlen)
+        pad = sum(filler)
         return {
-            "input_ids": torch.cat([i for i, _ in pairs]),
-            "labels": torch.cat([t for _, t in pairs]),
+            "input_ids": torch.cat([i for i, _ in pairs] + [torch.full((pad,), self.pad_id, dtype=torch.long)]),
+            "labels": torch.cat([t for _, t in pairs] + [torch.full((pad,), self.ignore_index, dtype=torch.long)]),
             "info": info,
+        }
+
+
+def filler_lengths(tokens: int, max_seqlen: int | None) -> list[int]:
+    """Filler tokens as sequences of at most ``max_seqlen`` (a kernel given a sequence longer than
+    ``max_seqlen`` may leave its rows unwritten, and garbage there would reach the weight grads)."""
+    if tokens <= 0:
+        return []
+    step = max_seqlen or tokens
+    return [step] * (tokens // step) + ([tokens % step] if tokens % step else [])
+
+
+@dataclass(frozen=True)
+class PackRowsCollator:
+    """Packed rows of a fixed length: HF's ``[B, L]`` packed format (TRL's best-fit packing).
+
+    Samples fill rows of ``row_len`` best-fit decreasing; each row's tail is filler (its own
+    sequence, ignored labels). Returns ``input_ids``/``labels``/``position_ids`` ``[B, L]``
+    (positions restart at 0 per sample and per filler) and ``info`` for the ``B * L`` flattened
+    tokens. ``rows`` pads the batch to that many rows (static shapes).
+    """
+
+    row_len: int
+    rows: int | None = None
+    pad_id: int = 0
+    ignore_index: int = IGNORE_INDEX
+    info_key: str = "info"  # "varlen_info" for HF models through varlen.hf
+
+    def __call__(self, samples):
+        from .sampler import best_fit_decreasing
+
+        pairs = _pairs(samples)
+        lengths = [len(i) for i, _ in pairs]
+        if max(lengths) > self.row_len:
+            raise ValueError(f"a sample has {max(lengths)} tokens, more than row_len={self.row_len}")
+        groups = best_fit_decreasing(lengths, range(len(pairs)), self.row_len)
+        if self.rows is not None:
+            if len(groups) > self.rows:
+                raise ValueError(f"samples need {len(groups)} rows of {self.row_len}, more than rows={self.rows}")
+            groups += [[] for _ in range(self.rows - len(groups))]
+        ids, labels, seq_lengths = [], [], []
+        for g in groups:
+            used = sum(lengths[i] for i in g)
+            pad = self.row_len - used
+            ids += [pairs[i][0] for i in g] + [torch.full((pad,), self.pad_id, dtype=torch.long)]
+            labels += [pairs[i][1] for i in g] + [torch.full((pad,), self.ignore_index, dtype=torch.long)]
+            seq_lengths += [lengths[i] for i in g] + ([pad] if pad else [])
+        info = SeqInfo.from_lengths(seq_lengths, max_seqlen=self.row_len)
+        shape = (len(groups), self.row_len)
+        return {
+            "input_ids": torch.cat(ids).view(shape),
+            "labels": torch.cat(labels).view(shape),
+            "position_ids": info.position_ids.view(shape),
+            self.info_key: info,
         }
 
 
@@ -134,5 +199,24 @@ COLLATORS = {
     "padded": PadCollator,
     "longest": PadToLongestCollator,
     "packed": PackCollator,
+    "packed-rows": PackRowsCollator,
     "nested": NestedCollator,
 }
+
+
+def mark_dynamic(batch: dict) -> None:
+    """Tell ``torch.compile`` that the token count changes every batch, instead of letting it
+    recompile to learn so."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    if "position_ids" in batch and not batch["input_ids"].is_nested:  # HF packed row [1, T]
+        for t in (batch["input_ids"], batch["labels"], batch["position_ids"]):
+            mark(t, 1)
+        if "varlen_info" in batch:
+            mark(batch["varlen_info"].position_ids, 0)
+            mark(batch["varlen_info"].document_ids, 0)
+    elif "info" in batch:
+        for t in (batch["input_ids"], batch["labels"], batch["info"].position_ids, batch["info"].document_ids):
+            mark(t, 0)
+    elif "attention_mask" in batch:
+        for t in (batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            mark(t, 1)

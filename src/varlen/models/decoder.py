@@ -130,7 +130,7 @@ class Decoder(nn.Module):
     ) -> Tensor:
         """Logits in the layout of ``input_ids``.
 
-        Packed ``[T]`` (or ``[1, T]``) needs ``info``; padded ``[B, L]`` needs ``attention_mask``;
+        Packed ``[T]`` (or rows ``[B, L]``, flattened; logits ``[B * L, V]``) needs ``info``; padded ``[B, L]`` needs ``attention_mask``;
         nested ``[B, j]`` takes ``position_ids`` (nested) or restarts positions itself.
         ``causal`` defaults to ``self.training``: the study trains causal and evaluates non-causal.
         """
@@ -141,8 +141,8 @@ class Decoder(nn.Module):
                 raise ValueError("nested input_ids need nested position_ids (NestedCollator makes them)")
             ctx = _Ctx("nested", causal, backend, None, None)
         elif info is not None:
-            if input_ids.dim() == 2 and input_ids.shape[0] == 1:
-                input_ids = input_ids[0]
+            if input_ids.dim() == 2:  # one row [1, T], or packed rows [B, L] flattened
+                input_ids = input_ids.flatten()
             if input_ids.dim() != 1 or input_ids.shape[0] != info.total_tokens:
                 raise ValueError(
                     f"packed input_ids must be [T] with T={info.total_tokens} (from info), got {tuple(input_ids.shape)}"

@@ -1,0 +1,293 @@
+"""``varlen train`` / ``python -m varlen.train``: packed training under torchrun.
+
+    torchrun --standalone --nproc-per-node 2 -m varlen.train --preset tiny --device cpu \\
+        --steps 5 --max-tokens 4096 --seed 0 --out DIR
+
+``--max-tokens`` is the token budget of one optimizer step across all ranks (and micro-steps), so
+a run means the same thing on 1 or 8 GPUs: the loss column does not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
+from ..models import Decoder, DecoderConfig, forward_batch
+from . import checkpoint
+from .data import TrainCollator, load
+from .distributed import Dist, setup, teardown, wrap
+from .step import train_step
+
+MODELS = ("decoder", "hf-gpt2", "hf-llama")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="varlen train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model size: tiny, small, study")
+    p.add_argument("--model", choices=MODELS, default="decoder",
+                   help="varlen's decoder, or a stock HF model of the preset's size through varlen.hf")
+    p.add_argument("--backend", default="auto", help="attention backend (varlen.attention)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens of one optimizer step, all ranks together")
+    p.add_argument("--max-tokens-per-rank", type=int, default=None, help="alternatively: tokens per rank and step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--data", default="uniform",
+                   help="uniform | lognormal | fixed | a file of lengths | FILE.jsonl | hf:NAME_OR_PATH[:split]")
+    p.add_argument("--num-samples", type=int, default=100_000, help="synthetic samples in an epoch")
+    p.add_argument("--max-len", type=int, default=None, help="longest sample (default: the preset's positions - 1)")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp2"], default=None, help="default: ddp on several processes")
+    p.add_argument("--split", choices=["balanced", "naive"], default="balanced",
+                   help="how a global batch is split over ranks: by a cost model, or by sample count")
+    p.add_argument("--cost", choices=["flops", "measure"], default="flops",
+                   help="the cost model's weights: from FLOPs, or timed once on this device and model")
+    p.add_argument("--window", type=int, default=None, help="samples packed together (default ~32 batches' worth)")
+    p.add_argument("--static", action="store_true", help="every step has the same shape (filler tokens)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="gradient reduction dtype")
+    p.add_argument("--bucket-mb", type=int, default=100, help="DDP gradient bucket size")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="train_log.jsonl, train.png, summary.json, checkpoint/")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into OUT/checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it is there")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the summary's timings")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.resume and args.out is None:
+        p.error("--resume needs --out")
+    return args
+
+
+def build_model(args, cfg: DecoderConfig):
+    if args.model == "decoder":
+        return Decoder(cfg, backend=args.backend)
+    import transformers
+
+    import varlen.hf
+
+    varlen.hf.use(args.backend)
+    common = dict(vocab_size=cfg.vocab_size, bos_token_id=1, eos_token_id=1, use_cache=False)
+    if args.model == "hf-gpt2":
+        config = transformers.GPT2Config(n_layer=cfg.n_layers, n_embd=cfg.dim, n_head=cfg.n_heads,
+                                         n_positions=cfg.max_len, n_inner=cfg.mlp_ratio * cfg.dim,
+                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **common)
+    else:
+        config = transformers.LlamaConfig(num_hidden_layers=cfg.n_layers, hidden_size=cfg.dim,
+                                          num_attention_heads=cfg.n_heads, num_key_value_heads=max(1, cfg.n_heads // 2),
+                                          intermediate_size=cfg.mlp_ratio * cfg.dim,
+                                          max_position_embeddings=cfg.max_len, **common)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="varlen")
+
+
+def forward_fn(args):
+    if args.model == "decoder":
+        return lambda model, batch: forward_batch(model, batch, causal=True)
+    keys = ("input_ids", "position_ids", "varlen_info")
+    return lambda model, batch: model(**{k: batch[k] for k in keys}, use_cache=False).logits
+
+
+def measure_cost(model, args, cfg, d: Dist, autocast) -> CostModel:
+    """Time forward+backward of many short vs few long sequences with the same token count:
+    the difference is the attention's share, in this model on this device."""
+    fwd = forward_fn(args)
+    coll = TrainCollator(hf=args.model != "decoder")
+    n = min(1024, cfg.max_len - 1)
+    tokens = 4 * n
+    g = torch.Generator().manual_seed(0)
+
+    def timed(lengths):
+        samples = [(torch.randint(1, cfg.vocab_size, (L,), generator=g),) * 2 for L in lengths]
+        batch = move_batch(coll(samples), d.device)
+        ts = []
+        for _ in range(4):
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast or nullcontext():
+                fwd(model, batch).float().sum().backward()
+            if d.device.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        return min(ts[1:])
+
+    short, long_ = [32] * (tokens // 32), [n] * 4
+    t_short, t_long = timed(short), timed(long_)
+    sq = max(0.0, (t_long - t_short) / (sum(L * L for L in long_) - sum(L * L for L in short)))
+    lin = max(1e-12, (t_short - sq * sum(L * L for L in short)) / tokens)
+    w = torch.tensor([lin, sq], dtype=torch.float64)
+    if dist.is_initialized():  # every rank must split with the same weights
+        w = w.to(d.device)
+        dist.broadcast(w, 0)
+    return CostModel(1.0, float(w[1] / w[0]))
+
+
+def make_plot(log: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps = [r["step"] for r in log]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(steps, [r["loss"] for r in log])
+    a.set(xlabel="step", ylabel="loss", title="loss")
+    b.plot(steps, [r["tokens"] / r["step_ms"] for r in log])
+    b.set(xlabel="step", ylabel="k tokens / s", title="throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    d = setup(args.device)
+    try:
+        return run(args, d)
+    finally:
+        teardown()
+
+
+def run(args, d: Dist) -> int:
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    cfg = DecoderConfig.from_name(args.preset)
+    max_len = args.max_len or cfg.max_len - 1
+    if max_len >= cfg.max_len:
+        cfg = DecoderConfig.from_name(args.preset, max_len=max_len + 1)
+    if args.max_tokens and args.max_tokens_per_rank:
+        raise SystemExit("varlen train: give --max-tokens or --max-tokens-per-rank, not both")
+    budget = args.max_tokens or (args.max_tokens_per_rank or 16384) * d.world_size
+    micro_budget = budget // args.grad_accum
+    parallel = args.parallel or ("ddp" if d.world_size > 1 else "none")
+    on_gpu = d.device.type == "cuda"
+    dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
+
+    ds = load(args.data, num_samples=args.num_samples, max_len=max_len, vocab_size=cfg.vocab_size, seed=args.seed)
+    model = build_model(args, cfg).to(d.device)
+    if args.cost == "measure":
+        cost = measure_cost(model, args, cfg, d, autocast)
+    else:
+        cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
+    sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
+                                 world_size=d.world_size, rank=d.rank, split=args.split, cost=cost)
+    per_rank = -(-micro_budget // d.world_size)
+    pad_to = None
+    if args.static:  # the busiest rank's share bounds every rank's row
+        pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
+        pad_to = -(-pad_to // 128) * 128
+    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len if args.compile else None, hf=args.model != "decoder")
+    workers = args.num_workers if args.num_workers is not None else (2 if on_gpu else 0)
+    wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
+                   bucket_mb=args.bucket_mb, compile=args.compile)
+    params = model.parameters()
+    if args.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=args.lr, fused=on_gpu and parallel != "fsdp2")
+    else:
+        opt = torch.optim.AdamW(params, lr=args.lr, fused=on_gpu and parallel != "fsdp2")
+
+    ckpt = args.out / "checkpoint" if args.out else None
+    step, batches_done = 0, 0
+    if args.resume and ckpt and checkpoint.exists(ckpt):
+        extra = checkpoint.load(ckpt, wrapped, opt, rank=d.rank)
+        step = extra["step"]
+        sampler.load_state_dict(extra["sampler"])
+        batches_done = extra["sampler"]["batches_done"]
+    if d.main:
+        info = {"world_size": d.world_size, "parallel": parallel, "split": args.split, "max_tokens": budget,
+                "grad_accum": args.grad_accum, "per_rank_budget": per_rank, "data": args.data, "model": args.model,
+                "preset": args.preset, "packing_efficiency": round(sampler.efficiency(), 4),
+                "cost_per_token_sq": cost.per_token_sq, "resumed_at": step}
+        print("varlen train:", json.dumps(info), flush=True)
+
+    log_path = args.out / "train_log.jsonl" if args.out else None
+    if d.main and args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if log_path.exists():  # a resumed run drops the lines written after its checkpoint
+            kept = [x for x in log_path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
+            log_path.write_text("".join(x + "\n" for x in kept))
+    fwd = forward_fn(args)
+    log: list[dict] = []
+    progress = None
+    if d.main and not args.no_progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # the train extra brings it
+            tqdm = None
+        progress = tqdm and tqdm(total=args.steps, initial=step, desc="varlen train", unit="step", file=sys.stderr)
+
+    def batches():
+        nonlocal batches_done
+        while True:
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                                 pin_memory=on_gpu)
+            for b in loader:
+                batches_done += 1
+                yield b
+            sampler.set_epoch(sampler.epoch + 1)
+            batches_done = 0
+
+    it = batches()
+    while step < args.steps:
+        t0 = time.perf_counter()
+        micro = []
+        for _ in range(args.grad_accum):
+            b = move_batch(next(it), d.device, non_blocking=True)
+            if args.compile:
+                mark_dynamic(b)
+            micro.append(b)
+        stats = train_step(wrapped, micro, opt, fwd, autocast=autocast)
+        if on_gpu:
+            torch.cuda.synchronize()
+        step_ms = 1e3 * (time.perf_counter() - t0)
+        rank_tokens = torch.tensor([stats.local_tokens], device=d.device)
+        if d.world_size > 1:
+            gathered = [torch.zeros_like(rank_tokens) for _ in range(d.world_size)]
+            dist.all_gather(gathered, rank_tokens)
+            rank_tokens = torch.cat(gathered)
+        step += 1
+        row = {"step": step, "loss": float(stats.loss), "tokens": int(rank_tokens.sum()), "targets": int(stats.targets),
+               "step_ms": round(step_ms, 3), "rank_tokens": [int(x) for x in rank_tokens]}
+        if not math.isfinite(row["loss"]):
+            raise SystemExit(f"varlen train: loss is {row['loss']} at step {step}")
+        log.append(row)
+        if d.main and log_path:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if progress:
+            progress.set_postfix(loss=f"{row['loss']:.4f}", ktok_s=f"{row['tokens'] / step_ms:.1f}")
+            progress.update(1)
+        if ckpt and args.save_every and step % args.save_every == 0:
+            checkpoint.save(ckpt, wrapped, opt, step=step, sampler_state=sampler.state_dict(batches_done), rank=d.rank)
+    if progress:
+        progress.close()
+    timed = log[args.warmup:] or log
+    summary = {"steps": step, "world_size": d.world_size, "parallel": parallel, "split": args.split,
+               "data": args.data, "max_tokens": budget,
+               "step_ms_mean": sum(r["step_ms"] for r in timed) / len(timed) if timed else None,
+               "tokens_per_s": 1e3 * sum(r["tokens"] for r in timed) / sum(r["step_ms"] for r in timed) if timed else None,
+               "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if on_gpu else None,
+               "packing_efficiency": sampler.efficiency(), "losses": [r["loss"] for r in log]}
+    if d.main:
+        if args.out:
+            (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+            full = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else log
+            make_plot(full, args.out / "train.png")
+        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}), flush=True)
+    return 0

@@ -1,0 +1,86 @@
+"""Process group, device and model wrapping for ``varlen train`` (torchrun sets the environment)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str) -> Dist:
+    """Join the process group that torchrun describes (gloo on CPU, NCCL on CUDA); one process
+    without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("varlen train: --device cuda but no CUDA device here; pass --device cpu")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if (world > 1 or "MASTER_ADDR" in os.environ) and not dist.is_initialized():  # torchrun, even of 1
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return Dist(rank, world, local, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: varlen's Decoder.blocks, or an HF model's layer list."""
+    if hasattr(model, "blocks"):
+        return list(model.blocks)
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    if not found:
+        raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard")
+    return found
+
+
+def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.dtype = torch.float32,
+         bucket_mb: int = 100, compile: bool = False) -> torch.nn.Module:
+    """Data-parallel wrapping; compiled inside-out the way each wrapper wants it."""
+    match parallel:
+        case "none":
+            if d.world_size > 1:
+                raise ValueError("--parallel none with several processes: choose ddp or fsdp2")
+            return torch.compile(model) if compile else model
+        case "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
+                      bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True)
+            if reduce_dtype == torch.bfloat16:
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
+            return torch.compile(ddp) if compile else ddp
+        case "fsdp2":
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+            for block in blocks_of(model):
+                if compile:  # as torchtitan: compile each block, then shard it
+                    block.compile()
+                fully_shard(block, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+            return model
+        case _:
+            raise ValueError(f"--parallel must be none, ddp or fsdp2, got {parallel!r}")

@@ -1,0 +1,79 @@
+"""One optimizer step over micro-batches, with the loss normalised by the whole step's targets.
+
+Each rank counts its target tokens over all its micro-batches *before* the first backward and the
+count is summed over the data-parallel group, so every micro-batch's loss is ``sum(CE) / N`` with
+the same global ``N``. Gradients then equal those of one process over the union of all
+micro-batches of all ranks, whatever the token counts per rank or per micro-step (averaging
+per-micro-batch means is the bug that made HF's gradient accumulation drift).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.collate import IGNORE_INDEX
+
+
+@dataclass
+class StepStats:
+    loss: Tensor  # mean CE over the step's global targets (a device scalar: read it when logging)
+    targets: Tensor  # global number of target tokens
+    local_tokens: int  # tokens (filler excluded) this rank processed
+
+
+def _world(group) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def count_targets(micro_batches: Sequence[dict], group=None, device=None) -> Tensor:
+    """Target tokens of all micro-batches of this step, summed over the data-parallel group."""
+    device = device or micro_batches[0]["labels"].device
+    n = torch.zeros((), dtype=torch.int64, device=device)
+    for b in micro_batches:
+        n += (b["labels"] != IGNORE_INDEX).sum()
+    if _world(group) > 1:
+        dist.all_reduce(n, group=group)
+    return n
+
+
+def train_step(model: torch.nn.Module, micro_batches: Sequence[dict], optimizer: torch.optim.Optimizer | None,
+               forward: Callable[[torch.nn.Module, dict], Tensor], *, group=None, autocast=None) -> StepStats:
+    """Forward/backward every micro-batch, then one optimizer step (skipped when ``optimizer`` is None).
+
+    ``forward(model, batch)`` returns logits aligned with ``batch["labels"]``. ``model`` may be
+    DDP-wrapped (gradient sync only on the last micro-batch) or FSDP2-sharded; both average
+    gradients over ranks, which the ``world`` factor undoes so that the sum over ranks divided by
+    the global target count is what remains.
+    """
+    world = _world(group)
+    n = count_targets(micro_batches, group).clamp_min(1)
+    total = torch.zeros((), dtype=torch.float64, device=n.device)
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, at the end
+            model.set_requires_gradient_sync(last)
+        with sync:
+            with autocast or nullcontext():
+                logits = forward(model, batch)
+                if logits.dtype != torch.float64:  # the loss in float32 at least, also under bf16
+                    logits = logits.float()
+                ce = F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(),
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+            (ce * (world / n.to(ce.dtype))).backward()
+        total += ce.detach()
+        tokens += int(batch.get("num_tokens", batch["labels"].numel()))
+    if world > 1:
+        dist.all_reduce(total, group=group)
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return StepStats(total / n, n, tokens)

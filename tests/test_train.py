@@ -1,0 +1,146 @@
+"""varlen train: loss normalisation, DDP / FSDP2 on CPU (gloo) against one process, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from varlen.data import SyntheticDataset
+from varlen.models import Decoder, forward_batch
+from varlen.train import train_step
+from varlen.train.data import TrainCollator
+
+SCRIPTS = Path(__file__).parent / "scripts"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(n: int, *args, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(x) for x in (path / "train_log.jsonl").read_text().splitlines()]
+
+
+def _fwd(m, b):
+    return forward_batch(m, b, causal=True)
+
+
+def test_accumulated_micro_steps_equal_one_step_over_their_union():
+    ds = SyntheticDataset(40, max_len=90, seed=3)
+    parts = [[0], list(range(1, 4)), list(range(4, 20)), list(range(20, 40))]  # 1 to 20 samples
+    assert len({sum(ds.lengths[i] for i in p) for p in parts}) == 4, "uneven token counts"
+    collate = TrainCollator()
+    grads, losses = [], []
+    for groups in (parts, [sum(parts, [])]):
+        torch.manual_seed(0)
+        model = Decoder("tiny").double()
+        stats = train_step(model, [collate([ds[i] for i in g]) for g in groups], None, _fwd)
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+        losses.append(float(stats.loss))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_mean_of_micro_means_would_differ():
+    # the check above can fail: averaging per-micro-batch means (HF's old accumulation) differs
+    ds = SyntheticDataset(10, max_len=90, seed=3)
+    collate = TrainCollator()
+    torch.manual_seed(0)
+    model = Decoder("tiny").double()
+    a = float(train_step(model, [collate([ds[0]]), collate([ds[i] for i in range(1, 10)])], None, _fwd).loss)
+    means = []
+    for g in ([0], list(range(1, 10))):
+        means.append(float(train_step(model, [collate([ds[i] for i in g])], None, _fwd).loss))
+    assert abs(a - sum(means) / 2) > 1e-4
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_two_processes_equal_one(tmp_path, parallel):
+    _torchrun(1, SCRIPTS / "dist_steps.py", parallel, tmp_path / "one.pt")
+    _torchrun(2, SCRIPTS / "dist_steps.py", parallel, tmp_path / "two.pt")
+    one, two = (torch.load(tmp_path / f, weights_only=False) for f in ("one.pt", "two.pt"))
+    assert one["losses"] == pytest.approx(two["losses"], abs=1e-10)
+    assert one["losses"][0] != pytest.approx(one["losses"][-1], abs=1e-3), "the steps must move the weights"
+    # float64, lr 0.5: summing gradients over ranks instead of in one process reorders the sums,
+    # which three steps grow to ~1e-10; a wrong normalisation shows at 1e-3 and above
+    for k, v in one["params"].items():
+        torch.testing.assert_close(two["params"][k], v, rtol=1e-8, atol=1e-9, msg=k)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_cli_loss_column_does_not_depend_on_process_count(tmp_path, parallel):
+    common = ["-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--steps", "5", "--max-tokens", "4096",
+              "--seed", "0", "--lr", "0.05", "--no-progress", "--parallel", parallel]
+    _torchrun(1, *common, "--out", tmp_path / "one")
+    _torchrun(2, *common, "--out", tmp_path / "two")
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert a["tokens"] == b["tokens"] == sum(b["rank_tokens"]) and len(b["rank_tokens"]) == 2
+    assert (tmp_path / "two" / "train.png").stat().st_size > 0
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_empty_share_on_a_rank_still_steps(tmp_path):
+    # 3 samples a global batch on 4 ranks: one rank gets nothing and must still join the collectives
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps(list(range(1, 40))) + "\n" for _ in range(6)))
+    _torchrun(4, "-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--steps", "2", "--max-tokens", "120",
+              "--data", data, "--no-progress", "--out", tmp_path / "o")
+    log = _log(tmp_path / "o")
+    assert [sorted(r["rank_tokens"]) for r in log] == [[0, 38, 38, 38]] * 2
+
+
+def test_killed_run_resumes_to_the_same_losses(tmp_path):
+    common = [sys.executable, "-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--max-tokens", "2048",
+              "--seed", "1", "--lr", "0.05", "--optimizer", "adamw", "--no-progress"]
+    subprocess.run([*common, "--steps", "8", "--out", str(tmp_path / "full")], check=True, env=ENV, capture_output=True)
+    want = [r["loss"] for r in _log(tmp_path / "full")]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*common, "--steps", "100000", "--save-every", "3", "--out", str(out)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (out / "checkpoint" / "done.json").exists() and len(_log(out)) >= 4:
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = len(_log(out))
+    assert killed_at >= 4, "the run must have gone past its checkpoint before the kill"
+    subprocess.run([*common, "--steps", "8", "--resume", "--out", str(out)], check=True, env=ENV, capture_output=True)
+    got = _log(out)
+    assert [r["step"] for r in got] == list(range(1, 9))
+    assert [r["loss"] for r in got] == pytest.approx(want, abs=1e-6)
+
+
+def test_scaling_sweep_and_report(tmp_path):
+    from varlen.train.scaling import report
+
+    for n in (1, 2):
+        _torchrun(n, "-m", "varlen.train.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "2",
+                  "--warmup", "1", "--tokens-per-rank", "1024", "--dists", "lognormal", "--out", tmp_path / f"w{n}")
+    result = report([tmp_path / "w1", tmp_path / "w2"], tmp_path / "rep")
+    keys = {"world_size", "parallel", "split", "length_dist", "tokens_per_s", "step_ms_mean", "efficiency", "peak_mem_gib"}
+    assert len(result["runs"]) == 4 and all(keys <= set(r) for r in result["runs"])
+    assert {r["efficiency"] for r in result["runs"] if r["world_size"] == 1} == {1.0}
+    assert "gpu" in result["env"] and (tmp_path / "rep" / "scaling.md").exists()
+    two = {r["split"]: r for r in result["runs"] if r["world_size"] == 2}
+    assert two["balanced"]["rank_token_spread"] <= two["naive"]["rank_token_spread"]
