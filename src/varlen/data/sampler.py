@@ -15,6 +15,7 @@ trainer then runs a zero-weight step so that collectives still match.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -83,14 +84,21 @@ def split_across_ranks(samples: Sequence[int], lengths: Sequence[int], world_siz
         shares[r].append(i)
         load[r] += c[i]
     # LPT leaves up to one sample's cost of imbalance, a lot when a batch holds only long samples:
-    # move or swap samples between the busiest and the idlest rank while that lowers the busiest
+    # move or swap samples between the busiest rank and another while that lowers the busiest.
+    # The best partner of each sample is found by bisection, so this stays cheap at 8 ranks.
     for _ in range(8 * world_size):
         hi = max(range(world_size), key=lambda r: (load[r], -r))
         move, new_hi = None, load[hi]
         for lo in range(world_size):
             gap = load[hi] - load[lo]
+            if gap <= 0:
+                continue
+            partners = sorted((c[b], b) for b in shares[lo])
+            keys = [x for x, _ in partners]
             for a in shares[hi]:
-                for b in [None, *shares[lo]]:
+                # a alone (d = c[a]), or swapped with b: d = c[a] - c[b], best near gap / 2
+                j = bisect.bisect_left(keys, c[a] - gap / 2)
+                for b in [None] + [partners[k][1] for k in (j - 1, j) if 0 <= k < len(partners)]:
                     d = c[a] - (c[b] if b is not None else 0.0)
                     if 0 < d < gap and max(load[hi] - d, load[lo] + d) < new_hi - 1e-9:
                         new_hi, move = max(load[hi] - d, load[lo] + d), (a, b, d, lo)
@@ -159,6 +167,7 @@ class TokenBudgetSampler(Sampler[list[int]]):
         self.epoch = 0
         self._start = 0  # batches of this epoch already handed out (resume)
         self._plan_cache: tuple[int, list[list[int]]] | None = None
+        self._shares: dict[tuple[int, ...], list[list[int]]] = {}
 
     # ---------------------------------------------------------------- the plan
     def global_batches(self, epoch: int | None = None) -> list[list[int]]:
@@ -178,6 +187,7 @@ class TokenBudgetSampler(Sampler[list[int]]):
             k = self.rows_per_batch
             batches += [sum(rows[i:i + k], []) for i in range(0, len(rows), k)]
         self._plan_cache = (epoch, batches)
+        self._shares = {}
         return batches
 
     def _tokens(self, batch: Sequence[int]) -> int:
@@ -195,7 +205,10 @@ class TokenBudgetSampler(Sampler[list[int]]):
         return sum(self._tokens(b) for b in batches) / (len(batches) * self.max_tokens)
 
     def shares(self, batch: Sequence[int]) -> list[list[int]]:
-        return split_across_ranks(batch, self.lengths, self.world_size, self.split, self.cost)
+        key = tuple(batch)
+        if key not in self._shares:  # computed once per global batch, not once per rank and pass
+            self._shares[key] = split_across_ranks(batch, self.lengths, self.world_size, self.split, self.cost)
+        return self._shares[key]
 
     # ---------------------------------------------------------------- Sampler
     def __iter__(self) -> Iterator[list[int]]:

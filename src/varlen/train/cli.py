@@ -57,7 +57,7 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="gradient reduction dtype")
-    p.add_argument("--bucket-mb", type=int, default=100, help="DDP gradient bucket size")
+    p.add_argument("--bucket-mb", type=int, default=25, help="DDP gradient bucket size")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -195,7 +195,8 @@ def run(args, d: Dist) -> int:
     collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len if args.compile else None, hf=args.model != "decoder")
     workers = args.num_workers if args.num_workers is not None else (2 if on_gpu else 0)
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
-                   bucket_mb=args.bucket_mb, compile=args.compile)
+                   param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
+                   compile=args.compile)
     params = model.parameters()
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=args.lr, fused=on_gpu and parallel != "fsdp2")

@@ -55,7 +55,9 @@ def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.dtype = torch.float32,
-         bucket_mb: int = 100, compile: bool = False) -> torch.nn.Module:
+         param_dtype: torch.dtype | None = None, bucket_mb: int = 25, compile: bool = False) -> torch.nn.Module:
+    """``param_dtype`` (FSDP2): the dtype parameters are all-gathered and computed in (bf16 halves
+    the all-gather); gradients are reduced in ``reduce_dtype`` into float32 shards."""
     """Data-parallel wrapping; compiled inside-out the way each wrapper wants it."""
     match parallel:
         case "none":
@@ -65,17 +67,20 @@ def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.
         case "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            if compile:  # per block, as torchtitan: each block's gradients are ready (and all-reduced)
+                for block in blocks_of(model):  # while the blocks below it still run backward
+                    block.compile()
             ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
                       bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True)
             if reduce_dtype == torch.bfloat16:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
                 ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
-            return torch.compile(ddp) if compile else ddp
+            return ddp
         case "fsdp2":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            mp = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+            mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
             for block in blocks_of(model):
                 if compile:  # as torchtitan: compile each block, then shard it
                     block.compile()
