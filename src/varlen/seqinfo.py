@@ -47,7 +47,9 @@ class SeqInfo:
     document_ids: Tensor  # [T] int32, which sequence each token belongs to
     # Per-batch derived objects (dense masks, Flex BlockMasks, gather indices), built on first
     # use by the first layer and reused by the others.
-    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # An init field (not init=False) so that dataclasses.replace works on a SeqInfo, as FSDP2's
+    # input casting does; every copy made here starts with an empty cache.
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -160,6 +162,7 @@ class SeqInfo:
             cu_seqlens=move(self.cu_seqlens),
             position_ids=move(self.position_ids),
             document_ids=move(self.document_ids),
+            _cache={},
         )
 
     def pin_memory(self) -> "SeqInfo":
@@ -169,6 +172,7 @@ class SeqInfo:
             cu_seqlens=self.cu_seqlens.pin_memory(),
             position_ids=self.position_ids.pin_memory(),
             document_ids=self.document_ids.pin_memory(),
+            _cache={},
         )
 
     def cached(self, key: Any, build):

@@ -116,7 +116,8 @@ def sweep(args) -> None:
                 spreads.append(float(mine.max() / mine.mean()))
         if d.main and timed_pass:
             run = {"world_size": d.world_size, "parallel": args.parallel, "split": split,
-                   "length_dist": dist_name, "compile": args.compile, "tokens_per_rank_budget": args.tokens_per_rank,
+                   "length_dist": dist_name, "compile": args.compile, "reduce_dtype": args.reduce_dtype,
+                   "bucket_mb": args.bucket_mb if args.parallel == "ddp" else None, "tokens_per_rank_budget": args.tokens_per_rank,
                    "tokens_per_s": sum(tokens) / sum(times), "step_ms_mean": 1e3 * statistics.mean(times),
                    "step_ms_median": 1e3 * statistics.median(times),
                    "rank_token_spread": statistics.mean(spreads) if d.world_size > 1 else 1.0,
@@ -132,9 +133,10 @@ def sweep(args) -> None:
 
 def report(dirs: list[Path], out: Path) -> dict:
     runs = [json.loads(x) for d in dirs for x in (d / "runs.jsonl").read_text().splitlines() if x]
-    base = {(r["parallel"], r["split"], r["length_dist"]): r["tokens_per_s"] for r in runs if r["world_size"] == 1}
+    key = lambda r: (r["parallel"], r.get("reduce_dtype"), r["split"], r["length_dist"])  # noqa: E731
+    base = {key(r): r["tokens_per_s"] for r in runs if r["world_size"] == 1}
     for r in runs:
-        one = base.get((r["parallel"], r["split"], r["length_dist"]))
+        one = base.get(key(r))
         r["efficiency"] = r["tokens_per_s"] / (r["world_size"] * one) if one else None
     envs = [json.loads((d / "env.json").read_text()) for d in dirs if (d / "env.json").exists()]
     if len({e.get("gpu") for e in envs}) > 1:
@@ -142,13 +144,14 @@ def report(dirs: list[Path], out: Path) -> dict:
     result = {"env": envs[0] if envs else {}, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
-    lines = ["| GPUs | parallel | split | lengths | tokens/s | step ms | efficiency | rank token spread | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r["parallel"], r["length_dist"], r["split"], r["world_size"])):
+    lines = ["| GPUs | parallel | reduce | split | lengths | tokens/s | step ms (mean / median) | efficiency | "
+             "rank token spread | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (*key(r), r["world_size"])):
         eff = f"{100 * r['efficiency']:.1f}%" if r["efficiency"] else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
-        lines.append(f"| {r['world_size']} | {r['parallel']} | {r['split']} | {r['length_dist']} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['step_ms_mean']:.1f} | {eff} | {r['rank_token_spread']:.3f} | {mem} |")
+        lines.append(f"| {r['world_size']} | {r['parallel']} | {r.get('reduce_dtype', 'fp32')} | {r['split']} | "
+                     f"{r['length_dist']} | {r['tokens_per_s']:,.0f} | {r['step_ms_mean']:.1f} / {r['step_ms_median']:.1f} | "
+                     f"{eff} | {r['rank_token_spread']:.3f} | {mem} |")
     (out / "scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
