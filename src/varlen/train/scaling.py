@@ -133,21 +133,26 @@ def sweep(args) -> None:
 
 def report(dirs: list[Path], out: Path) -> dict:
     runs = [json.loads(x) for d in dirs for x in (d / "runs.jsonl").read_text().splitlines() if x]
-    key = lambda r: (r["parallel"], r.get("reduce_dtype"), r["split"], r["length_dist"])  # noqa: E731
-    base = {key(r): r["tokens_per_s"] for r in runs if r["world_size"] == 1}
+    key = lambda r: (r["parallel"], r.get("reduce_dtype") or "fp32", r["split"], r["length_dist"])  # noqa: E731
+    # a step that recompiles (seconds) moves the mean a lot: report the median step's rate too
+    for r in runs:
+        r["tokens_per_s_median"] = r["tokens_per_s"] * r["step_ms_mean"] / r["step_ms_median"]
+    base = {key(r): r for r in runs if r["world_size"] == 1}
     for r in runs:
         one = base.get(key(r))
-        r["efficiency"] = r["tokens_per_s"] / (r["world_size"] * one) if one else None
+        r["efficiency"] = r["tokens_per_s"] / (r["world_size"] * one["tokens_per_s"]) if one else None
+        r["efficiency_median"] = (r["tokens_per_s_median"] / (r["world_size"] * one["tokens_per_s_median"])
+                                  if one else None)
     envs = [json.loads((d / "env.json").read_text()) for d in dirs if (d / "env.json").exists()]
     if len({e.get("gpu") for e in envs}) > 1:
         raise SystemExit(f"runs come from different devices: {sorted({e.get('gpu') for e in envs})}")
     result = {"env": envs[0] if envs else {}, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
-    lines = ["| GPUs | parallel | reduce | split | lengths | tokens/s | step ms (mean / median) | efficiency | "
-             "rank token spread | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| GPUs | parallel | reduce | split | lengths | tokens/s | step ms (mean / median) | efficiency "
+             "(mean / median step) | rank token spread | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (*key(r), r["world_size"])):
-        eff = f"{100 * r['efficiency']:.1f}%" if r["efficiency"] else "-"
+        eff = f"{100 * r['efficiency']:.1f}% / {100 * r['efficiency_median']:.1f}%" if r["efficiency"] else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
         lines.append(f"| {r['world_size']} | {r['parallel']} | {r.get('reduce_dtype', 'fp32')} | {r['split']} | "
                      f"{r['length_dist']} | {r['tokens_per_s']:,.0f} | {r['step_ms_mean']:.1f} / {r['step_ms_median']:.1f} | "
