@@ -144,3 +144,13 @@ def test_scaling_sweep_and_report(tmp_path):
     assert "gpu" in result["env"] and (tmp_path / "rep" / "scaling.md").exists()
     two = {r["split"]: r for r in result["runs"] if r["world_size"] == 2}
     assert two["balanced"]["rank_token_spread"] <= two["naive"]["rank_token_spread"]
+
+
+def test_hf_model_trains_through_varlen(tmp_path):
+    pytest.importorskip("transformers")
+    for n in (1, 2):
+        _torchrun(n, "-m", "varlen.train", "--model", "hf-llama", "--preset", "tiny", "--device", "cpu", "--steps", "3",
+                  "--max-tokens", "2048", "--lr", "0.05", "--backend", "sdpa", "--no-progress", "--out", tmp_path / f"o{n}")
+    one, two = _log(tmp_path / "o1"), _log(tmp_path / "o2")
+    assert len(two) == 3
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
