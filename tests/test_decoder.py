@@ -114,3 +114,31 @@ def test_bad_batches_raise():
         DecoderConfig.from_name("huge")
     with pytest.raises(ValueError, match="multiple of n_heads"):
         DecoderConfig(dim=10, n_heads=3)
+
+
+def test_compiled_decoder_does_not_recompile_for_each_batch():
+    # packed batches change their token and sequence counts every step; marked dynamic, the
+    # compiled decoder must settle on a bounded number of graphs (here: the first batch's, and one
+    # for a batch of a single sequence, where dynamo specialises a size of 1)
+    from torch._dynamo.utils import counters
+
+    from varlen.data import PackCollator, SyntheticDataset, mark_dynamic
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.compile(Decoder("tiny", backend="sdpa").eval())
+    ds = SyntheticDataset(400, max_len=200, seed=1)
+    collate = PackCollator(max_seqlen=200)
+    g = torch.Generator().manual_seed(0)
+    start, seen = 0, set()
+    for _ in range(20):
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        batch = collate([ds[j] for j in range(start, start + n)])
+        start += n
+        seen.add((n, batch["info"].total_tokens))
+        mark_dynamic(batch)
+        with torch.no_grad():
+            forward_batch(model, batch)
+    assert len(seen) == 20
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])

@@ -91,3 +91,37 @@ def test_decoder_packed_matches_padded_bf16(backend):
             losses[train] = (lp.item(), ld.item())
             assert abs(lp.item() - ld.item()) < 1e-2, (train, lp.item(), ld.item())
     print(backend, losses)
+
+
+def test_compiled_train_step_neither_syncs_nor_recompiles():
+    # the study's compiled packed step on changing batches: after warm-up, no host sync in the
+    # step (sync debug mode "error") and no new graph
+    from torch._dynamo.utils import counters
+
+    from varlen.data import mark_dynamic
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = Decoder("small", backend="flash").cuda().train()
+    step_model = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=True)
+    ds = SyntheticDataset(16 * 12, max_len=511)
+    collate = PackCollator(max_seqlen=511)
+    batches = [move_batch(collate([ds[j] for j in range(i * 16, i * 16 + 16 - i % 5)]), "cuda") for i in range(12)]
+    for i, batch in enumerate(batches):
+        mark_dynamic(batch)
+        if i == 4:
+            graphs = counters["stats"]["unique_graphs"]
+        if i >= 4:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = lm_loss(forward_batch(step_model, batch, causal=True), batch["labels"])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled after warm-up"

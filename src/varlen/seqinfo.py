@@ -142,7 +142,9 @@ class SeqInfo:
     # ---------------------------------------------------------------- properties
     @property
     def num_seqs(self) -> int:
-        return len(self.lengths)
+        # from the tensor's shape, not len(lengths): under torch.compile the shape is a symbol,
+        # while the tuple's length would be a guard, i.e. a recompile for every sequence count
+        return self.cu_seqlens.shape[0] - 1
 
     @property
     def total_tokens(self) -> int:

@@ -83,8 +83,8 @@ def block_mask(info: SeqInfo, causal: bool, window_size: tuple[int, int]):
 
     def build():
         doc = info.document_ids
-        if t > doc.shape[0]:  # filler tokens: one extra document, attending only to itself
-            doc = torch.nn.functional.pad(doc, (0, t - doc.shape[0]), value=info.num_seqs)
+        if t > doc.shape[0]:  # filler tokens: a document of their own (-1), attending only to itself
+            doc = torch.nn.functional.pad(doc, (0, t - doc.shape[0]), value=-1)
         mask_mod = generate_doc_mask_mod(doc, left, right)
         # not _compile=True: that compiles for each new token count, i.e. every batch (seen on
         # the H100: >200 s for 23 batches); the dense evaluation is one pass over T x T booleans

@@ -212,10 +212,11 @@ def mark_dynamic(batch: dict) -> None:
         for t in (batch["input_ids"], batch["labels"], batch["position_ids"]):
             mark(t, 1)
         if "varlen_info" in batch:
-            mark(batch["varlen_info"].position_ids, 0)
-            mark(batch["varlen_info"].document_ids, 0)
+            for t in (batch["varlen_info"].position_ids, batch["varlen_info"].document_ids, batch["varlen_info"].cu_seqlens):
+                mark(t, 0)
     elif "info" in batch:
-        for t in (batch["input_ids"], batch["labels"], batch["info"].position_ids, batch["info"].document_ids):
+        info = batch["info"]
+        for t in (batch["input_ids"], batch["labels"], info.position_ids, info.document_ids, info.cu_seqlens):
             mark(t, 0)
     elif "attention_mask" in batch:
         for t in (batch["input_ids"], batch["labels"], batch["attention_mask"]):
