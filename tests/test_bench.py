@@ -150,3 +150,39 @@ def test_model_family_is_checked():
 
     with pytest.raises(SystemExit, match="runs hf-padded"):
         main(["--model", "hf-gpt2", "--strategies", "packed-sdpa", "--preset", "tiny"])
+
+
+def test_profile_breakdown_and_floors(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "varlen.bench", "--preset", "tiny", "--strategies", "packed-sdpa", "--modes", "train",
+           "--compile", "off", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--max-len", "31",
+           "--num-workers", "0", "--profile", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (case,) = json.loads((out / "results.json").read_text())["cases"]
+    p = case["profile"]
+    assert set(p["ms"]) == {"attention", "gemm", "elementwise/norm", "optimizer", "host/data gap"}
+    assert p["ms"]["gemm"] > 0 and p["ms"]["attention"] > 0 and p["ms"]["optimizer"] > 0
+    assert sum(p["ms"].values()) >= p["step_ms"] * 0.999  # the gap is what the parts leave of the step
+    assert case["gemm_floor_ms"] > 0 and case["x_gemm_floor"] == pytest.approx(case["step_ms_mean"] / case["gemm_floor_ms"])
+    assert case["x_flops_floor"] == pytest.approx(1 / case["mfu"])
+    assert "Where the time goes" in (out / "results.md").read_text()
+    assert list(csv.DictReader((out / "results.csv").open()))[0].keys() == set(report_columns())
+
+
+def report_columns():
+    from varlen.bench.report import COLUMNS
+
+    return COLUMNS
+
+
+@pytest.mark.parametrize("name, part", [
+    ("void flash::flash_fwd_kernel<...>", "attention"), ("sm90_xmma_gemm_bf16bf16_bf16f32", "gemm"),
+    ("nvjet_hsh_256x128_64x4_2x1_v_bz_coopA_NTN", "gemm"), ("aten::addmm", "gemm"),
+    ("triton_tem_fused_flex_attention_0", "attention"), ("void at::native::multi_tensor_apply_kernel<SGD>", "optimizer"),
+    ("triton_poi_fused_add_native_layer_norm_3", "elementwise/norm"), ("aten::_fused_sgd_", "optimizer"),
+])
+def test_profile_classifies_kernel_names(name, part):
+    from varlen.bench.profile import classify
+
+    assert classify(name) == part

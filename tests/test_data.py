@@ -4,6 +4,7 @@ from torch.utils.data import DataLoader
 
 from varlen import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SeqInfo, SyntheticDataset
 from varlen.data import IGNORE_INDEX, move_batch, sample_lengths
+from varlen.models import Decoder, forward_batch, lm_loss
 
 
 def _samples(n=5, max_len=20, seed=0):
@@ -92,3 +93,32 @@ def test_dataloader_with_workers(collate):
             assert torch.equal(first[key].values(), value.values())
         else:
             assert torch.equal(first[key], value)
+
+
+@pytest.mark.parametrize("kw, want", [({"pad_to_multiple_of": 128}, 256), ({"pad_to": 300}, 300),
+                                      ({"pad_to": 300, "pad_to_multiple_of": 128}, 384)])
+def test_pack_collator_filler_is_its_own_ignored_sequences(kw, want):
+    ds = SyntheticDataset(5, max_len=60, seed=2)
+    samples = [ds[i] for i in range(5)]
+    real = sum(ds.lengths)
+    assert 128 < real <= 256
+    batch = PackCollator(max_seqlen=64, **kw)(samples)
+    info = batch["info"]
+    assert batch["input_ids"].shape == (want,) and info.total_tokens == want
+    assert info.lengths[:5] == tuple(ds.lengths) and max(info.lengths) <= 64  # filler chunks <= max_seqlen
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == real
+    assert (batch["labels"][real:] == IGNORE_INDEX).all() and (batch["input_ids"][real:] == 0).all()
+    # the model's loss over real tokens is the same with and without filler
+    torch.manual_seed(0)
+    model = Decoder("tiny").eval()
+    plain = PackCollator(max_seqlen=64)(samples)
+    with torch.no_grad():
+        a = lm_loss(forward_batch(model, batch, backend="sdpa"), batch["labels"])
+        b = lm_loss(forward_batch(model, plain, backend="sdpa"), plain["labels"])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pack_collator_refuses_more_than_pad_to():
+    ds = SyntheticDataset(5, max_len=60, seed=2)
+    with pytest.raises(ValueError, match="more than pad_to"):
+        PackCollator(pad_to=10)([ds[i] for i in range(5)])

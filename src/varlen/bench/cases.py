@@ -39,6 +39,7 @@ class Workload:
     num_workers: int = 4
     device: str = "cuda"
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
+    profile: bool = False  # add a profiler breakdown of a few extra steps to every case
 
 
 PRESETS = {
@@ -97,6 +98,8 @@ class Result:
     loss: float | None = None
     steps: int | None = None
     wall_s: float | None = None
+    gemm_floor_ms: float | None = None  # the step's GEMMs alone at their real shapes
+    profile: dict | None = None  # --profile: ms and % of the step per part
     error: str | None = None
 
     @classmethod

@@ -37,6 +37,8 @@ def parse_args(argv):
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int, help="DataLoader workers")
     p.add_argument("--device", choices=["cuda", "cpu"])
+    p.add_argument("--profile", action="store_true",
+                   help="profile 3 extra steps per case: attention / GEMM / elementwise / optimizer / host time")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds per case (default 900 GPU, 600 CPU)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-out/DEVICE-DATE)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
@@ -70,6 +72,8 @@ def workload_from(args):
     w = PRESETS[preset]
     overrides = {k: getattr(args, k) for k in ("batch_size", "max_len", "length_dist", "steps", "warmup", "seed",
                                                "num_workers", "device") if getattr(args, k) is not None}
+    if args.profile:
+        overrides["profile"] = True
     w = replace(w, **overrides)
     if w.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("varlen bench: --device cuda but no CUDA device here; use --preset tiny or --device cpu")

@@ -27,8 +27,13 @@ def add_comparisons(cases: list[dict]) -> None:
 
 
 def add_mfu(cases: list[dict], peak_tflops: float | None) -> None:
+    """MFU, and the step time as a multiple of its two floors: its FLOPs at the matmul peak measured
+    in the run (1 / MFU), and its GEMMs alone at their real shapes."""
     for c in cases:
         c["mfu"] = c["tflops"] / peak_tflops if peak_tflops and c.get("tflops") is not None else None
+        c["x_flops_floor"] = 1 / c["mfu"] if c["mfu"] else None
+        ok = c.get("gemm_floor_ms") and c.get("step_ms_mean")
+        c["x_gemm_floor"] = c["step_ms_mean"] / c["gemm_floor_ms"] if ok else None
 
 
 def _fmt(value, spec: str) -> str:
@@ -42,7 +47,8 @@ def rows(cases: list[dict]) -> list[list[str]]:
             c.get("strategy"), c.get("mode"), "yes" if c.get("compile") else "no",
             _fmt(c.get("step_ms_mean"), ".1f"), _fmt(c.get("step_ms_median"), ".1f"), _fmt(c.get("speedup"), ".2f"),
             _fmt(c.get("tokens_per_s") and c.get("tokens_per_s") / 1e3, ".1f"), _fmt(c.get("tflops"), ".2f"),
-            _fmt(c.get("mfu") and 100 * c.get("mfu"), ".1f"), _fmt(c.get("padding_frac") and 100 * c.get("padding_frac"), ".0f"),
+            _fmt(c.get("mfu") and 100 * c.get("mfu"), ".1f"), _fmt(c.get("x_flops_floor"), ".2f"),
+            _fmt(c.get("x_gemm_floor"), ".2f"), _fmt(c.get("padding_frac") and 100 * c.get("padding_frac"), ".0f"),
             _fmt(c.get("peak_mem_gib"), ".2f"), _fmt(c.get("recompiles"), "d"), _fmt(c.get("loss"), ".4f"),
             (c.get("error") or "")[:90],
         ])
@@ -50,7 +56,7 @@ def rows(cases: list[dict]) -> list[list[str]]:
 
 
 HEADER = ["strategy", "mode", "compiled", "step ms", "median", "speed-up", "ktok/s", "TFLOP/s", "MFU %",
-          "pad %", "peak GiB", "recompiles", "loss", "error"]
+          "x FLOP floor", "x GEMM floor", "pad %", "peak GiB", "recompiles", "loss", "error"]
 
 
 def env_line(env: dict) -> str:
@@ -67,6 +73,8 @@ def print_table(report: dict, console=None) -> None:
         print(" | ".join(HEADER))
         for r in rows(report["cases"]):
             print(" | ".join(r))
+        for r in profile_rows(report["cases"]):
+            print(" | ".join(r))
         return
     console = console or Console()
     table = Table(title=f"varlen bench — {env_line(report['env'])}", title_justify="left")
@@ -76,6 +84,14 @@ def print_table(report: dict, console=None) -> None:
     for r in rows(report["cases"]):
         table.add_row(*r)
     console.print(table)
+    profiled = profile_rows(report["cases"])
+    if profiled:
+        breakdown = Table(title="where the time goes (--profile): ms per step (% of the step)", title_justify="left")
+        for h in PROFILE_HEADER:
+            breakdown.add_column(h, justify="left" if h == "case" else "right")
+        for r in profiled:
+            breakdown.add_row(*r)
+        console.print(breakdown)
     peak = report.get("matmul_peak_tflops")
     console.print(f"matmul peak measured in this run: {_fmt(peak, '.1f')} TFLOP/s; "
                   "speed-up is against the padded baseline (padded, hf-padded) with the same mode and compile setting")
@@ -86,7 +102,26 @@ def markdown(report: dict) -> str:
              f"Workload: `{json.dumps(report['workload'])}`; matmul peak {_fmt(report.get('matmul_peak_tflops'), '.1f')} TFLOP/s.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(report["cases"])]
+    profiled = profile_rows(report["cases"])
+    if profiled:
+        lines += ["", "Where the time goes (`--profile`; ms per step, % of the step):", "",
+                  "| " + " | ".join(PROFILE_HEADER) + " |", "|" + "---|" * len(PROFILE_HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in profiled]
     return "\n".join(lines) + "\n"
+
+
+PROFILE_HEADER = ["case", "step ms", "attention", "gemm", "elementwise/norm", "optimizer", "host/data gap"]
+
+
+def profile_rows(cases: list[dict]) -> list[list[str]]:
+    out = []
+    for c in cases:
+        p = c.get("profile")
+        if not p:
+            continue
+        name = f"{c['strategy']}/{c['mode']}/{'compiled' if c['compile'] else 'eager'}"
+        out.append([name, f"{p['step_ms']:.1f}"] + [f"{p['ms'][k]:.1f} ({p['pct'][k]:.0f}%)" for k in PROFILE_HEADER[2:]])
+    return out
 
 
 def plot(report: dict, path: Path) -> Path | None:

@@ -22,6 +22,7 @@ from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollat
 from ..models import Decoder, DecoderConfig, forward_batch, lm_loss
 from .cases import Case, Result
 from .flops import step_flops
+from .profile import breakdown, gemm_floor_ms
 
 
 def _collator(case: Case, cfg: DecoderConfig):
@@ -64,7 +65,8 @@ def run_case(case: Case) -> Result:
         collate = _collator(case, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
     n = w.warmup + w.steps
-    ds = SyntheticDataset(n * w.batch_size, max_len=w.max_len, vocab_size=w.vocab_size,
+    n_profile = 3 if w.profile else 0
+    ds = SyntheticDataset((n + n_profile) * w.batch_size, max_len=w.max_len, vocab_size=w.vocab_size,
                           length_dist=w.length_dist, seed=w.seed)
     loader = DataLoader(ds, batch_size=w.batch_size, shuffle=False, drop_last=True, collate_fn=collate,
                         num_workers=w.num_workers, pin_memory=on_gpu)
@@ -109,6 +111,12 @@ def run_case(case: Case) -> Result:
         real += sum(lengths)
         computed += host["attention_mask"].numel() if "attention_mask" in host else sum(lengths)
     total = sum(times)
+    profile = None
+    if n_profile:
+        profile = breakdown(lambda: step(move_batch(next(it), device, non_blocking=True)), n_profile, device.type)
+    floor = gemm_floor_ms(round(real / len(times)), dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
+                          mlp_ratio=cfg.mlp_ratio, train=train, device=device.type,
+                          dtype=getattr(torch, w.dtype) if on_gpu else torch.float32)
     if on_gpu:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -126,6 +134,8 @@ def run_case(case: Case) -> Result:
         graphs=_graphs() if case.compile else 0,
         loss=float(torch.stack(losses).float().mean()),
         steps=len(times),
+        gemm_floor_ms=floor,
+        profile=profile,
     )
 
 

@@ -91,12 +91,14 @@ class PackCollator:
     Each sample keeps its own targets, so no token learns to predict the next sample. ``max_seqlen``
     (optional) is a fixed upper bound handed to the kernels, which keeps it constant for
     ``torch.compile``. ``pad_to`` fills the row up to that many tokens (static shapes for CUDA
-    graphs): the filler forms sequences of its own, no longer than ``max_seqlen``, with ignored
-    labels, so it never mixes with real tokens.
+    graphs), ``pad_to_multiple_of`` up to the next multiple (buckets): the filler forms sequences
+    of its own, no longer than ``max_seqlen``, with ignored labels, so it never mixes with real
+    tokens.
     """
 
     max_seqlen: int | None = None
     pad_to: int | None = None
+    pad_to_multiple_of: int | None = None  # buckets of token counts: fewer shapes for the compiler
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
 
@@ -106,7 +108,10 @@ class PackCollator:
         total = sum(lengths)
         if self.pad_to is not None and total > self.pad_to:
             raise ValueError(f"batch has {total} tokens, more than pad_to={self.pad_to}")
-        filler = filler_lengths(self.pad_to - total if self.pad_to else 0, self.max_seqlen)
+        target = self.pad_to or total
+        if self.pad_to_multiple_of:
+            target = -(-target // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        filler = filler_lengths(target - total, self.max_seqlen)
         info = SeqInfo.from_lengths(lengths + filler, max_seqlen=self.max_seqlen)
         pad = sum(filler)
         return {

@@ -1,0 +1,92 @@
+"""Where a step's time goes: a profiler breakdown, and the GEMM floor of the step.
+
+``breakdown`` runs a few steps under ``torch.profiler`` and sorts the device kernels (CPU ops on a
+CPU) into attention, GEMMs, optimizer and elementwise/norm by name; what the device did not spend
+in kernels is the host/data gap. ``gemm_floor_ms`` times the step's matrix multiplies alone, at
+their real shapes (the mean packed token count), with cuBLAS: no attention, no elementwise work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable
+
+import torch
+
+CATEGORIES = (
+    # order matters: the first match wins ("flash" kernels are attention even if they say gemm)
+    ("attention", ("flash", "fmha", "attention", "attn", "flex", "sdpa", "softmax_backward")),
+    ("optimizer", ("sgd", "adam", "foreach", "multi_tensor", "optimizer")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+              "aten::_scaled_mm", "wgmma", "mkldnn", "aten::baddbmm")),
+)
+PARTS = ("attention", "gemm", "elementwise/norm", "optimizer", "host/data gap")
+
+
+def classify(name: str) -> str:
+    lower = name.lower()
+    for category, keys in CATEGORIES:
+        if any(k in lower for k in keys):
+            return category
+    return "elementwise/norm"
+
+
+def breakdown(step: Callable[[], None], steps: int, device: str) -> dict:
+    """ms per step and % of the step for each part of ``PARTS``, from ``steps`` profiled steps."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+    busy: Counter[str] = Counter()
+    for e in prof.events():
+        if cuda and e.device_type == DeviceType.CUDA:  # kernels (and memcpy/memset) on the GPU
+            busy[classify(e.name)] += e.time_range.elapsed_us() / 1e3
+        elif not cuda and e.device_type == DeviceType.CPU:  # CPU ops' own time, children excluded
+            busy[classify(e.name)] += e.self_cpu_time_total / 1e3
+    ms = {k: busy.get(k, 0.0) / steps for k in PARTS[:-1]}
+    ms["host/data gap"] = max(0.0, wall_ms - sum(ms.values()))
+    return {"step_ms": wall_ms, "ms": ms, "pct": {k: 100 * v / wall_ms for k, v in ms.items()}, "steps": steps}
+
+
+def linear_shapes(dim: int, n_layers: int, vocab_size: int, mlp_ratio: int = 4) -> Counter:
+    """(in, out) of every Linear of the decoder (GPT2's Conv1D layers have the same shapes)."""
+    block = [(dim, 3 * dim), (dim, dim), (dim, mlp_ratio * dim), (mlp_ratio * dim, dim)]
+    shapes: Counter = Counter()
+    for s in block:
+        shapes[s] += n_layers
+    shapes[(dim, vocab_size)] += 1
+    return shapes
+
+
+def gemm_floor_ms(tokens: int, *, dim: int, n_layers: int, vocab_size: int, mlp_ratio: int = 4, train: bool,
+                  device: str, dtype: torch.dtype, reps: int = 5) -> float:
+    """Time of the step's GEMMs alone: forward ``x @ W``, and in training ``dY @ W^T`` and ``x^T @ dY``."""
+    total = 0.0
+    for (fan_in, fan_out), count in linear_shapes(dim, n_layers, vocab_size, mlp_ratio).items():
+        shapes = [(tokens, fan_in, fan_out)]
+        if train:
+            shapes += [(tokens, fan_out, fan_in), (fan_in, tokens, fan_out)]
+        for m, k, n in shapes:
+            a = torch.randn(m, k, device=device, dtype=dtype)
+            b = torch.randn(k, n, device=device, dtype=dtype)
+            times = []
+            for i in range(reps + 1):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                torch.mm(a, b)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                if i:
+                    times.append(time.perf_counter() - t0)
+            total += count * 1e3 * min(times)
+    return total
