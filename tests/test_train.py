@@ -154,3 +154,12 @@ def test_hf_model_trains_through_varlen(tmp_path):
     one, two = _log(tmp_path / "o1"), _log(tmp_path / "o2")
     assert len(two) == 3
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
+
+
+def test_measured_cost_and_static_shapes(tmp_path):
+    # --cost measure times the model once (rank 0's weights are broadcast so both ranks split alike);
+    # --static pads every rank's row to one token count
+    _torchrun(2, "-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--steps", "3", "--max-tokens", "4096",
+              "--cost", "measure", "--static", "--no-progress", "--out", tmp_path / "o")
+    log = _log(tmp_path / "o")
+    assert len(log) == 3 and all(r["tokens"] == sum(r["rank_tokens"]) > 0 for r in log)

@@ -111,7 +111,8 @@ class PackCollator:
         target = self.pad_to or total
         if self.pad_to_multiple_of:
             target = -(-target // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        filler = filler_lengths(target - total, self.max_seqlen)
+        # filler no longer than the longest sample, so its positions stay inside the model's range
+        filler = filler_lengths(target - total, self.max_seqlen or max(lengths, default=None))
         info = SeqInfo.from_lengths(lengths + filler, max_seqlen=self.max_seqlen)
         pad = sum(filler)
         return {

@@ -192,7 +192,7 @@ def run(args, d: Dist) -> int:
     if args.static:  # the busiest rank's share bounds every rank's row
         pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
         pad_to = -(-pad_to // 128) * 128
-    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len if args.compile else None, hf=args.model != "decoder")
+    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, hf=args.model != "decoder")
     workers = args.num_workers if args.num_workers is not None else (2 if on_gpu else 0)
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
