@@ -184,3 +184,67 @@ def test_flex_filler_tokens_change_nothing(monkeypatch, mask, lengths):
     lens = LENGTHS[lengths]
     assert sum(lens) % 16, "the case must need filler tokens"
     _check("flex", lens, "gqa", mask, torch.float32, seed=zlib.crc32(f"{mask}{lengths}".encode()), grad=False)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flex_block_mask_from_cu_seqlens_matches_dense_evaluation(mask, seed):
+    # several 128-token blocks, sequences crossing block edges, lengths 1 up to 300
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from varlen.attention import flex
+    from varlen.attention.common import window_bounds
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 300] + torch.randint(1, 200, (12,), generator=g).tolist() + [1, 1, 129]
+    info = SeqInfo.from_lengths(lengths)
+    causal, window = MASKS[mask]
+    left, right = window_bounds(causal, window)
+    t = info.total_tokens
+    mod = flex.generate_doc_mask_mod(info.document_ids, left, right)
+    ours = flex.doc_block_mask(info, t, left, right, mod)
+    ref = create_block_mask(mod, None, None, t, t, device="cpu")
+
+    def blocks(bm):  # [nb, nb] partial and full as dense booleans
+        n = bm.kv_num_blocks.shape[-1]
+        out = []
+        for num, idx in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
+            m = torch.zeros(n, n, dtype=torch.bool)
+            for i in range(n):
+                m[i, idx[0, 0, i, : int(num[0, 0, i])].long()] = True
+            out.append(m)
+        return out
+
+    (p_ours, f_ours), (p_ref, f_ref) = blocks(ours), blocks(ref)
+    assert not (f_ours & ~f_ref).any(), "a block called full must be wholly allowed"
+    assert not ((p_ref | f_ref) & ~(p_ours | f_ours)).any(), "every block with an allowed pair must be visited"
+    assert not (p_ours & f_ours).any()
+    # and the attention it drives equals the float64 truth
+    q, k, v = random_qkv(lengths, 2, 1, 16, torch.float32, seed=seed)
+    out = attention(q, k, v, info, causal=causal, window_size=window, backend="flex")
+    truth = truth_attention(q.double(), k.double(), v.double(), lengths, causal, window)
+    base = truth_attention(q, k, v, lengths, causal, window, dtype=torch.float32)
+    assert max_err(out, truth) <= bound(max_err(base, truth), torch.float32)
+
+
+def test_flex_block_mask_builds_inside_a_compiled_graph():
+    # the decoder builds the mask inside its compiled graph: one graph for all token counts
+    from torch._dynamo.utils import counters
+
+    from varlen.attention import flex
+
+    def build(cu, pos, doc, t):
+        info = SeqInfo(cu, (1,), 1024, pos, doc)
+        bm = flex.doc_block_mask(info, t, -1, 0, flex.generate_doc_mask_mod(doc, -1, 0))
+        return bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(build, backend="aot_eager", fullgraph=True, dynamic=True)
+    for lens in ([300, 5, 200], [1, 1, 500, 64, 3], [129, 1000]):
+        i = SeqInfo.from_lengths(lens)
+        t = -(-i.total_tokens // 128) * 128
+        got = compiled(i.cu_seqlens, i.position_ids, i.document_ids, t)
+        want = build(i.cu_seqlens, i.position_ids, i.document_ids, t)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert counters["stats"]["unique_graphs"] == 1

@@ -76,8 +76,6 @@ def padded_tokens(info: SeqInfo) -> int:
 
 
 def block_mask(info: SeqInfo, causal: bool, window_size: tuple[int, int]):
-    from torch.nn.attention.flex_attention import create_block_mask
-
     left, right = window_bounds(causal, window_size)
     t = padded_tokens(info)
 
@@ -86,11 +84,55 @@ def block_mask(info: SeqInfo, causal: bool, window_size: tuple[int, int]):
         if t > doc.shape[0]:  # filler tokens: a document of their own (-1), attending only to itself
             doc = torch.nn.functional.pad(doc, (0, t - doc.shape[0]), value=-1)
         mask_mod = generate_doc_mask_mod(doc, left, right)
-        # not _compile=True: that compiles for each new token count, i.e. every batch (seen on
-        # the H100: >200 s for 23 batches); the dense evaluation is one pass over T x T booleans
-        return create_block_mask(mask_mod, None, None, t, t, device=info.device)
+        return doc_block_mask(info, t, left, right, mask_mod)
 
     return info.cached(("flex_block_mask", left, right, t), build)
+
+
+def doc_block_mask(info: SeqInfo, t: int, left: int, right: int, mask_mod):
+    """The BlockMask of a packed batch from ``cu_seqlens`` alone, at block granularity.
+
+    ``create_block_mask`` evaluates ``mask_mod`` on all T x T pairs (or compiles a kernel for each
+    new T). A document mask needs far less: the q block holding tokens [a, b] sees the kv tokens
+    from the start of a's document to the end of b's (cut by causality and the window), so its kv
+    blocks are one contiguous range; a kv block is full when both blocks lie in one document and,
+    if masked, wholly inside the causal / window band. O((T / 128)^2) work on small integer tensors.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    dev = info.device
+    nb = -(-t // BLOCK)
+    starts = torch.arange(nb, device=dev) * BLOCK  # first token of each block
+    ends = (starts + BLOCK - 1).clamp_max(t - 1)  # last token
+    # document of every token, filler (past the real tokens) as one more document
+    cu = torch.cat([info.cu_seqlens.long(), torch.tensor([t], device=dev, dtype=torch.long)])
+    doc = torch.searchsorted(cu, torch.arange(t, device=dev), right=True) - 1
+    d_first, d_last = doc[starts], doc[ends]  # [nb]
+    lo = cu[d_first]  # kv range of q block i: [lo, hi] (token indices)
+    hi = cu[d_last + 1] - 1
+    if right >= 0:
+        hi = torch.minimum(hi, ends + right)
+    if left >= 0:
+        lo = torch.maximum(lo, starts - left)
+    kv_start, kv_end = starts[None, :], ends[None, :]  # [1, nb]
+    any_pair = (kv_end >= lo[:, None]) & (kv_start <= hi[:, None])  # [nb q, nb kv]
+    one_doc = (d_first == d_last)[:, None] & (d_first[:, None] == d_first[None, :]) & (d_first == d_last)[None, :]
+    whole = ends - starts == BLOCK - 1  # a last block cut short by T is never called full
+    full = any_pair & one_doc & whole[:, None] & whole[None, :]
+    if right >= 0:  # every kv <= q + right: the block's last kv against its first q
+        full &= kv_end <= starts[:, None] + right
+    if left >= 0:  # every kv >= q - left
+        full &= kv_start >= ends[:, None] - left
+    partial = any_pair & ~full
+
+    def as_indices(m):  # [nb, nb] bool -> counts [1, 1, nb], indices [1, 1, nb, nb] (used ones first)
+        order = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return m.sum(-1, dtype=torch.int32)[None, None], order[None, None]
+
+    kv_num, kv_idx = as_indices(partial)
+    full_num, full_idx = as_indices(full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(t, t))
 
 
 @functools.cache
