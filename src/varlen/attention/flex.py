@@ -1,8 +1,9 @@
 """FlexAttention with a document mask: the PyTorch-native way to attend within sequences.
 
-The ``BlockMask`` is built once per batch (cached on the SeqInfo) and reused by every layer; on
-the GPU ``flex_attention`` runs through one module-level ``torch.compile`` (eager Flex is a dense
-reference implementation). Mask functions are small named closures, as in attention-gym.
+The ``BlockMask`` is built once per batch (cached on the SeqInfo) from ``cu_seqlens`` at block
+granularity, and reused by every layer; on the GPU ``flex_attention`` runs through one
+module-level ``torch.compile`` (eager Flex is a dense reference implementation) at whole 128-token
+blocks. Mask functions are small named closures, as in attention-gym.
 """
 
 from __future__ import annotations
