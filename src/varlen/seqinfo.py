@@ -177,8 +177,17 @@ class SeqInfo:
             _cache={},
         )
 
-    def cached(self, key: Any, build):
-        """``build()`` once per batch; later layers get the same object."""
+    def cached(self, key: Any, build, *, when_compiling: bool = False):
+        """``build()`` once per batch; later layers get the same object.
+
+        Inside ``torch.compile`` the cache is skipped (unless ``when_compiling``): dynamo would
+        guard on the dict's contents, and a model compiled block by block (FSDP2, DDP) would see
+        an empty cache in its first block and a full one in the others, i.e. two graphs and a
+        recompile whenever that changes. The rebuilt objects are small (a block-level mask, an
+        index) and the compiler fuses them into the graph.
+        """
+        if not when_compiling and torch.compiler.is_compiling():
+            return build()
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = build()
@@ -232,7 +241,8 @@ class SeqInfo:
         ragged dimension (SDPA requires it of q, k and v); the host lengths give min/max, so
         nothing is read back from the device.
         """
-        offsets = self.cached("nested_offsets", lambda: self.cu_seqlens.long())
+        # one offsets tensor for q, k and v even when compiling: SDPA needs their ragged dims equal
+        offsets = self.cached("nested_offsets", lambda: self.cu_seqlens.long(), when_compiling=True)
         return torch.nested.nested_tensor_from_jagged(
             x.contiguous(), offsets=offsets, min_seqlen=min(self.lengths), max_seqlen=max(self.lengths)
         )
