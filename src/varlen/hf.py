@@ -149,7 +149,8 @@ def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kw
     if info.total_tokens != expected:
         raise ValueError(f"varlen: sequence metadata covers {info.total_tokens} tokens, the batch has {expected}")
     if info.device != torch.device(device):
-        info = info.cached(("to", str(device)), lambda: info.to(device, non_blocking=True))
+        # kept even when compiling: one copy to the device per batch, not one per layer
+        info = info.cached(("to", str(device)), lambda: info.to(device, non_blocking=True), when_compiling=True)
     if indices is not None and indices.device != torch.device(device):
         indices = indices.to(device, non_blocking=True)
     return info, indices
