@@ -186,3 +186,26 @@ def test_profile_classifies_kernel_names(name, part):
     from varlen.bench.profile import classify
 
     assert classify(name) == part
+
+
+def test_token_budget_batches_for_length_scaling(tmp_path):
+    from varlen.bench.cases import Workload
+    from varlen.bench.worker import sample_batches
+    from varlen.data import sample_lengths
+
+    w = Workload(model="tiny", max_len=100, tokens_per_batch=512, device="cpu", seed=3)
+    batches = sample_batches(w, 6)
+    lengths = sample_lengths(max(i for b in batches for i in b) + 1, w.length_dist, w.max_len, w.seed)
+    assert all(256 <= sum(lengths[i] for i in b) <= 512 for b in batches)
+    assert len({i for b in batches for i in b}) == sum(len(b) for b in batches)
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "varlen.bench", "--preset", "tiny", "--strategies", "padded,packed-sdpa", "--modes",
+           "eval", "--compile", "off", "--steps", "2", "--warmup", "1", "--max-len", "100", "--tokens-per-batch", "512",
+           "--num-workers", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["workload"]["tokens_per_batch"] == 512
+    padded, packed = sorted(report["cases"], key=lambda c: c["strategy"] != "padded")
+    assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-4)  # the same samples either way

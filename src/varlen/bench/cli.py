@@ -32,6 +32,8 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--max-len", type=int, help="longest sample length")
     p.add_argument("--length-dist", help="uniform, fixed, lognormal, or a file of lengths")
+    p.add_argument("--tokens-per-batch", type=int,
+                   help="token-budget batches (best-fit packed) instead of --batch-size samples; for length scaling")
     p.add_argument("--steps", type=int, help="timed steps per case")
     p.add_argument("--warmup", type=int, help="untimed steps per case (compilation happens here)")
     p.add_argument("--seed", type=int)
@@ -71,7 +73,8 @@ def workload_from(args):
     preset = args.preset or ("study" if torch.cuda.is_available() else "tiny")
     w = PRESETS[preset]
     overrides = {k: getattr(args, k) for k in ("batch_size", "max_len", "length_dist", "steps", "warmup", "seed",
-                                               "num_workers", "device") if getattr(args, k) is not None}
+                                               "num_workers", "device", "tokens_per_batch")
+                 if getattr(args, k) is not None}
     if args.profile:
         overrides["profile"] = True
     w = replace(w, **overrides)

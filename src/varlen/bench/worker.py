@@ -40,6 +40,23 @@ def _collator(case: Case, cfg: DecoderConfig):
             return PackCollator(max_seqlen=w.max_len if case.compile else None)
 
 
+def sample_batches(w, count: int) -> list[list[int]]:
+    """The sample indices of each step: ``batch_size`` samples in order, or token-budget batches
+    (the same for every case of a run: the sampler is deterministic in the seed)."""
+    if not w.tokens_per_batch:
+        return [list(range(i * w.batch_size, (i + 1) * w.batch_size)) for i in range(count)]
+    from ..data import TokenBudgetSampler
+    from ..data.synthetic import sample_lengths
+
+    per_batch = 8 * w.tokens_per_batch // w.max_len + 8  # samples a batch, generously
+    lengths = sample_lengths((count + 2) * per_batch, w.length_dist, w.max_len, w.seed)
+    batches = TokenBudgetSampler(lengths, w.tokens_per_batch, seed=w.seed).global_batches()
+    full = [b for b in batches if sum(lengths[i] for i in b) * 2 >= w.tokens_per_batch]  # no leftover bins
+    if len(full) < count:
+        raise ValueError(f"only {len(full)} batches of ~{w.tokens_per_batch} tokens; raise the sample count")
+    return full[:count]
+
+
 def _graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -66,10 +83,10 @@ def run_case(case: Case) -> Result:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
     n = w.warmup + w.steps
     n_profile = 3 if w.profile else 0
-    ds = SyntheticDataset((n + n_profile) * w.batch_size, max_len=w.max_len, vocab_size=w.vocab_size,
+    batches = sample_batches(w, n + n_profile)
+    ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, vocab_size=w.vocab_size,
                           length_dist=w.length_dist, seed=w.seed)
-    loader = DataLoader(ds, batch_size=w.batch_size, shuffle=False, drop_last=True, collate_fn=collate,
-                        num_workers=w.num_workers, pin_memory=on_gpu)
+    loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=w.num_workers, pin_memory=on_gpu)
     fwd = torch.compile(model) if case.compile else model
     autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
     grad = torch.enable_grad() if train else torch.no_grad()
@@ -103,7 +120,7 @@ def run_case(case: Case) -> Result:
             graphs_after_warmup = _graphs()
         if i < w.warmup:
             continue
-        lengths = ds.lengths[i * w.batch_size:(i + 1) * w.batch_size]
+        lengths = [ds.lengths[j] for j in batches[i]]
         times.append(dt)
         losses.append(loss)
         flops += step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
