@@ -163,3 +163,16 @@ def test_measured_cost_and_static_shapes(tmp_path):
               "--cost", "measure", "--static", "--no-progress", "--out", tmp_path / "o")
     log = _log(tmp_path / "o")
     assert len(log) == 3 and all(r["tokens"] == sum(r["rank_tokens"]) > 0 for r in log)
+
+
+def test_fsdp2_resume_with_accumulation_equals_one_process(tmp_path):
+    # sharded checkpoint (DCP) of a 2-process FSDP2 run with 2 micro-steps a step, resumed, against
+    # one uninterrupted process over the same global batches
+    common = ["-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--max-tokens", "4096", "--grad-accum", "2",
+              "--lr", "0.05", "--optimizer", "adamw", "--no-progress"]
+    _torchrun(2, *common, "--parallel", "fsdp2", "--steps", "2", "--save-every", "2", "--out", tmp_path / "two")
+    _torchrun(2, *common, "--parallel", "fsdp2", "--steps", "4", "--resume", "--out", tmp_path / "two")
+    _torchrun(1, *common, "--steps", "4", "--out", tmp_path / "one")
+    two, one = _log(tmp_path / "two"), _log(tmp_path / "one")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
