@@ -248,3 +248,29 @@ def test_flex_block_mask_builds_inside_a_compiled_graph():
         want = build(i.cu_seqlens, i.position_ids, i.document_ids, t)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_flash_implementation_choice_and_reasons(monkeypatch):
+    # as on an H100 without flash-attn: FA4 and FA2 absent say so, torch's varlen_attn is chosen;
+    # a forced FA4 refuses with its reason instead of falling back
+    from varlen.attention import flash
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(flash, "_has_fa4", lambda: False)
+    monkeypatch.setattr(flash.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(flash, "impl_unavailable", flash.impl_unavailable.__wrapped__)  # no memo
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    if flash._varlen_attn is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    assert flash.choose_impl(q, q, True, (-1, -1)) == ("torch", [])
+    monkeypatch.setenv("VARLEN_FLASH_IMPL", "fa4")
+    impl, why = flash.choose_impl(q, q, True, (-1, -1))
+    assert impl is None and why == ["fa4: flash-attn-4 (flash_attn.cute) not installed"]
+    monkeypatch.setattr(flash, "_has_fa4", lambda: True)
+    impl, why = flash.choose_impl(torch.zeros(4, 2, 80, dtype=torch.bfloat16), q, True, (-1, -1))
+    assert impl is None and why == ["fa4: head size 80 unsupported (64, 96 or 128)"]
+    assert flash.choose_impl(q, q, True, (-1, -1)) == ("fa4", [])
+    monkeypatch.setenv("VARLEN_FLASH_IMPL", "fa5")
+    with pytest.raises(ValueError, match="VARLEN_FLASH_IMPL='fa5'"):
+        flash.choose_impl(q, q, True, (-1, -1))
