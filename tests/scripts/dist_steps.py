@@ -31,4 +31,5 @@ for step in range(3):
 params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
 if d.rank == 0:
     torch.save({"losses": losses, "params": params}, out)
+del wrapped, model, opt  # the DDP reducer holds the group: free it before leaving the group
 teardown()

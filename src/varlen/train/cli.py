@@ -159,9 +159,12 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     d = setup(args.device)
     try:
-        return run(args, d)
-    finally:
-        teardown()
+        rc = run(args, d)  # the DDP / FSDP module is freed on return, before the group is left
+    except BaseException:
+        teardown(barrier=False)
+        raise
+    teardown()
+    return rc
 
 
 def run(args, d: Dist) -> int:
@@ -276,6 +279,7 @@ def run(args, d: Dist) -> int:
             progress.update(1)
         if ckpt and args.save_every and step % args.save_every == 0:
             checkpoint.save(ckpt, wrapped, opt, step=step, sampler_state=sampler.state_dict(batches_done), rank=d.rank)
+    it.close()  # releases the DataLoader (and its workers) now, not at interpreter exit
     if progress:
         progress.close()
     timed = log[args.warmup:] or log

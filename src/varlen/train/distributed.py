@@ -38,8 +38,13 @@ def setup(device: str) -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def teardown() -> None:
+def teardown(barrier: bool = True) -> None:
+    """Leave the process group. Call it after the DDP module is gone: a gloo group freed from a
+    DDP reducer's destructor, with a collective's work still being released on gloo's thread,
+    deadlocked on the GIL (seen at exit of a CPU run). The barrier lets that thread go idle first."""
     if dist.is_initialized():
+        if barrier:  # not after an error: the other ranks may never arrive
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -87,8 +87,9 @@ def sweep(args) -> None:
         for b in sampler.global_batches():  # the split is host work: do it before the clock runs
             sampler.shares(b)
         steps = args.warmup + args.steps if timed_pass else args.warmup
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=2,
-                                             pin_memory=d.device.type == "cuda")
+        cuda = d.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=2 if cuda else 0, pin_memory=cuda)
         it = iter(loader)
         times, tokens, spreads = [], [], []
         torch.cuda.reset_peak_memory_stats(d.device) if d.device.type == "cuda" else None
@@ -114,6 +115,7 @@ def sweep(args) -> None:
                 times.append(float(t))
                 tokens.append(float(mine.sum()))
                 spreads.append(float(mine.max() / mine.mean()))
+        del it, loader  # shut a half-read loader's workers down now, not at interpreter exit
         if d.main and timed_pass:
             run = {"world_size": d.world_size, "parallel": args.parallel, "split": split,
                    "length_dist": dist_name, "compile": args.compile, "reduce_dtype": args.reduce_dtype,
@@ -128,7 +130,6 @@ def sweep(args) -> None:
                 args.out.mkdir(parents=True, exist_ok=True)
                 with open(args.out / "runs.jsonl", "a") as f:
                     f.write(json.dumps(run) + "\n")
-    teardown()
 
 
 def report(dirs: list[Path], out: Path) -> dict:
@@ -167,7 +168,12 @@ def main(argv=None) -> int:
     if args.report:
         report(args.report, args.out or Path("."))
     else:
-        sweep(args)
+        try:
+            sweep(args)  # its DDP module is freed on return, before the group is left
+        except BaseException:
+            teardown(barrier=False)
+            raise
+        teardown()
     return 0
 
 
