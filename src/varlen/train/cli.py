@@ -24,7 +24,7 @@ from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..models import Decoder, DecoderConfig, forward_batch
 from . import checkpoint
 from .data import TrainCollator, load
-from .distributed import Dist, setup, teardown, wrap
+from .distributed import Dist, per_rank, setup, teardown, wrap
 from .step import train_step
 
 MODELS = ("decoder", "hf-gpt2", "hf-llama")
@@ -190,7 +190,7 @@ def run(args, d: Dist) -> int:
         cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
                                  world_size=d.world_size, rank=d.rank, split=args.split, cost=cost)
-    per_rank = -(-micro_budget // d.world_size)
+    rank_budget = -(-micro_budget // d.world_size)
     pad_to = None
     if args.static:  # the busiest rank's share bounds every rank's row
         pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
@@ -215,7 +215,7 @@ def run(args, d: Dist) -> int:
         batches_done = extra["sampler"]["batches_done"]
     if d.main:
         info = {"world_size": d.world_size, "parallel": parallel, "split": args.split, "max_tokens": budget,
-                "grad_accum": args.grad_accum, "per_rank_budget": per_rank, "data": args.data, "model": args.model,
+                "grad_accum": args.grad_accum, "per_rank_budget": rank_budget, "data": args.data, "model": args.model,
                 "preset": args.preset, "packing_efficiency": round(sampler.efficiency(), 4),
                 "cost_per_token_sq": cost.per_token_sq, "resumed_at": step}
         print("varlen train:", json.dumps(info), flush=True)
@@ -260,11 +260,7 @@ def run(args, d: Dist) -> int:
         if on_gpu:
             torch.cuda.synchronize()
         step_ms = 1e3 * (time.perf_counter() - t0)
-        rank_tokens = torch.tensor([stats.local_tokens], device=d.device)
-        if d.world_size > 1:
-            gathered = [torch.zeros_like(rank_tokens) for _ in range(d.world_size)]
-            dist.all_gather(gathered, rank_tokens)
-            rank_tokens = torch.cat(gathered)
+        rank_tokens = per_rank(stats.local_tokens, d, torch.int64)
         step += 1
         row = {"step": step, "loss": float(stats.loss), "tokens": int(rank_tokens.sum()), "targets": int(stats.targets),
                "step_ms": round(step_ms, 3), "rank_tokens": [int(x) for x in rank_tokens]}

@@ -38,6 +38,16 @@ def setup(device: str) -> Dist:
     return Dist(rank, world, local, dev)
 
 
+def per_rank(value: float, d: Dist, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``value`` of every rank, in rank order (one all-gather; no collective on one process)."""
+    mine = torch.tensor([value], device=d.device, dtype=dtype)
+    if d.world_size == 1:
+        return mine
+    out = [torch.zeros_like(mine) for _ in range(d.world_size)]
+    dist.all_gather(out, mine)
+    return torch.cat(out)
+
+
 def teardown(barrier: bool = True) -> None:
     """Leave the process group. Call it after the DDP module is gone: a gloo group freed from a
     DDP reducer's destructor, with a collective's work still being released on gloo's thread,

@@ -26,7 +26,7 @@ from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..models import DecoderConfig
 from .cli import build_model, forward_fn
 from .data import TrainCollator, load
-from .distributed import setup, teardown, wrap
+from .distributed import per_rank, setup, teardown, wrap
 from .step import train_step
 
 
@@ -104,13 +104,8 @@ def sweep(args) -> None:
             if d.device.type == "cuda":
                 torch.cuda.synchronize()
             dt_s = time.perf_counter() - t0
-            mine = torch.tensor([stats.local_tokens], device=d.device, dtype=torch.float64)
-            t = torch.tensor([dt_s], device=d.device, dtype=torch.float64)
-            if d.world_size > 1:  # the step ends when the slowest rank ends
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                all_tokens = [torch.zeros_like(mine) for _ in range(d.world_size)]
-                dist.all_gather(all_tokens, mine)
-                mine = torch.cat(all_tokens)
+            mine = per_rank(stats.local_tokens, d)
+            t = per_rank(dt_s, d).max()  # the step ends when the slowest rank ends
             if i >= args.warmup:
                 times.append(float(t))
                 tokens.append(float(mine.sum()))
