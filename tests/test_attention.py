@@ -271,6 +271,17 @@ def test_flash_implementation_choice_and_reasons(monkeypatch):
     impl, why = flash.choose_impl(torch.zeros(4, 2, 80, dtype=torch.bfloat16), q, True, (-1, -1))
     assert impl is None and why == ["fa4: head size 80 unsupported (64, 96 or 128)"]
     assert flash.choose_impl(q, q, True, (-1, -1)) == ("fa4", [])
+    # backend="flash:<impl>" names one for a call, over the environment
+    assert flash.choose_impl(q, q, True, (-1, -1), "torch") == ("torch", [])
+    monkeypatch.delenv("VARLEN_FLASH_IMPL")
+    monkeypatch.setattr(flash, "_has_fa4", lambda: False)
+    info = SeqInfo.from_lengths([4])
+    assert backend_reasons("flash:fa4", q, q, q, info, True, (-1, -1)) == [
+        "flash-attn-4 (flash_attn.cute) not installed"]
+    with pytest.raises(varlen.BackendUnavailable, match="flash:fa4.*flash_attn.cute"):
+        attention(q, q, q, info, causal=True, backend="flash:fa4")
+    with pytest.raises(ValueError, match="only 'flash:<impl>'"):
+        attention(q, q, q, info, backend="sdpa:fa4")
     monkeypatch.setenv("VARLEN_FLASH_IMPL", "fa5")
-    with pytest.raises(ValueError, match="VARLEN_FLASH_IMPL='fa5'"):
+    with pytest.raises(ValueError, match="unknown flash implementation 'fa5'"):
         flash.choose_impl(q, q, True, (-1, -1))

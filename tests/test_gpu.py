@@ -17,6 +17,8 @@ from helpers import bound, max_err, random_qkv, truth_attention
 
 pytestmark = pytest.mark.gpu
 
+# every backend, and each FlashAttention implementation on its own (skipped with its reason when absent)
+KERNELS = [*BACKENDS, "flash:torch", "flash:fa4"]
 STUDY_LENGTHS = {"random": None, "len1_and_max": [1, 1023, 1, 512], "many_tiny": [1, 2, 3] * 20}
 
 
@@ -27,7 +29,7 @@ def _lengths(name):
     return torch.randint(1, 1024, (16,), generator=g).tolist()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("lengths", STUDY_LENGTHS)
 @pytest.mark.parametrize("kv_heads", [16, 4], ids=["mha", "gqa"])
@@ -55,7 +57,40 @@ def test_backend_bf16_vs_float64(backend, causal, lengths, kv_heads):
         assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.bfloat16, magnitude)
 
 
-@pytest.mark.parametrize("backend", ["flash", "flex", "sdpa", "nested"])
+@pytest.mark.parametrize("backend", ["flash:torch", "flash:fa4", "flex"])
+@pytest.mark.parametrize("window", [(64, 0), (32, 32)], ids=["left64", "band32"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_window_bf16_vs_float64(backend, window, compiled):
+    # sliding windows, and the kernels inside one torch.compile graph (fullgraph: FA4's custom
+    # ops must not break it)
+    lengths = _lengths("random") + [1, 1023]
+    q, k, v = random_qkv(lengths, 16, 4, 64, torch.bfloat16, device="cuda", seed=3)
+    info = SeqInfo.from_lengths(lengths, device="cuda")
+    why = backend_reasons(backend, q, k, v, info, False, window)
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+    for x in (q, k, v):
+        x.requires_grad_()
+    fn = lambda q, k, v: attention(q, k, v, info, window_size=window, backend=backend)
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True)
+    out = fn(q, k, v)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    truth = truth_attention(q64, k64, v64, lengths, window_size=window)
+    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    base = truth_attention(qb, kb, vb, lengths, window_size=window, dtype=torch.bfloat16)
+    assert max_err(out, truth) <= bound(max_err(base, truth), torch.bfloat16)
+    dout = torch.randn(out.shape, device="cuda", dtype=torch.float64)
+    out.backward(dout.bfloat16())
+    truth.backward(dout)
+    base.backward(dout.bfloat16())
+    magnitude = max(g.abs().max().item() for g in (q64.grad, k64.grad, v64.grad))
+    for x, x64, xb in ((q, q64, qb), (k, k64, kb), (v, v64, vb)):
+        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.bfloat16, magnitude)
+
+
+@pytest.mark.parametrize("backend", ["flash", "flash:fa4", "flex", "sdpa", "nested"])
 def test_attention_does_not_sync(backend):
     lengths = _lengths("random")
     q, k, v = random_qkv(lengths, 16, 16, 64, torch.bfloat16, device="cuda")
@@ -74,7 +109,7 @@ def test_attention_does_not_sync(backend):
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("backend", ["flash", "flex", "sdpa"])
+@pytest.mark.parametrize("backend", ["flash", "flash:fa4", "flex", "sdpa"])
 def test_decoder_packed_matches_padded_bf16(backend):
     torch.manual_seed(0)
     model = Decoder("small").cuda()
@@ -93,17 +128,22 @@ def test_decoder_packed_matches_padded_bf16(backend):
     print(backend, losses)
 
 
-def test_compiled_train_step_neither_syncs_nor_recompiles():
+@pytest.mark.parametrize("backend", ["flash:torch", "flash:fa4"])
+def test_compiled_train_step_neither_syncs_nor_recompiles(backend):
     # the study's compiled packed step on changing batches: after warm-up, no host sync in the
     # step (sync debug mode "error") and no new graph
     from torch._dynamo.utils import counters
 
     from varlen.data import mark_dynamic
 
+    why = backend_reasons(backend, *random_qkv([8], 16, 16, 64, torch.bfloat16, device="cuda"),
+                          SeqInfo.from_lengths([8], device="cuda"), True, (-1, -1))
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    model = Decoder("small", backend="flash").cuda().train()
+    model = Decoder("small", backend=backend).cuda().train()
     step_model = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=True)
     ds = SyntheticDataset(16 * 12, max_len=511)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import BACKENDS, attention
+from .attention.api import split_backend
 from .data.collate import IGNORE_INDEX
 from .seqinfo import SeqInfo
 
@@ -41,8 +42,8 @@ _LAST: dict[str, Any] = {"tensor": None, "version": None, "value": None}
 
 def use(backend: str = "auto") -> None:
     """Choose the kernel behind ``attn_implementation="varlen"``."""
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS} or 'auto'")
+    if backend != "auto" and split_backend(backend)[0] not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}, 'flash:<impl>' or 'auto'")
     _STATE["backend"] = backend
 
 

@@ -76,13 +76,32 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, window_size) ->
         raise ValueError(f"window_size must be (left, right) with -1 for unbounded, got {window_size}")
 
 
+def split_backend(backend: str) -> tuple[str, dict]:
+    """``"flash:fa4"`` -> ``("flash", {"impl": "fa4"})``: flash takes an implementation after a colon."""
+    name, sep, impl = backend.partition(":")
+    if not sep:
+        return name, {}
+    if name != "flash" or not impl:
+        raise ValueError(f"backend {backend!r}: only 'flash:<impl>' takes an implementation")
+    from .flash import forced_impl
+
+    return name, {"impl": forced_impl(impl)}
+
+
+def backend_unavailable(backend: str) -> str | None:
+    """Why ``backend`` (a name or ``"flash:<impl>"``) cannot run on this machine at all, or None."""
+    name, kw = split_backend(backend)
+    return backend_module(name).unavailable(**kw)
+
+
 def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bool, window_size) -> list[str]:
     """Why backend ``name`` cannot run these inputs here; empty if it can."""
+    why = backend_unavailable(name)
+    name, kw = split_backend(name)
     m = backend_module(name)
-    why = m.unavailable()
     if why:
         return [why]
-    return m.CAPS.reasons(q, k, causal, window_size) + m.reasons(q, k, v, info, causal, window_size)
+    return m.CAPS.reasons(q, k, causal, window_size) + m.reasons(q, k, v, info, causal, window_size, **kw)
 
 
 _AUTO: dict[tuple, tuple[str, str]] = {}
@@ -124,6 +143,9 @@ def attention(
 ) -> Tensor:  # [T, H, D]
     """Attention inside each sequence of a packed batch.
 
+    ``backend``: ``"auto"``, one of :data:`BACKENDS`, or ``"flash:fa4"`` / ``"flash:fa2"`` /
+    ``"flash:torch"`` for one FlashAttention implementation.
+
     ``window_size=(left, right)`` limits query i to keys ``i-left .. i+right`` (-1: unbounded);
     ``causal=True`` sets ``right=0``. k/v may have fewer heads than q (GQA).
     """
@@ -136,7 +158,8 @@ def attention(
         if why:
             raise BackendUnavailable(f"backend {backend!r} cannot run these inputs: {'; '.join(why)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return backend_module(backend).attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size)
+    name, kw = split_backend(backend)
+    return backend_module(name).attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size, **kw)
 
 
 def backend_status() -> dict[str, dict]:

@@ -6,7 +6,7 @@ Three implementations of the same call, preferred in this order when present:
 - ``fa2``: the ``flash_attn`` package's ``flash_attn_varlen_func`` (FlashAttention-2/3 builds).
 - ``torch``: PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (FA2 inside torch >= 2.10).
 
-``VARLEN_FLASH_IMPL=fa4|fa2|torch`` forces one; a forced one that cannot run raises, never falls
+``backend="flash:fa4"`` (or ``fa2``, ``torch``) or ``VARLEN_FLASH_IMPL=fa4|fa2|torch`` forces one; a forced one that cannot run raises, never falls
 back. torch 2.10 spelled causality ``is_causal``; 2.11+ takes ``window_size=(-1, 0)``: the
 signature is probed, not the version.
 """
@@ -87,15 +87,17 @@ def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size) -> 
     return out
 
 
-def forced_impl() -> str | None:
-    impl = os.environ.get("VARLEN_FLASH_IMPL") or None
+def forced_impl(impl: str | None = None) -> str | None:
+    """The implementation asked for: ``backend="flash:<impl>"``, else ``VARLEN_FLASH_IMPL``."""
+    impl = impl or os.environ.get("VARLEN_FLASH_IMPL") or None
     if impl is not None and impl not in IMPLS:
-        raise ValueError(f"VARLEN_FLASH_IMPL={impl!r}; choose from {IMPLS}")
+        raise ValueError(f"unknown flash implementation {impl!r} (backend 'flash:<impl>' or "
+                         f"VARLEN_FLASH_IMPL); choose from {IMPLS}")
     return impl
 
 
-def unavailable() -> str | None:
-    impl = forced_impl()
+def unavailable(impl: str | None = None) -> str | None:
+    impl = forced_impl(impl)
     whys = {i: impl_unavailable(i) for i in ((impl,) if impl else IMPLS)}
     if not all(whys.values()):
         return None
@@ -104,9 +106,10 @@ def unavailable() -> str | None:
     return "; ".join(f"{i}: {w}" for i, w in whys.items())
 
 
-def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size) -> tuple[str | None, list[str]]:
+def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size, impl: str | None = None
+                ) -> tuple[str | None, list[str]]:
     """The implementation to use, or None with every implementation's reasons."""
-    impl = forced_impl()
+    impl = forced_impl(impl)
     whys = []
     for i in (impl,) if impl else IMPLS:
         r = impl_reasons(i, q, k, causal, window_size)
@@ -116,12 +119,13 @@ def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size) -> tuple[str | 
     return None, whys
 
 
-def reasons(q, k, v, info, causal, window_size) -> list[str]:
-    return choose_impl(q, k, causal, window_size)[1]
+def reasons(q, k, v, info, causal, window_size, impl: str | None = None) -> list[str]:
+    return choose_impl(q, k, causal, window_size, impl)[1]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size) -> Tensor:
-    impl, whys = choose_impl(q, k, causal, window_size)
+def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size,
+              impl: str | None = None) -> Tensor:
+    impl, whys = choose_impl(q, k, causal, window_size, impl)
     if impl is None:
         raise ValueError("flash cannot run: " + "; ".join(whys))
     left, right = window_bounds(causal, window_size)
@@ -146,11 +150,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
                 q, k, v, cu, cu, m, m, softmax_scale=scale, causal=causal, window_size=(left, right)
             )
         case "fa4":
-            from flash_attn.cute import flash_attn_varlen_func
+            from . import fa4  # custom ops: one opaque node for torch.compile
 
-            out = flash_attn_varlen_func(
-                q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m,
-                softmax_scale=scale, causal=causal,
-                window_size=(None if left < 0 else left, None if right < 0 else right),
-            )
-            return out[0] if isinstance(out, tuple) else out
+            return fa4.attention(q, k, v, cu, m, scale=scale, causal=causal, left=left, right=right)

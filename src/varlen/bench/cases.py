@@ -21,6 +21,23 @@ STRATEGIES.update(HF_STRATEGIES)
 DECODER_STRATEGIES = [s for s in STRATEGIES if not s.startswith("hf-")]
 
 
+def known(strategy: str) -> bool:
+    """A strategy, or a flash one with an implementation: ``packed-flash:fa4``, ``hf-varlen-flash:torch``."""
+    base, sep, impl = strategy.partition(":")
+    if not sep:
+        return base in STRATEGIES
+    from ..attention.flash import IMPLS
+
+    return base in ("packed-flash", "hf-varlen-flash") and impl in IMPLS
+
+
+def order_key(strategy: str) -> tuple[int, str]:
+    """Table and plot order: the strategies' order, implementations after their strategy."""
+    base, _, impl = strategy.partition(":")
+    order = list(STRATEGIES)
+    return (order.index(base) if base in order else len(order), impl)
+
+
 def baseline_of(strategy: str) -> str:
     """What a strategy's speed-up is measured against: padding, in the same model family."""
     return "hf-padded" if strategy.startswith("hf-") else BASELINE
@@ -111,7 +128,8 @@ class Result:
 
 
 def grid(strategies, modes, compile_modes, workload: Workload) -> list[Case]:
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [s for s in strategies if not known(s)]
     if unknown:
-        raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+        raise ValueError(f"unknown strategies {unknown}; choose from {list(STRATEGIES)} "
+                         "(flash ones may name an implementation: packed-flash:fa4)")
     return [Case(s, m, c, workload) for c in compile_modes for m in modes for s in strategies]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..info import environment
-from .cases import DECODER_STRATEGIES, PRESETS, STRATEGIES, grid
+from .cases import DECODER_STRATEGIES, PRESETS, STRATEGIES, grid, order_key
 from .hf_models import HF_STRATEGIES
 from .report import add_comparisons, add_mfu, print_table, save
 from .runner import measure_peak, result_dicts, run_all
@@ -26,7 +26,8 @@ def parse_args(argv):
     p.add_argument("--model", choices=["decoder", "hf-gpt2"], default="decoder",
                    help="the study's reference decoder, or a stock HF GPT2LMHeadModel of the same size")
     p.add_argument("--strategies", default=None,
-                   help=f"comma list (default: all of the model's): {','.join(STRATEGIES)}")
+                   help=f"comma list (default: all of the model's): {','.join(STRATEGIES)}; "
+                        "a flash one may name its implementation: packed-flash:fa4, packed-flash:torch")
     p.add_argument("--modes", default="eval,train", help="comma list of eval,train")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
     p.add_argument("--batch-size", type=int)
@@ -59,9 +60,7 @@ def merge(dirs: list[Path], out: Path) -> dict:
         for c in r["cases"]:
             cases[(c["strategy"], c["mode"], c["compile"])] = c
     peaks = [r["matmul_peak_tflops"] for r in reports if r.get("matmul_peak_tflops")]
-    order = list(STRATEGIES)
-    ordered = sorted(cases.values(), key=lambda c: (c["compile"], c["mode"] != "eval", order.index(c["strategy"])
-                                                    if c["strategy"] in order else len(order)))
+    ordered = sorted(cases.values(), key=lambda c: (c["compile"], c["mode"] != "eval", order_key(c["strategy"])))
     report = {**reports[0], "matmul_peak_tflops": max(peaks, default=None), "cases": ordered,
               "merged_from": [r["env"]["date"] for r in reports]}
     add_comparisons(report["cases"])
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
     family = list(HF_STRATEGIES) if args.model == "hf-gpt2" else DECODER_STRATEGIES
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else family
-    wrong = [s for s in strategies if s not in family]
+    wrong = [s for s in strategies if s.partition(":")[0] not in family]
     if wrong:
         raise SystemExit(f"varlen bench: --model {args.model} runs {','.join(family)}; not {','.join(wrong)}")
     cases = grid(strategies, [m for m in args.modes.split(",") if m],

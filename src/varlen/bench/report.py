@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from .cases import STRATEGIES, baseline_of
+from .cases import baseline_of, order_key
 
 COLUMNS = [
     "strategy", "backend", "mode", "compile", "step_ms_mean", "step_ms_median", "step_ms_min",
@@ -134,7 +134,7 @@ def plot(report: dict, path: Path) -> Path | None:
     except ImportError:
         return None
     cases = report["cases"]
-    strategies = [s for s in STRATEGIES if any(c["strategy"] == s for c in cases)]
+    strategies = sorted({c["strategy"] for c in cases}, key=order_key)
     modes = [m for m in ("eval", "train") if any(c["mode"] == m for c in cases)]
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.5), squeeze=False)
     for ax, mode in zip(axes[0], modes):

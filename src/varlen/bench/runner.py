@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..attention.api import backend_module
+from ..attention.api import backend_unavailable
 from .cases import Case, Result
 
 
@@ -29,7 +29,7 @@ def _reason(stderr: str, returncode: int) -> str:
 def precheck(case: Case) -> str | None:
     """A reason known without starting a process (backend absent on this machine)."""
     try:
-        return backend_module(case.backend).unavailable()
+        return backend_unavailable(case.backend)
     except ValueError as e:
         return str(e)
 

@@ -1,0 +1,113 @@
+"""FlashAttention-4 varlen as two ``torch.library`` custom ops, so ``torch.compile`` sees one
+opaque node per call.
+
+Called directly, ``flash_attn.cute.flash_attn_varlen_func`` is traced into by dynamo, which breaks
+the graph on FA4's DLPack wrappers: the compiled study model got slower with FA4 than with torch's
+FA2 (GPU_NOTES.md). Here the forward and the backward are ops with fake (shape-only)
+implementations and a registered autograd formula; the CuTe kernels run only on real tensors.
+
+The kernels are FA4's own low-level entry points (``_flash_attn_fwd`` / ``_flash_attn_bwd`` of
+flash-attn-4 4.0.0b3x), imported on first use: ``import flash_attn.cute`` takes ~10 s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _window(left: int, right: int) -> tuple[int | None, int | None]:
+    # varlen's -1 = unbounded is FA4's None
+    return (None if left < 0 else left), (None if right < 0 else right)
+
+
+def _kernels():
+    """``(fwd, bwd)``: FA4's kernels behind the ops; tests swap in a torch implementation."""
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    def fwd(q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right):
+        wl, wr = _window(left, right)
+        out, lse, *_ = _flash_attn_fwd(
+            q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+            max_seqlen_k=max_seqlen, softmax_scale=scale, causal=causal, window_size_left=wl,
+            window_size_right=wr, return_lse=True,
+        )
+        return out, lse
+
+    def bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right):
+        wl, wr = _window(left, right)
+        dq, dk, dv = _flash_attn_bwd(
+            q, k, v, out, dout, lse, scale, causal, 0.0, window_size_left=wl, window_size_right=wr,
+            cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+            max_seqlen_k=max_seqlen,
+        )[:3]
+        return dq, dk, dv
+
+    return fwd, bwd
+
+
+@torch.library.custom_op("varlen::fa4_varlen_fwd", mutates_args=())
+def fa4_varlen_fwd(
+    q: Tensor,  # [T, H, D]
+    k: Tensor,  # [T, Hkv, D]
+    v: Tensor,  # [T, Hkv, D]
+    cu_seqlens: Tensor,  # [B + 1] int32
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+    left: int,
+    right: int,
+) -> tuple[Tensor, Tensor]:  # out [T, H, D], lse [H, T] float32
+    return _kernels()[0](q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right)
+
+
+@fa4_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right):
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("varlen::fa4_varlen_bwd", mutates_args=())
+def fa4_varlen_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+    left: int,
+    right: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _kernels()[1](dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right)
+
+
+@fa4_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.args = args  # max_seqlen, scale, causal, left, right
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = fa4_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+fa4_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *,
+              scale: float, causal: bool, left: int, right: int) -> Tensor:  # [T, H, D]
+    return fa4_varlen_fwd(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), int(left), int(right))[0]

@@ -1,0 +1,141 @@
+"""The FA4 custom ops' plumbing on a CPU: schema, fake (shape-only) implementations, the autograd
+formula's wiring and one-graph compilation. FA4's CuTe kernels need a Hopper GPU, so here a
+torch implementation with FA4's contract (out ``[T, H, D]``, lse ``[H, T]`` float32; backward
+from out, lse and dout) stands in for them; ``tests/test_gpu.py`` runs the real kernels
+(``flash:fa4``) against float64.
+"""
+
+import pytest
+import torch
+
+from varlen.attention import fa4
+
+from helpers import bound, max_err, random_qkv, scale_of, truth_attention
+
+
+def _scores(q, k, cu, i, scale, causal, left, right):
+    a, b = int(cu[i]), int(cu[i + 1])
+    qs = q[a:b].double().transpose(0, 1)  # [H, n, D]
+    ks = k[a:b].double().transpose(0, 1).repeat_interleave(q.shape[1] // k.shape[1], 0)
+    s = qs @ ks.transpose(1, 2) * scale
+    pos = torch.arange(b - a)
+    right = 0 if causal else right
+    ok = torch.ones(b - a, b - a, dtype=torch.bool)
+    if right >= 0:
+        ok &= pos[None, :] <= pos[:, None] + right
+    if left >= 0:
+        ok &= pos[None, :] >= pos[:, None] - left
+    return a, b, s.masked_fill(~ok, float("-inf"))
+
+
+def torch_fwd(q, k, v, cu, max_seqlen, scale, causal, left, right):
+    out = torch.empty_like(q)
+    lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    g = q.shape[1] // k.shape[1]
+    for i in range(cu.numel() - 1):
+        a, b, s = _scores(q, k, cu, i, scale, causal, left, right)
+        lse[:, a:b] = torch.logsumexp(s, -1).float()
+        p = torch.softmax(s, -1)
+        out[a:b] = (p @ v[a:b].double().transpose(0, 1).repeat_interleave(g, 0)).transpose(0, 1).to(q.dtype)
+    return out, lse
+
+
+def torch_bwd(dout, q, k, v, out, lse, cu, max_seqlen, scale, causal, left, right):
+    # FlashAttention's backward: P from the saved lse, D = rowsum(dO * O)
+    dq, dk, dv = (torch.zeros_like(x, dtype=torch.float64) for x in (q, k, v))
+    hk, g = k.shape[1], q.shape[1] // k.shape[1]
+    for i in range(cu.numel() - 1):
+        a, b, s = _scores(q, k, cu, i, scale, causal, left, right)
+        p = torch.exp(s - lse[:, a:b, None].double())  # [H, n, n]
+        do, o = dout[a:b].double().transpose(0, 1), out[a:b].double().transpose(0, 1)
+        vs = v[a:b].double().transpose(0, 1).repeat_interleave(g, 0)
+        ks = k[a:b].double().transpose(0, 1).repeat_interleave(g, 0)
+        ds = p * (do @ vs.transpose(1, 2) - (do * o).sum(-1, keepdim=True)) * scale
+        dq[a:b] = (ds @ ks).transpose(0, 1)
+        dk[a:b] = (ds.transpose(1, 2) @ q[a:b].double().transpose(0, 1)).view(hk, g, b - a, -1).sum(1).transpose(0, 1)
+        dv[a:b] = (p.transpose(1, 2) @ do).view(hk, g, b - a, -1).sum(1).transpose(0, 1)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    monkeypatch.setattr(fa4, "_kernels", lambda: (torch_fwd, torch_bwd))
+
+
+CASES = {
+    "random": [5, 17, 1, 30],
+    "one_sequence": [40],
+    "length_1": [1],
+    "many_tiny": [1, 2, 3] * 6,
+}
+
+
+@pytest.mark.parametrize("lengths", CASES)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (3, 2))],
+                         ids=["full", "causal", "window"])
+def test_op_forward_and_grads_match_truth(torch_kernels, lengths, causal, window):
+    lengths = CASES[lengths]
+    q, k, v = random_qkv(lengths, 4, 2, 16, torch.float32, seed=len(lengths))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    for x in (q, k, v):
+        x.requires_grad_()
+    left, right = window[0], 0 if causal else window[1]
+    out = fa4.attention(q, k, v, cu, max(lengths), scale=scale_of(16), causal=causal, left=left, right=right)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    truth = truth_attention(q64, k64, v64, lengths, causal, window)
+    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    base = truth_attention(qb, kb, vb, lengths, causal, window, dtype=torch.float32)
+    assert max_err(out, truth) <= bound(max_err(base, truth), torch.float32)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    out.backward(dout.float())
+    truth.backward(dout)
+    base.backward(dout.float())
+    mag = max(g.abs().max().item() for g in (q64.grad, k64.grad, v64.grad))
+    for x, x64, xb in ((q, q64, qb), (k, k64, kb), (v, v64, vb)):
+        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.float32, mag)
+
+
+def test_opcheck(torch_kernels):
+    # schema, fake tensors, autograd registration and AOT dispatch (with dynamic shapes)
+    q, k, v = (x.requires_grad_() for x in random_qkv([3, 9, 1], 4, 2, 16, torch.float32))
+    cu = torch.tensor([0, 3, 12, 13], dtype=torch.int32)
+    torch.library.opcheck(fa4.fa4_varlen_fwd, (q, k, v, cu, 9, 0.25, True, -1, 0))
+    out, lse = fa4.fa4_varlen_fwd(q, k, v, cu, 9, 0.25, True, -1, 0)
+    assert lse.shape == (4, 13) and lse.dtype == torch.float32 and not lse.requires_grad
+    dout = torch.randn_like(out)
+    torch.library.opcheck(fa4.fa4_varlen_bwd, (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu,
+                                               9, 0.25, True, -1, 0))
+
+
+def test_compiles_to_one_graph(torch_kernels):
+    # the reason for the ops: dynamo sees one opaque node per call, no graph break, forward and
+    # backward; batches of other token counts reuse the graph (dynamic T)
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+    def f(q, k, v, cu, m):
+        return fa4.attention(q, k, v, cu, m, scale=0.25, causal=True, left=-1, right=0).square().sum()
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    # (cu_seqlens sizes unlike the head counts: duck sizing would tie them and recompile)
+    for lengths in ([3, 9, 1, 4], [7, 2, 2, 5, 1], [20, 1, 1, 1, 1, 1, 1]):
+        q, k, v = (x.requires_grad_() for x in random_qkv(lengths, 4, 2, 16, torch.float32, seed=len(lengths)))
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        loss = cf(q, k, v, cu, 20)
+        grads = torch.autograd.grad(loss, (q, k, v))
+        ref = f(q, k, v, cu, 20)
+        ref_grads = torch.autograd.grad(ref, (q, k, v))
+        torch.testing.assert_close(loss, ref)
+        for a, b in zip(grads, ref_grads):
+            torch.testing.assert_close(a, b)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+
+
+def test_window_translation():
+    # varlen's -1 (unbounded) is FA4's None; bounds pass through
+    assert fa4._window(-1, 0) == (None, 0)
+    assert fa4._window(-1, -1) == (None, None)
+    assert fa4._window(64, 32) == (64, 32)
