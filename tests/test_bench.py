@@ -164,9 +164,14 @@ def test_profile_breakdown_and_floors(tmp_path):
     assert set(p["ms"]) == {"attention", "gemm", "elementwise/norm", "optimizer", "host/data gap"}
     assert p["ms"]["gemm"] > 0 and p["ms"]["attention"] > 0 and p["ms"]["optimizer"] > 0
     assert sum(p["ms"].values()) >= p["step_ms"] * 0.999  # the gap is what the parts leave of the step
+    # the top kernels are the parts' ingredients: ordered, each no more than its part's total
+    assert p["top"] and [k["ms"] for k in p["top"]] == sorted((k["ms"] for k in p["top"]), reverse=True)
+    assert all(k["ms"] <= p["ms"][k["part"]] + 1e-9 for k in p["top"])
+    assert any(k["part"] == "gemm" for k in p["top"])
     assert case["gemm_floor_ms"] > 0 and case["x_gemm_floor"] == pytest.approx(case["step_ms_mean"] / case["gemm_floor_ms"])
     assert case["x_flops_floor"] == pytest.approx(1 / case["mfu"])
     assert "Where the time goes" in (out / "results.md").read_text()
+    assert "Top kernels of packed-sdpa/train/eager" in (out / "results.md").read_text()
     assert list(csv.DictReader((out / "results.csv").open()))[0].keys() == set(report_columns())
 
 
@@ -209,3 +214,16 @@ def test_token_budget_batches_for_length_scaling(tmp_path):
     assert report["workload"]["tokens_per_batch"] == 512
     padded, packed = sorted(report["cases"], key=lambda c: c["strategy"] != "padded")
     assert packed["loss"] == pytest.approx(padded["loss"], abs=1e-4)  # the same samples either way
+
+
+def test_failure_reason_of_an_aborted_worker():
+    # a C++ exception aborts the worker (signal 6): the reason is its what() line, not a stack frame
+    from varlen.bench.runner import _reason
+
+    stderr = ("terminate called after throwing an instance of 'c10::Error'\n"
+              "  what():  CUDA error: an illegal memory access was encountered\n"
+              "Exception raised from c10_cuda_check_implementation at /pytorch/c10/cuda/CUDAException.cpp:44\n"
+              "frame #0: c10::Error::Error(c10::SourceLocation, std::string) + 0x9d (0x7f in libc10.so)\n")
+    assert _reason(stderr, -6) == "killed by signal 6 (CUDA error: an illegal memory access was encountered)"
+    assert _reason("Traceback\n  File x\ntorch.OutOfMemoryError: CUDA out of memory.\n", 1) == \
+        "torch.OutOfMemoryError: CUDA out of memory."

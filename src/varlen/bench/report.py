@@ -107,6 +107,12 @@ def markdown(report: dict) -> str:
         lines += ["", "Where the time goes (`--profile`; ms per step, % of the step):", "",
                   "| " + " | ".join(PROFILE_HEADER) + " |", "|" + "---|" * len(PROFILE_HEADER)]
         lines += ["| " + " | ".join(r) + " |" for r in profiled]
+        for c in report["cases"]:
+            top = (c.get("profile") or {}).get("top")
+            if top:
+                name = f"{c['strategy']}/{c['mode']}/{'compiled' if c['compile'] else 'eager'}"
+                lines += ["", f"Top kernels of {name} (ms per step):", "", "| kernel | part | ms |", "|---|---|---|"]
+                lines += [f"| `{k['name'][:90]}` | {k['part']} | {k['ms']:.2f} |" for k in top[:12]]
     return "\n".join(lines) + "\n"
 
 

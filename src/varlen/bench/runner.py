@@ -19,8 +19,12 @@ from .cases import Case, Result
 def _reason(stderr: str, returncode: int) -> str:
     """The exception line of a traceback (or the last line), kept short."""
     lines = [l.strip() for l in stderr.strip().splitlines() if l.strip()]
-    errors = [l for l in lines if ("Error" in l or "Exception" in l) and ":" in l and not l.startswith("File ")]
-    line = errors[-1] if errors else (lines[-1] if lines else "")
+    # a C++ exception that aborts the process says what it was on its "what():" line; the stack
+    # frames after it (c10::Error::Error(...)) also contain "Error"
+    what = [l.split("what():", 1)[1].strip() for l in lines if "what():" in l]
+    errors = [l for l in lines if ("Error" in l or "Exception" in l) and ":" in l and not l.startswith("File ")
+              and not l.startswith("frame #")]
+    line = what[-1] if what else errors[-1] if errors else (lines[-1] if lines else "")
     if returncode < 0:
         line = f"killed by signal {-returncode}" + (f" ({line})" if line else "")
     return (line or f"exit code {returncode}")[:400]
