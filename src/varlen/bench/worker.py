@@ -70,7 +70,8 @@ def run_case(case: Case) -> Result:
     train = case.mode == "train"
     torch.manual_seed(w.seed)
     base = DecoderConfig.from_name(w.model)
-    cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, w.max_len + 1))
+    # positions for every padded slot: padding rounds max_len + 1 up to a multiple of 8
+    cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, -(-(w.max_len + 1) // 8) * 8))
     hf = case.strategy.startswith("hf-")
     if hf:
         from . import hf_models
