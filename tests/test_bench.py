@@ -227,3 +227,44 @@ def test_failure_reason_of_an_aborted_worker():
     assert _reason(stderr, -6) == "killed by signal 6 (CUDA error: an illegal memory access was encountered)"
     assert _reason("Traceback\n  File x\ntorch.OutOfMemoryError: CUDA out of memory.\n", 1) == \
         "torch.OutOfMemoryError: CUDA out of memory."
+
+
+@pytest.mark.parametrize("dist", ["uniform", "lognormal"])
+def test_cuda_graph_batches_have_one_shape(dist):
+    # --cuda-graphs: every batch of a run packs to the same token count and sequence count
+    from varlen.bench.cases import Workload
+    from varlen.bench.worker import sample_batches, static_shape
+    from varlen.data import PackCollator, SyntheticDataset
+
+    w = Workload(model="tiny", max_len=100, tokens_per_batch=512, length_dist=dist, device="cpu", seed=5)
+    batches = sample_batches(w, 12)
+    ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, length_dist=dist, seed=w.seed)
+    collate = PackCollator(max_seqlen=w.max_len, **static_shape(w, batches))
+    shapes = set()
+    for b in batches:
+        out = collate([ds[i] for i in b])
+        shapes.add((tuple(out["input_ids"].shape), tuple(out["info"].cu_seqlens.shape)))
+        assert int((out["labels"] != -100).sum()) == sum(ds.lengths[i] for i in b)
+    assert len(shapes) == 1
+
+
+def test_cuda_graphs_refused_where_they_cannot_run(tmp_path):
+    from varlen.bench.cases import Case, Workload
+    from varlen.bench.worker import graphs
+
+    base = [sys.executable, "-m", "varlen.bench", "--preset", "tiny", "--cuda-graphs", "--num-workers", "0"]
+    proc = subprocess.run(base + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--cuda-graphs needs --tokens-per-batch" in proc.stderr
+    w = Workload(model="tiny", max_len=100, tokens_per_batch=512, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        graphs(Case("packed-sdpa", "train", True, w))
+    with pytest.raises(ValueError, match="packed strategies only"):
+        graphs(Case("padded", "train", True, w))
+    assert not graphs(Case("padded", "train", False, w))  # eager cases are not graphed
+    out = tmp_path / "out"
+    proc = subprocess.run(base + ["--strategies", "packed-sdpa", "--modes", "eval", "--compile", "on", "--steps", "1",
+                                  "--warmup", "1", "--max-len", "100", "--tokens-per-batch", "512", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (case,) = json.loads((out / "results.json").read_text())["cases"]
+    assert "needs a CUDA device" in case["error"]

@@ -122,3 +122,33 @@ def test_pack_collator_refuses_more_than_pad_to():
     ds = SyntheticDataset(5, max_len=60, seed=2)
     with pytest.raises(ValueError, match="more than pad_to"):
         PackCollator(pad_to=10)([ds[i] for i in range(5)])
+
+
+def test_pack_collator_fixed_shapes_for_cuda_graphs():
+    # pad_to + num_seqs + max_seqlen: every batch the same input_ids and cu_seqlens shapes, real
+    # samples first and intact, filler sequences of 1..max_seqlen tokens with ignored labels
+    ds = SyntheticDataset(40, max_len=60, seed=3)
+    collate = PackCollator(max_seqlen=64, pad_to=400, num_seqs=12)
+    shapes = set()
+    for start, n in ((0, 3), (3, 7), (10, 1), (11, 11), (22, 5)):
+        samples = [ds[i] for i in range(start, start + n)]
+        lens = ds.lengths[start:start + n]
+        batch = collate(samples)
+        info = batch["info"]
+        shapes.add((tuple(batch["input_ids"].shape), tuple(info.cu_seqlens.shape), info.max_seqlen))
+        assert info.lengths[:n] == tuple(lens) and info.num_seqs == 12
+        assert all(1 <= x <= 64 for x in info.lengths[n:])
+        assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(lens)
+    assert shapes == {((400,), (13,), 64)}
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"pad_to": 400, "num_seqs": 4}, "more than num_seqs=4"),  # 5 samples
+    ({"pad_to": 400, "num_seqs": 5}, "filler tokens remain"),  # no sequence left for the filler
+    ({"pad_to": None, "num_seqs": 6}, "need at least 1 filler"),  # no filler token for the sixth
+    ({"pad_to": 1000, "num_seqs": 6, "max_seqlen": 64}, "exceed 64 tokens each"),
+])
+def test_pack_collator_num_seqs_refuses_what_cannot_fit(kw, match):
+    ds = SyntheticDataset(5, max_len=60, seed=2)
+    with pytest.raises(ValueError, match=match):
+        PackCollator(**kw)([ds[i] for i in range(5)])

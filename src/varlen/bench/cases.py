@@ -60,6 +60,9 @@ class Workload:
     # batches of a token budget (token-budget packing, TokenBudgetSampler) instead of batch_size
     # samples: the length-scaling runs (--max-len 8192 --tokens-per-batch 65536)
     tokens_per_batch: int | None = None
+    # compiled packed cases as CUDA graphs on static shapes (token-budget batches padded to one
+    # token count and one number of sequences); other strategies refuse it
+    cuda_graphs: bool = False
 
 
 PRESETS = {

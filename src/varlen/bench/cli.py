@@ -42,6 +42,10 @@ def parse_args(argv):
     p.add_argument("--device", choices=["cuda", "cpu"])
     p.add_argument("--profile", action="store_true",
                    help="profile 3 extra steps per case: attention / GEMM / elementwise / optimizer / host time")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="compiled packed cases run as CUDA graphs (torch.compile mode='reduce-overhead') on "
+                        "static shapes: needs --tokens-per-batch; every batch padded to one token count and "
+                        "one number of sequences")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds per case (default 900 GPU, 600 CPU)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-out/DEVICE-DATE)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
@@ -76,7 +80,11 @@ def workload_from(args):
                  if getattr(args, k) is not None}
     if args.profile:
         overrides["profile"] = True
+    if args.cuda_graphs:
+        overrides["cuda_graphs"] = True
     w = replace(w, **overrides)
+    if w.cuda_graphs and not w.tokens_per_batch:
+        raise SystemExit("varlen bench: --cuda-graphs needs --tokens-per-batch (one static shape for every batch)")
     if w.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("varlen bench: --device cuda but no CUDA device here; use --preset tiny or --device cpu")
     if w.steps < 1 or w.warmup < 1:

@@ -25,7 +25,7 @@ from .flops import step_flops
 from .profile import breakdown, gemm_floor_ms
 
 
-def _collator(case: Case, cfg: DecoderConfig):
+def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
     w = case.workload
     match case.strategy:
         case "padded":
@@ -34,10 +34,31 @@ def _collator(case: Case, cfg: DecoderConfig):
             return PadToLongestCollator(pad_to_multiple_of=8)
         case "nested":
             return NestedCollator()
+        case _ if graphs(case):
+            return PackCollator(max_seqlen=w.max_len, **static_shape(w, batches))
         case _:
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
             # the compiled graph from specialising on each batch's longest sample
             return PackCollator(max_seqlen=w.max_len if case.compile else None)
+
+
+def graphs(case: Case) -> bool:
+    """Does this case run as CUDA graphs (``--cuda-graphs``)? Raises for a strategy that cannot."""
+    if not (case.workload.cuda_graphs and case.compile):
+        return False
+    if not case.strategy.startswith("packed-"):
+        raise ValueError(f"--cuda-graphs: {case.strategy} has no static-shape batches (packed strategies only)")
+    if case.workload.device != "cuda":
+        raise ValueError("--cuda-graphs needs a CUDA device")
+    return True
+
+
+def static_shape(w, batches: list[list[int]]) -> dict:
+    """``pad_to`` and ``num_seqs`` that fit every batch of the run: each batch gets at least
+    ``extra`` filler sequences, enough that the filler of a half-full batch stays <= max_len each."""
+    extra = w.tokens_per_batch // w.max_len + 2
+    num_seqs = max(len(b) for b in batches) + extra
+    return {"pad_to": -(-(w.tokens_per_batch + num_seqs) // 128) * 128, "num_seqs": num_seqs}
 
 
 def sample_batches(w, count: int) -> list[list[int]]:
@@ -55,6 +76,12 @@ def sample_batches(w, count: int) -> list[list[int]]:
     if len(full) < count:
         raise ValueError(f"only {len(full)} batches of ~{w.tokens_per_batch} tokens; raise the sample count")
     return full[:count]
+
+
+def _cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _graphs() -> int:
@@ -80,15 +107,18 @@ def run_case(case: Case) -> Result:
         collate = hf_models.collator(case.strategy, w.max_len, case.compile)
     else:
         model = Decoder(cfg, backend=case.backend).to(device).train(train)
-        collate = _collator(case, cfg)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
     n = w.warmup + w.steps
     n_profile = 3 if w.profile else 0
     batches = sample_batches(w, n + n_profile)
+    if not hf:
+        collate = _collator(case, cfg, batches)
     ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, vocab_size=w.vocab_size,
                           length_dist=w.length_dist, seed=w.seed)
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=w.num_workers, pin_memory=on_gpu)
-    fwd = torch.compile(model) if case.compile else model
+    static = not hf and graphs(case)
+    # CUDA graphs: one static shape, so nothing is marked dynamic and the graph replays every step
+    fwd = torch.compile(model, mode="reduce-overhead" if static else None) if case.compile else model
     autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
     grad = torch.enable_grad() if train else torch.no_grad()
 
@@ -111,14 +141,19 @@ def run_case(case: Case) -> Result:
         t0 = time.perf_counter()
         host = next(it)
         batch = move_batch(host, device, non_blocking=True)
-        if case.compile:
+        if case.compile and not static:
             mark_dynamic(batch)
         loss = step(batch)
+        if static:  # a graph's outputs are overwritten by its next replay
+            loss = loss.clone()
         if on_gpu:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if i == w.warmup - 1:
             graphs_after_warmup = _graphs()
+            if static and _cudagraph_skips():
+                raise RuntimeError("--cuda-graphs: Inductor ran the graph without CUDA graphs (see its "
+                                   "'skipping cudagraphs' log line); refusing to report it as graphed")
         if i < w.warmup:
             continue
         lengths = [ds.lengths[j] for j in batches[i]]

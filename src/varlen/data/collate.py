@@ -93,12 +93,16 @@ class PackCollator:
     ``torch.compile``. ``pad_to`` fills the row up to that many tokens (static shapes for CUDA
     graphs), ``pad_to_multiple_of`` up to the next multiple (buckets): the filler forms sequences
     of its own, no longer than ``max_seqlen``, with ignored labels, so it never mixes with real
-    tokens.
+    tokens. ``num_seqs`` also fixes the number of sequences (``cu_seqlens`` has ``num_seqs + 1``
+    entries every batch): the filler is split into as many sequences as the samples leave, so
+    with ``pad_to`` and ``max_seqlen`` every batch has the same shapes and one CUDA graph serves
+    them all. ``pad_to`` must then leave at least one filler token per missing sequence.
     """
 
     max_seqlen: int | None = None
     pad_to: int | None = None
     pad_to_multiple_of: int | None = None  # buckets of token counts: fewer shapes for the compiler
+    num_seqs: int | None = None  # a fixed number of sequences (real + filler): CUDA graphs
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
 
@@ -112,7 +116,11 @@ class PackCollator:
         if self.pad_to_multiple_of:
             target = -(-target // self.pad_to_multiple_of) * self.pad_to_multiple_of
         # filler no longer than the longest sample, so its positions stay inside the model's range
-        filler = filler_lengths(target - total, self.max_seqlen or max(lengths, default=None))
+        cap = self.max_seqlen or max(lengths, default=None)
+        if self.num_seqs is None:
+            filler = filler_lengths(target - total, cap)
+        else:
+            filler = split_filler(target - total, self.num_seqs - len(lengths), cap, len(lengths), self.num_seqs)
         info = SeqInfo.from_lengths(lengths + filler, max_seqlen=self.max_seqlen)
         pad = sum(filler)
         return {
@@ -120,6 +128,22 @@ class PackCollator:
             "labels": torch.cat([t for _, t in pairs] + [torch.full((pad,), self.ignore_index, dtype=torch.long)]),
             "info": info,
         }
+
+
+def split_filler(tokens: int, count: int, cap: int, samples: int, num_seqs: int) -> list[int]:
+    """``tokens`` filler tokens as exactly ``count`` sequences of 1..``cap`` tokens each."""
+    if count < 0:
+        raise ValueError(f"batch has {samples} samples, more than num_seqs={num_seqs}")
+    if count == 0 and tokens:
+        raise ValueError(f"num_seqs={num_seqs} sequences are all samples, but {tokens} filler tokens remain: "
+                         "raise num_seqs or lower pad_to")
+    if tokens < count:
+        raise ValueError(f"{count} filler sequences to reach num_seqs={num_seqs} need at least {count} filler "
+                         f"tokens, the row has {tokens} left: raise pad_to (budget + num_seqs always fits)")
+    if count and -(-tokens // count) > cap:
+        raise ValueError(f"{tokens} filler tokens in {count} sequences exceed {cap} tokens each: raise num_seqs")
+    q, r = divmod(tokens, count) if count else (0, 0)
+    return [q + 1] * r + [q] * (count - r)
 
 
 def filler_lengths(tokens: int, max_seqlen: int | None) -> list[int]:
