@@ -162,7 +162,9 @@ def run_case(case: Case) -> Result:
         flops += step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
                             mlp_ratio=cfg.mlp_ratio, causal=True if hf else None)  # GPT2 is always causal
         real += sum(lengths)
-        computed += host["attention_mask"].numel() if "attention_mask" in host else sum(lengths)
+        # tokens the model computed on: padded rows, or a packed row with its filler sequences
+        computed += (host["attention_mask"].numel() if "attention_mask" in host
+                     else host["info"].total_tokens if "info" in host else sum(lengths))
     total = sum(times)
     profile = None
     if n_profile:
