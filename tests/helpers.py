@@ -54,3 +54,26 @@ def random_qkv(lengths, heads, kv_heads, head_dim, dtype, device="cpu", seed=0):
 
 def scale_of(d):
     return 1 / math.sqrt(d)
+
+
+def assert_matches_truth(out, q, k, v, lengths, causal=False, window_size=(-1, -1), *, grad=True, seed=0):
+    """``out`` (computed from q, k, v) against a float64 truth, forward and gradients, within 2x
+    the error of the same computation in q's dtype (plus a few ulps)."""
+    dtype = q.dtype
+    q64, k64, v64 = (x.detach().double().requires_grad_(grad) for x in (q, k, v))
+    truth = truth_attention(q64, k64, v64, lengths, causal, window_size)
+    qb, kb, vb = (x.detach().clone().requires_grad_(grad) for x in (q, k, v))
+    base = truth_attention(qb, kb, vb, lengths, causal, window_size, dtype=dtype)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert max_err(out, truth) <= bound(max_err(base, truth), dtype), (max_err(out, truth), max_err(base, truth))
+    if not grad:
+        return
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+    out.backward(dout.to(dtype))
+    truth.backward(dout)
+    base.backward(dout.to(dtype))
+    magnitude = max(x.grad.abs().max().item() for x in (q64, k64, v64))
+    for x, x64, xb, name in ((q, q64, qb, "dq"), (k, k64, kb, "dk"), (v, v64, vb, "dv")):
+        err, base_err = max_err(x.grad, x64.grad), max_err(xb.grad, x64.grad)
+        assert err <= bound(base_err, dtype, magnitude), (name, err, base_err)

@@ -13,7 +13,7 @@ import varlen
 from varlen import BACKENDS, SeqInfo, attention
 from varlen.attention import api, backend_reasons
 
-from helpers import bound, max_err, random_qkv, truth_attention
+from helpers import assert_matches_truth, bound, max_err, random_qkv, truth_attention
 
 LENGTHS = {
     "len1": [1],
@@ -47,22 +47,7 @@ def _check(backend, lengths, shape, mask, dtype, seed, grad):
         pytest.skip(f"{backend}: {'; '.join(why)}")
 
     out = attention(q, k, v, info, causal=causal, window_size=window, backend=backend)
-    assert out.shape == q.shape and out.dtype == q.dtype
-    q64, k64, v64 = (x.detach().double().requires_grad_(grad) for x in (q, k, v))
-    truth = truth_attention(q64, k64, v64, lengths, causal, window)
-    qb, kb, vb = (x.detach().clone().requires_grad_(grad) for x in (q, k, v))
-    base = truth_attention(qb, kb, vb, lengths, causal, window, dtype=dtype)
-    assert max_err(out, truth) <= bound(max_err(base, truth), dtype), (max_err(out, truth), max_err(base, truth))
-    if not grad:
-        return
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    out.backward(dout.to(dtype))
-    truth.backward(dout)
-    base.backward(dout.to(dtype))
-    magnitude = max(g.abs().max().item() for g in (q64.grad, k64.grad, v64.grad))
-    for x, x64, xb, name in ((q, q64, qb, "dq"), (k, k64, kb, "dk"), (v, v64, vb, "dv")):
-        err, base_err = max_err(x.grad, x64.grad), max_err(xb.grad, x64.grad)
-        assert err <= bound(base_err, dtype, magnitude), (name, err, base_err)
+    assert_matches_truth(out, q, k, v, lengths, causal, window, grad=grad, seed=seed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,7 @@ import torch
 
 from varlen.attention import fa4
 
-from helpers import bound, max_err, random_qkv, scale_of, truth_attention
+from helpers import assert_matches_truth, random_qkv, scale_of
 
 
 def _scores(q, k, cu, i, scale, causal, left, right):
@@ -81,18 +81,7 @@ def test_op_forward_and_grads_match_truth(torch_kernels, lengths, causal, window
         x.requires_grad_()
     left, right = window[0], 0 if causal else window[1]
     out = fa4.attention(q, k, v, cu, max(lengths), scale=scale_of(16), causal=causal, left=left, right=right)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    truth = truth_attention(q64, k64, v64, lengths, causal, window)
-    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    base = truth_attention(qb, kb, vb, lengths, causal, window, dtype=torch.float32)
-    assert max_err(out, truth) <= bound(max_err(base, truth), torch.float32)
-    dout = torch.randn(out.shape, dtype=torch.float64)
-    out.backward(dout.float())
-    truth.backward(dout)
-    base.backward(dout.float())
-    mag = max(g.abs().max().item() for g in (q64.grad, k64.grad, v64.grad))
-    for x, x64, xb in ((q, q64, qb), (k, k64, kb), (v, v64, vb)):
-        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.float32, mag)
+    assert_matches_truth(out, q, k, v, lengths, causal, window)
 
 
 def test_opcheck(torch_kernels):

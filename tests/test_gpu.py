@@ -13,7 +13,7 @@ from varlen.attention import backend_reasons
 from varlen.data import SyntheticDataset, move_batch
 from varlen.models import forward_batch, lm_loss
 
-from helpers import bound, max_err, random_qkv, truth_attention
+from helpers import assert_matches_truth, random_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -43,18 +43,7 @@ def test_backend_bf16_vs_float64(backend, causal, lengths, kv_heads):
     if why:
         pytest.skip(f"{backend}: {'; '.join(why)}")
     out = attention(q, k, v, info, causal=causal, backend=backend)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    truth = truth_attention(q64, k64, v64, lengths, causal)
-    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    base = truth_attention(qb, kb, vb, lengths, causal, dtype=torch.bfloat16)
-    assert max_err(out, truth) <= bound(max_err(base, truth), torch.bfloat16)
-    dout = torch.randn(out.shape, device="cuda", dtype=torch.float64)
-    out.backward(dout.bfloat16())
-    truth.backward(dout)
-    base.backward(dout.bfloat16())
-    magnitude = max(g.abs().max().item() for g in (q64.grad, k64.grad, v64.grad))
-    for x, x64, xb in ((q, q64, qb), (k, k64, kb), (v, v64, vb)):
-        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.bfloat16, magnitude)
+    assert_matches_truth(out, q, k, v, lengths, causal)
 
 
 @pytest.mark.parametrize("backend,compiled", [("flash:torch", False), ("flash:fa4", False), ("flex", False),
@@ -77,19 +66,7 @@ def test_window_bf16_vs_float64(backend, window, compiled):
     if compiled:
         torch._dynamo.reset()
         fn = torch.compile(fn, fullgraph=True)
-    out = fn(q, k, v)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    truth = truth_attention(q64, k64, v64, lengths, window_size=window)
-    qb, kb, vb = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    base = truth_attention(qb, kb, vb, lengths, window_size=window, dtype=torch.bfloat16)
-    assert max_err(out, truth) <= bound(max_err(base, truth), torch.bfloat16)
-    dout = torch.randn(out.shape, device="cuda", dtype=torch.float64)
-    out.backward(dout.bfloat16())
-    truth.backward(dout)
-    base.backward(dout.bfloat16())
-    magnitude = max(g.abs().max().item() for g in (q64.grad, k64.grad, v64.grad))
-    for x, x64, xb in ((q, q64, qb), (k, k64, kb), (v, v64, vb)):
-        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.bfloat16, magnitude)
+    assert_matches_truth(fn(q, k, v), q, k, v, lengths, window_size=window)
 
 
 @pytest.mark.parametrize("backend", ["flash", "flash:fa4", "flex", "sdpa", "nested"])
