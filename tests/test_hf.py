@@ -143,6 +143,12 @@ def test_backend_choice(backend):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="unknown backend"):
         varlen.hf.use("nope")
+    with pytest.raises(ValueError, match="only 'flash:<impl>'"):
+        varlen.hf.use("sdpa:fa4")
+    with pytest.raises(ValueError, match="unknown flash implementation 'fa9'"):
+        varlen.hf.use("flash:fa9")
+    varlen.hf.use("flash:torch")  # a named implementation is accepted (and refused with reasons where absent)
+    varlen.hf.use(backend)
 
 
 def test_generation_after_packed_prefill_shapes():
