@@ -176,3 +176,33 @@ def test_fsdp2_resume_with_accumulation_equals_one_process(tmp_path):
     two, one = _log(tmp_path / "two"), _log(tmp_path / "one")
     assert [r["step"] for r in two] == [1, 2, 3, 4]
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=1e-4)
+
+
+def test_hf_dataset_on_disk_trains_like_the_same_jsonl(tmp_path):
+    # --data hf:DIR (a datasets folder with an input_ids column, here saved locally: no hub) gives
+    # the same samples, and so the same losses, as the same rows in a JSONL file; a split is chosen
+    # from a DatasetDict; a dataset without input_ids is a clear error
+    datasets = pytest.importorskip("datasets")
+    from varlen.train.data import load
+
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(1, 200, (int(n),), generator=g).tolist() for n in torch.randint(2, 60, (40,), generator=g)]
+    datasets.Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"input_ids": rows[:5]})}).save_to_disk(
+        str(tmp_path / "dd"))
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    kw = dict(num_samples=0, max_len=50, vocab_size=256, seed=0)
+    a, b = load(f"hf:{tmp_path / 'ds'}", **kw), load(str(tmp_path / "rows.jsonl"), **kw)
+    assert a.rows == b.rows and a.lengths == b.lengths and max(a.lengths) == 50
+    assert load(f"hf:{tmp_path / 'dd'}:validation", **kw).rows == [r[:51] for r in rows[:5]]
+    with pytest.raises(SystemExit, match="splits \\['validation'\\]; name one"):
+        load(f"hf:{tmp_path / 'dd'}", **kw)
+    datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "text"))
+    with pytest.raises(SystemExit, match="input_ids"):
+        load(f"hf:{tmp_path / 'text'}", **kw)
+    common = [sys.executable, "-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--steps", "3",
+              "--max-tokens", "256", "--seed", "0", "--no-progress"]
+    for name, data in (("hf", f"hf:{tmp_path / 'ds'}"), ("jsonl", tmp_path / "rows.jsonl")):
+        subprocess.run([*common, "--data", str(data), "--out", str(tmp_path / name)], check=True, env=ENV,
+                       capture_output=True, timeout=240)
+    assert [r["loss"] for r in _log(tmp_path / "hf")] == [r["loss"] for r in _log(tmp_path / "jsonl")]

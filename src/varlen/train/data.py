@@ -50,7 +50,12 @@ def load(spec: str, *, num_samples: int, max_len: int, vocab_size: int, seed: in
         name, _, split = spec[3:].partition(":")
         ds = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name, split=split or "train")
         if isinstance(ds, datasets.DatasetDict):
+            if (split or "train") not in ds:
+                raise SystemExit(f"varlen train: {name} has splits {list(ds)}; name one: hf:{name}:SPLIT")
             ds = ds[split or "train"]
+        if "input_ids" not in ds.column_names:
+            raise SystemExit(f"varlen train: {name} has columns {ds.column_names}, no input_ids "
+                             "(tokenize it first: dataset.map(lambda r: tokenizer(r['text'])))")
         return TokenDataset(list(ds["input_ids"]), max_len)
     return SyntheticDataset(num_samples, max_len=max_len, vocab_size=vocab_size, length_dist=spec, seed=seed)
 
