@@ -2,13 +2,13 @@
 
 Three implementations of the same call, preferred in this order when present:
 
-- ``fa4``: FlashAttention-4, ``flash_attn.cute.flash_attn_varlen_func`` (Hopper/Blackwell).
+- ``fa4``: FlashAttention-4's CuTe kernels (Hopper/Blackwell), as custom ops (``fa4.py``).
 - ``fa2``: the ``flash_attn`` package's ``flash_attn_varlen_func`` (FlashAttention-2/3 builds).
 - ``torch``: PyTorch's own ``torch.nn.attention.varlen.varlen_attn`` (FA2 inside torch >= 2.10).
 
-``backend="flash:fa4"`` (or ``fa2``, ``torch``) or ``VARLEN_FLASH_IMPL=fa4|fa2|torch`` forces one; a forced one that cannot run raises, never falls
-back. torch 2.10 spelled causality ``is_causal``; 2.11+ takes ``window_size=(-1, 0)``: the
-signature is probed, not the version.
+``backend="flash:fa4"`` (or ``fa2``, ``torch``) or ``VARLEN_FLASH_IMPL=fa4|fa2|torch`` forces one;
+a forced one that cannot run raises, never falls back. torch 2.10 spelled causality
+``is_causal``; 2.11+ takes ``window_size=(-1, 0)``: the signature is probed, not the version.
 """
 
 from __future__ import annotations
