@@ -96,9 +96,9 @@ def backend_unavailable(backend: str) -> str | None:
 
 def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bool, window_size) -> list[str]:
     """Why backend ``name`` cannot run these inputs here; empty if it can."""
-    why = backend_unavailable(name)
     name, kw = split_backend(name)
     m = backend_module(name)
+    why = m.unavailable(**kw)
     if why:
         return [why]
     return m.CAPS.reasons(q, k, causal, window_size) + m.reasons(q, k, v, info, causal, window_size, **kw)

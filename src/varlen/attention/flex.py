@@ -117,7 +117,8 @@ def doc_block_mask(info: SeqInfo, t: int, left: int, right: int, mask_mod):
         lo = torch.maximum(lo, starts - left)
     kv_start, kv_end = starts[None, :], ends[None, :]  # [1, nb]
     any_pair = (kv_end >= lo[:, None]) & (kv_start <= hi[:, None])  # [nb q, nb kv]
-    one_doc = (d_first == d_last)[:, None] & (d_first[:, None] == d_first[None, :]) & (d_first == d_last)[None, :]
+    single = d_first == d_last  # [nb]: the block lies in one document
+    one_doc = single[:, None] & single[None, :] & (d_first[:, None] == d_first[None, :])
     whole = ends - starts == BLOCK - 1  # a last block cut short by T is never called full
     full = any_pair & one_doc & whole[:, None] & whole[None, :]
     if right >= 0:  # every kv <= q + right: the block's last kv against its first q

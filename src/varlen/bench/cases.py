@@ -38,6 +38,11 @@ def order_key(strategy: str) -> tuple[int, str]:
     return (order.index(base) if base in order else len(order), impl)
 
 
+def case_name(strategy: str, mode: str, compile: bool) -> str:
+    """``packed-flash/train/compiled``: how tables and logs name a case."""
+    return f"{strategy}/{mode}/{'compiled' if compile else 'eager'}"
+
+
 def baseline_of(strategy: str) -> str:
     """What a strategy's speed-up is measured against: padding, in the same model family."""
     return "hf-padded" if strategy.startswith("hf-") else BASELINE
@@ -90,7 +95,7 @@ class Case:
 
     @property
     def name(self) -> str:
-        return f"{self.strategy}/{self.mode}/{'compiled' if self.compile else 'eager'}"
+        return case_name(self.strategy, self.mode, self.compile)
 
     def to_dict(self) -> dict:
         return asdict(self)

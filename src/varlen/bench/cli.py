@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..info import environment
-from .cases import DECODER_STRATEGIES, PRESETS, STRATEGIES, grid, order_key
+from .cases import DECODER_STRATEGIES, PRESETS, STRATEGIES, case_name, grid, order_key
 from .hf_models import HF_STRATEGIES
 from .report import add_comparisons, add_mfu, print_table, save
 from .runner import measure_peak, result_dicts, run_all
@@ -163,6 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     best = min((c for c in report["cases"] if c["error"] is None), key=lambda c: c["step_ms_mean"], default=None)
     summary = {"out": str(out), "cases": len(results), "failed": sum(r.error is not None for r in results),
-               "fastest": best and f"{best['strategy']}/{best['mode']}/{'compiled' if best['compile'] else 'eager'}"}
+               "fastest": best and case_name(best["strategy"], best["mode"], best["compile"])}
     print(json.dumps(summary))  # last line: one line of JSON for scripts
     return 0

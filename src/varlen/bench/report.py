@@ -7,7 +7,7 @@ import csv
 import json
 from pathlib import Path
 
-from .cases import baseline_of, order_key
+from .cases import baseline_of, case_name, order_key
 
 COLUMNS = [
     "strategy", "backend", "mode", "compile", "step_ms_mean", "step_ms_median", "step_ms_min",
@@ -110,7 +110,7 @@ def markdown(report: dict) -> str:
         for c in report["cases"]:
             top = (c.get("profile") or {}).get("top")
             if top:
-                name = f"{c['strategy']}/{c['mode']}/{'compiled' if c['compile'] else 'eager'}"
+                name = case_name(c["strategy"], c["mode"], c["compile"])
                 lines += ["", f"Top kernels of {name} (ms per step):", "", "| kernel | part | ms |", "|---|---|---|"]
                 lines += [f"| `{k['name'][:90]}` | {k['part']} | {k['ms']:.2f} |" for k in top[:12]]
     return "\n".join(lines) + "\n"
@@ -125,7 +125,7 @@ def profile_rows(cases: list[dict]) -> list[list[str]]:
         p = c.get("profile")
         if not p:
             continue
-        name = f"{c['strategy']}/{c['mode']}/{'compiled' if c['compile'] else 'eager'}"
+        name = case_name(c["strategy"], c["mode"], c["compile"])
         out.append([name, f"{p['step_ms']:.1f}"] + [f"{p['ms'][k]:.1f} ({p['pct'][k]:.0f}%)" for k in PROFILE_HEADER[2:]])
     return out
 

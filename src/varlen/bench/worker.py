@@ -78,16 +78,15 @@ def sample_batches(w, count: int) -> list[list[int]]:
     return full[:count]
 
 
-def _cudagraph_skips() -> int:
+def _counter(group: str, name: str) -> int:
+    """A torch.compile counter: ("stats", "unique_graphs"), ("inductor", "cudagraph_skips")."""
     from torch._dynamo.utils import counters
 
-    return int(counters["inductor"]["cudagraph_skips"])
+    return int(counters[group][name])
 
 
 def _graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
+    return _counter("stats", "unique_graphs")
 
 
 def run_case(case: Case) -> Result:
@@ -151,7 +150,7 @@ def run_case(case: Case) -> Result:
         dt = time.perf_counter() - t0
         if i == w.warmup - 1:
             graphs_after_warmup = _graphs()
-            if static and _cudagraph_skips():
+            if static and _counter("inductor", "cudagraph_skips"):
                 raise RuntimeError("--cuda-graphs: Inductor ran the graph without CUDA graphs (see its "
                                    "'skipping cudagraphs' log line); refusing to report it as graphed")
         if i < w.warmup:

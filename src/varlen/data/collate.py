@@ -120,7 +120,7 @@ class PackCollator:
         if self.num_seqs is None:
             filler = filler_lengths(target - total, cap)
         else:
-            filler = split_filler(target - total, self.num_seqs - len(lengths), cap, len(lengths), self.num_seqs)
+            filler = split_filler(target - total, len(lengths), self.num_seqs, cap)
         info = SeqInfo.from_lengths(lengths + filler, max_seqlen=self.max_seqlen)
         pad = sum(filler)
         return {
@@ -130,8 +130,10 @@ class PackCollator:
         }
 
 
-def split_filler(tokens: int, count: int, cap: int, samples: int, num_seqs: int) -> list[int]:
-    """``tokens`` filler tokens as exactly ``count`` sequences of 1..``cap`` tokens each."""
+def split_filler(tokens: int, samples: int, num_seqs: int, cap: int) -> list[int]:
+    """``tokens`` filler tokens as the ``num_seqs - samples`` sequences a batch of ``samples``
+    lacks, of 1..``cap`` tokens each."""
+    count = num_seqs - samples
     if count < 0:
         raise ValueError(f"batch has {samples} samples, more than num_seqs={num_seqs}")
     if count == 0 and tokens:

@@ -24,7 +24,7 @@ from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..models import Decoder, DecoderConfig, forward_batch
 from . import checkpoint
 from .data import TrainCollator, load
-from .distributed import Dist, per_rank, setup, teardown, wrap
+from .distributed import Dist, per_rank, run_then_teardown, setup, wrap
 from .step import train_step
 
 MODELS = ("decoder", "hf-gpt2", "hf-llama")
@@ -157,14 +157,7 @@ def make_plot(log: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    d = setup(args.device)
-    try:
-        rc = run(args, d)  # the DDP / FSDP module is freed on return, before the group is left
-    except BaseException:
-        teardown(barrier=False)
-        raise
-    teardown()
-    return rc
+    return run_then_teardown(run, args, setup(args.device))
 
 
 def run(args, d: Dist) -> int:

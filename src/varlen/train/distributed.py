@@ -58,6 +58,18 @@ def teardown(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
+def run_then_teardown(fn, *args):
+    """``fn(*args)``, then leave the process group: behind a barrier once ``fn`` returned (its DDP /
+    FSDP module freed), at once after an error (the other ranks may never reach a barrier)."""
+    try:
+        out = fn(*args)
+    except BaseException:
+        teardown(barrier=False)
+        raise
+    teardown()
+    return out
+
+
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks: varlen's Decoder.blocks, or an HF model's layer list."""
     if hasattr(model, "blocks"):
@@ -71,9 +83,10 @@ def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.dtype = torch.float32,
          param_dtype: torch.dtype | None = None, bucket_mb: int = 25, compile: bool = False) -> torch.nn.Module:
-    """``param_dtype`` (FSDP2): the dtype parameters are all-gathered and computed in (bf16 halves
+    """Data-parallel wrapping; compiled inside-out the way each wrapper wants it.
+
+    ``param_dtype`` (FSDP2): the dtype parameters are all-gathered and computed in (bf16 halves
     the all-gather); gradients are reduced in ``reduce_dtype`` into float32 shards."""
-    """Data-parallel wrapping; compiled inside-out the way each wrapper wants it."""
     match parallel:
         case "none":
             if d.world_size > 1:

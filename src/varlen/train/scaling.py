@@ -26,7 +26,7 @@ from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..models import DecoderConfig
 from .cli import build_model, forward_fn
 from .data import TrainCollator, load
-from .distributed import per_rank, setup, teardown, wrap
+from .distributed import per_rank, run_then_teardown, setup, wrap
 from .step import train_step
 
 
@@ -53,6 +53,7 @@ def parse(argv):
 
 def sweep(args) -> None:
     d = setup(args.device)
+    cuda = d.device.type == "cuda"
     torch.manual_seed(0)
     cfg = DecoderConfig.from_name(args.preset)
     max_len = cfg.max_len - 1
@@ -60,10 +61,10 @@ def sweep(args) -> None:
     model = build_model(args, cfg).to(d.device)
     wrapped = wrap(model, args.parallel, d, compile=args.compile, bucket_mb=args.bucket_mb,
                    reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
-                   param_dtype=torch.bfloat16 if d.device.type == "cuda" else None)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=d.device.type == "cuda" and args.parallel == "ddp")
+                   param_dtype=torch.bfloat16 if cuda else None)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=cuda and args.parallel == "ddp")
     fwd = forward_fn(args)
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if d.device.type == "cuda" else None
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cuda else None
     cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     collate = TrainCollator(max_seqlen=max_len if args.compile else None, hf=args.model != "decoder")
     budget = args.tokens_per_rank * d.world_size
@@ -87,12 +88,11 @@ def sweep(args) -> None:
         for b in sampler.global_batches():  # the split is host work: do it before the clock runs
             sampler.shares(b)
         steps = args.warmup + args.steps if timed_pass else args.warmup
-        cuda = d.device.type == "cuda"
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=2 if cuda else 0, pin_memory=cuda)
         it = iter(loader)
         times, tokens, spreads = [], [], []
-        torch.cuda.reset_peak_memory_stats(d.device) if d.device.type == "cuda" else None
+        torch.cuda.reset_peak_memory_stats(d.device) if cuda else None
         for i in range(steps):
             if d.world_size > 1:
                 dist.barrier()
@@ -101,7 +101,7 @@ def sweep(args) -> None:
             if args.compile:
                 mark_dynamic(b)
             stats = train_step(wrapped, [b], opt, fwd, autocast=autocast)
-            if d.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
             dt_s = time.perf_counter() - t0
             mine = per_rank(stats.local_tokens, d)
@@ -118,7 +118,7 @@ def sweep(args) -> None:
                    "tokens_per_s": sum(tokens) / sum(times), "step_ms_mean": 1e3 * statistics.mean(times),
                    "step_ms_median": 1e3 * statistics.median(times),
                    "rank_token_spread": statistics.mean(spreads) if d.world_size > 1 else 1.0,
-                   "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None,
+                   "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else None,
                    "loss": float(stats.loss), "packing_efficiency": sampler.efficiency()}
             print(json.dumps(run), flush=True)
             if args.out:
@@ -163,12 +163,7 @@ def main(argv=None) -> int:
     if args.report:
         report(args.report, args.out or Path("."))
     else:
-        try:
-            sweep(args)  # its DDP module is freed on return, before the group is left
-        except BaseException:
-            teardown(barrier=False)
-            raise
-        teardown()
+        run_then_teardown(sweep, args)
     return 0
 
 
