@@ -268,3 +268,14 @@ def test_cuda_graphs_refused_where_they_cannot_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (case,) = json.loads((out / "results.json").read_text())["cases"]
     assert "needs a CUDA device" in case["error"]
+
+
+def test_exposed_time_is_what_other_kernels_do_not_cover():
+    from varlen.bench.profile import _length, _overlap, _union
+
+    comm = _union([(5, 8), (0, 2), (1, 3), (10, 12)])  # [0,3] [5,8] [10,12]
+    assert comm == [(0, 3), (5, 8), (10, 12)]
+    compute = _union([(2, 6), (7, 11)])
+    # covered: [2,3] + [5,6] + [7,8] + [10,11] = 4 of 8
+    assert _length(comm) == 8 and _overlap(comm, compute) == 4 and _overlap(compute, comm) == 4
+    assert _overlap(comm, []) == 0 and _overlap(comm, comm) == _length(comm)

@@ -67,7 +67,17 @@ def test_mean_of_micro_means_would_differ():
     assert abs(a - sum(means) / 2) > 1e-4
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_static_graph_refuses_accumulation():
+    ds = SyntheticDataset(4, max_len=50, seed=3)
+    collate = TrainCollator()
+    model = Decoder("tiny").double()
+    model.static_graph = True  # what DDP(static_graph=True) exposes
+    with pytest.raises(ValueError, match="static_graph"):
+        train_step(model, [collate([ds[0]]), collate([ds[1]])], None, _fwd)
+    assert all(p.grad is None for p in model.parameters()), "refused before any backward"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2", "ddp:static", "fsdp2:keep"])
 def test_two_processes_equal_one(tmp_path, parallel):
     _torchrun(1, SCRIPTS / "dist_steps.py", parallel, tmp_path / "one.pt")
     _torchrun(2, SCRIPTS / "dist_steps.py", parallel, tmp_path / "two.pt")
@@ -136,8 +146,13 @@ def test_scaling_sweep_and_report(tmp_path):
 
     for n in (1, 2):
         _torchrun(n, "-m", "varlen.train.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "2",
-                  "--warmup", "1", "--tokens-per-rank", "1024", "--dists", "lognormal", "--out", tmp_path / f"w{n}")
+                  "--warmup", "1", "--tokens-per-rank", "1024", "--dists", "lognormal", "--out", tmp_path / f"w{n}",
+                  "--profile-steps", "1", "--cost", "measure", "--label", "m")
     result = report([tmp_path / "w1", tmp_path / "w2"], tmp_path / "rep")
+    assert all(r["label"] == "m" and r["cost"] == "measure" and r["profile"]["steps"] == 1 for r in result["runs"])
+    assert all(r["step_ms_mean"] >= r["step_ms_rank_mean"] > 0 for r in result["runs"])  # slowest >= mean
+    assert all(r["efficiency_vs_alone"] > 0 and r["step_ms_alone_mean"] > 0 for r in result["runs"])  # ddp
+    assert all(r["steps_dropped_for_compiling"] == 0 and len(r["step_ms"]) == 2 for r in result["runs"])
     keys = {"world_size", "parallel", "split", "length_dist", "tokens_per_s", "step_ms_mean", "efficiency", "peak_mem_gib"}
     assert len(result["runs"]) == 4 and all(keys <= set(r) for r in result["runs"])
     assert {r["efficiency"] for r in result["runs"] if r["world_size"] == 1} == {1.0}
@@ -206,3 +221,21 @@ def test_hf_dataset_on_disk_trains_like_the_same_jsonl(tmp_path):
         subprocess.run([*common, "--data", str(data), "--out", str(tmp_path / name)], check=True, env=ENV,
                        capture_output=True, timeout=240)
     assert [r["loss"] for r in _log(tmp_path / "hf")] == [r["loss"] for r in _log(tmp_path / "jsonl")]
+
+
+def test_garbage_collection_runs_on_its_own_cadence(monkeypatch):
+    import gc
+
+    from varlen.train import GarbageCollection
+
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation))
+    collector = GarbageCollection(3)
+    assert not gc.isenabled() and calls == [2]  # one full collection at the start, then only ours
+    for _ in range(7):
+        collector.step()
+    assert calls == [2, 1, 1]  # steps 3 and 6
+    collector.close()
+    assert gc.isenabled()
+    GarbageCollection(0).step()  # 0: Python's own collector, untouched
+    assert gc.isenabled() and calls == [2, 1, 1]

@@ -109,7 +109,7 @@ def run_case(case: Case) -> Result:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
     n = w.warmup + w.steps
     n_profile = 3 if w.profile else 0
-    batches = sample_batches(w, n + n_profile)
+    batches = sample_batches(w, n + n_profile + (n_profile > 0))  # breakdown runs one unrecorded step first
     if not hf:
         collate = _collator(case, cfg, batches)
     ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, vocab_size=w.vocab_size,

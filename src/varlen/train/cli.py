@@ -25,7 +25,7 @@ from ..models import Decoder, DecoderConfig, forward_batch
 from . import checkpoint
 from .data import TrainCollator, load
 from .distributed import Dist, per_rank, run_then_teardown, setup, wrap
-from .step import train_step
+from .step import GarbageCollection, train_step
 
 MODELS = ("decoder", "hf-gpt2", "hf-llama")
 
@@ -60,6 +60,8 @@ def parse_args(argv):
     p.add_argument("--bucket-mb", type=int, default=25, help="DDP gradient bucket size")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
+    p.add_argument("--gc-every", type=int, default=50,
+                   help="Python's collector off, a collection every N steps on all ranks at once (0: Python's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="train_log.jsonl, train.png, summary.json, checkpoint/")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into OUT/checkpoint")
@@ -241,7 +243,9 @@ def run(args, d: Dist) -> int:
             batches_done = 0
 
     it = batches()
+    collector = GarbageCollection(args.gc_every)
     while step < args.steps:
+        collector.step()
         t0 = time.perf_counter()
         micro = []
         for _ in range(args.grad_accum):
@@ -269,6 +273,7 @@ def run(args, d: Dist) -> int:
         if ckpt and args.save_every and step % args.save_every == 0:
             checkpoint.save(ckpt, wrapped, opt, step=step, sampler_state=sampler.state_dict(batches_done), rank=d.rank)
     it.close()  # releases the DataLoader (and its workers) now, not at interpreter exit
+    collector.close()
     if progress:
         progress.close()
     timed = log[args.warmup:] or log

@@ -82,11 +82,17 @@ def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.dtype = torch.float32,
-         param_dtype: torch.dtype | None = None, bucket_mb: int = 25, compile: bool = False) -> torch.nn.Module:
+         param_dtype: torch.dtype | None = None, bucket_mb: int = 25, compile: bool = False,
+         static_graph: bool = False, reshard_after_forward: bool = True) -> torch.nn.Module:
     """Data-parallel wrapping; compiled inside-out the way each wrapper wants it.
 
     ``param_dtype`` (FSDP2): the dtype parameters are all-gathered and computed in (bf16 halves
-    the all-gather); gradients are reduced in ``reduce_dtype`` into float32 shards."""
+    the all-gather); gradients are reduced in ``reduce_dtype`` into float32 shards.
+    ``reshard_after_forward=False`` (FSDP2) keeps each block's gathered parameters from forward to
+    backward (ZeRO-2: one all-gather a step instead of two, for the memory of unsharded blocks).
+    The last block is never resharded: backward needs it first (torchtitan does the same).
+    ``static_graph`` (DDP): the same parameters get gradients in the same order every step, so DDP
+    skips searching for unused ones and keeps its buckets in the order gradients arrive."""
     match parallel:
         case "none":
             if d.world_size > 1:
@@ -99,7 +105,7 @@ def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.
                 for block in blocks_of(model):  # while the blocks below it still run backward
                     block.compile()
             ddp = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None,
-                      bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True)
+                      bucket_cap_mb=bucket_mb, gradient_as_bucket_view=True, static_graph=static_graph)
             if reduce_dtype == torch.bfloat16:
                 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -109,10 +115,11 @@ def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-            for block in blocks_of(model):
+            blocks = blocks_of(model)
+            for i, block in enumerate(blocks):
                 if compile:  # as torchtitan: compile each block, then shard it
                     block.compile()
-                fully_shard(block, mp_policy=mp)
+                fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
             fully_shard(model, mp_policy=mp)
             return model
         case _:

@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..bench.profile import breakdown
+from ..bench.worker import _graphs
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..models import DecoderConfig
-from .cli import build_model, forward_fn
+from .cli import build_model, forward_fn, measure_cost
 from .data import TrainCollator, load
 from .distributed import per_rank, run_then_teardown, setup, wrap
-from .step import train_step
+from .step import GarbageCollection, train_step
 
 
 def parse(argv):
@@ -45,6 +47,18 @@ def parse(argv):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--bucket-mb", type=int, default=25)
     p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--static-graph", action="store_true", help="DDP's static_graph")
+    p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)")
+    p.add_argument("--cost", choices=["flops", "measure"], default="flops",
+                   help="the balanced split's cost model: from FLOPs, or timed on this device and model")
+    p.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
+                   help="DDP: before each timed step, time the same share on each GPU alone (no communication)")
+    p.add_argument("--gc-every", type=int, default=50,
+                   help="Python's collector off, a collection every N steps on all ranks, untimed (0: Python's own)")
+    p.add_argument("--label", default="", help="names a variant (flags, environment) in the report")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after each timed config, profile this many steps: where rank 0's step goes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path)
     p.add_argument("--report", type=Path, nargs="+", help="join the runs.jsonl of these folders into --out")
@@ -59,16 +73,24 @@ def sweep(args) -> None:
     max_len = cfg.max_len - 1
     args.dtype, args.max_len = "bf16", max_len
     model = build_model(args, cfg).to(d.device)
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cuda else None
+    if args.cost == "measure":  # before wrapping: no collectives inside the timing
+        cost = measure_cost(model, args, cfg, d, autocast)
+    else:
+        cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
+    # DDP leaves the module it wraps usable on its own: called directly, its gradients stay local (the
+    # reducer ignores a backward its forward did not prepare). That is each GPU's single-GPU baseline.
+    local = model if args.parallel == "ddp" and args.alone else None
+    alone = dist.new_subgroups(1)[0] if local is not None and dist.is_initialized() else None
     wrapped = wrap(model, args.parallel, d, compile=args.compile, bucket_mb=args.bucket_mb,
                    reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
-                   param_dtype=torch.bfloat16 if cuda else None)
+                   param_dtype=torch.bfloat16 if cuda else None, static_graph=args.static_graph,
+                   reshard_after_forward=args.reshard_after_forward)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=cuda and args.parallel == "ddp")
     fwd = forward_fn(args)
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cuda else None
-    cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     collate = TrainCollator(max_seqlen=max_len if args.compile else None, hf=args.model != "decoder")
     budget = args.tokens_per_rank * d.world_size
-    n_samples = (args.warmup + args.steps + 4) * budget // 100  # lognormal means ~200 tokens
+    n_samples = (args.warmup + args.steps + args.profile_steps + 8) * budget // 50  # samples average >= 50 tokens
     if d.main and args.out:
         from ..info import environment
 
@@ -76,6 +98,7 @@ def sweep(args) -> None:
         env = environment()
         env["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         (args.out / "env.json").write_text(json.dumps(env))
+    collector = GarbageCollection(args.gc_every)
     configs = [(dn, sp) for dn in args.dists.split(",") for sp in args.splits.split(",")]
     datasets = {dn: load(dn, num_samples=n_samples, max_len=max_len, vocab_size=cfg.vocab_size, seed=0)
                 for dn in args.dists.split(",")}
@@ -88,48 +111,93 @@ def sweep(args) -> None:
         for b in sampler.global_batches():  # the split is host work: do it before the clock runs
             sampler.shares(b)
         steps = args.warmup + args.steps if timed_pass else args.warmup
+        if len(sampler) < steps + args.profile_steps + 1:
+            raise SystemExit(f"{dist_name}: {len(sampler)} batches, fewer than the {steps + args.profile_steps + 1} "
+                             "steps to run: fewer --steps, or a larger dataset")
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=2 if cuda else 0, pin_memory=cuda)
         it = iter(loader)
-        times, tokens, spreads = [], [], []
+        times, own, tokens, spreads = [], [], [], []
+        local_times, local_tok, local_t = [], 0.0, 0.0  # per rank: tokens and seconds alone
         torch.cuda.reset_peak_memory_stats(d.device) if cuda else None
-        for i in range(steps):
+
+        def timed(fn, b):
             if d.world_size > 1:
                 dist.barrier()
             t0 = time.perf_counter()
+            stats = fn(b)
+            if cuda:
+                torch.cuda.synchronize()
+            return stats, per_rank(time.perf_counter() - t0, d)
+
+        def step(b=None):
+            b = b if b is not None else next_batch()
+            return train_step(wrapped, [b], opt, fwd, autocast=autocast)
+
+        def next_batch():
             b = move_batch(next(it), d.device, non_blocking=True)
             if args.compile:
                 mark_dynamic(b)
-            stats = train_step(wrapped, [b], opt, fwd, autocast=autocast)
-            if cuda:
-                torch.cuda.synchronize()
-            dt_s = time.perf_counter() - t0
+            return b
+
+        dropped = 0  # timed steps in which some rank compiled: not steady state, left out of both timings
+        for i in range(steps):
+            collector.step()
+            b = next_batch()
+            graphs = _graphs()
+            t_alone = None
+            if local is not None:  # the same share, alone on this GPU, just before
+                _, t_alone = timed(lambda b: train_step(local, [b], opt, fwd, autocast=autocast, group=alone), b)
+            stats, t = timed(step, b)
             mine = per_rank(stats.local_tokens, d)
-            t = per_rank(dt_s, d).max()  # the step ends when the slowest rank ends
-            if i >= args.warmup:
-                times.append(float(t))
-                tokens.append(float(mine.sum()))
-                spreads.append(float(mine.max() / mine.mean()))
+            if i < args.warmup:
+                continue
+            if per_rank(_graphs() - graphs, d).max() > 0:
+                dropped += 1
+                continue
+            times.append(float(t.max()))  # the step ends when the slowest rank ends
+            own.append(float(t.mean()))
+            tokens.append(float(mine.sum()))
+            spreads.append(float(mine.max() / mine.mean()))
+            if t_alone is not None:
+                local_times.append(float(t_alone.mean()))
+                local_tok = local_tok + per_rank(b["num_tokens"], d).cpu()
+                local_t = local_t + t_alone.cpu()
+        if timed_pass and not times:
+            raise SystemExit(f"{dist_name}/{split}: every timed step compiled something; more --warmup")
+        prof = breakdown(step, args.profile_steps, d.device.type) if timed_pass and args.profile_steps else None
         del it, loader  # shut a half-read loader's workers down now, not at interpreter exit
         if d.main and timed_pass:
-            run = {"world_size": d.world_size, "parallel": args.parallel, "split": split,
+            run = {"world_size": d.world_size, "parallel": args.parallel, "split": split, "label": args.label,
                    "length_dist": dist_name, "compile": args.compile, "reduce_dtype": args.reduce_dtype,
                    "bucket_mb": args.bucket_mb if args.parallel == "ddp" else None, "tokens_per_rank_budget": args.tokens_per_rank,
                    "tokens_per_s": sum(tokens) / sum(times), "step_ms_mean": 1e3 * statistics.mean(times),
                    "step_ms_median": 1e3 * statistics.median(times),
+                   # each rank's own step, averaged: slowest / this is what waiting for stragglers costs
+                   "step_ms_rank_mean": 1e3 * statistics.mean(own),
+                   "static_graph": args.static_graph, "reshard_after_forward": args.reshard_after_forward,
+                   "cost": args.cost, "cost_per_token_sq": cost.per_token_sq,
                    "rank_token_spread": statistics.mean(spreads) if d.world_size > 1 else 1.0,
+                   # against every rank's own step without communication, interleaved step by step with
+                   # the timed ones (same GPUs, same batches, same clocks): what data parallelism costs
+                   "step_ms_alone_mean": 1e3 * statistics.mean(local_times) if local_times else None,
+                   "efficiency_vs_alone": (sum(tokens) / sum(times)) / float((local_tok / local_t).sum())
+                   if local_times else None,
                    "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else None,
-                   "loss": float(stats.loss), "packing_efficiency": sampler.efficiency()}
+                   "step_ms": [round(1e3 * t, 2) for t in times], "gc_every": args.gc_every,
+                   "steps_dropped_for_compiling": dropped,
+                   "loss": float(stats.loss), "packing_efficiency": sampler.efficiency(), "profile": prof}
             print(json.dumps(run), flush=True)
             if args.out:
                 args.out.mkdir(parents=True, exist_ok=True)
                 with open(args.out / "runs.jsonl", "a") as f:
                     f.write(json.dumps(run) + "\n")
+    collector.close()
 
 
 def report(dirs: list[Path], out: Path) -> dict:
     runs = [json.loads(x) for d in dirs for x in (d / "runs.jsonl").read_text().splitlines() if x]
-    key = lambda r: (r["parallel"], r.get("reduce_dtype") or "fp32", r["split"], r["length_dist"])  # noqa: E731
+    key = lambda r: (r.get("label", ""), r["parallel"], r.get("reduce_dtype") or "fp32", r["split"], r["length_dist"])  # noqa: E731
     # a step that recompiles (seconds) moves the mean a lot: report the median step's rate too
     for r in runs:
         r["tokens_per_s_median"] = r["tokens_per_s"] * r["step_ms_mean"] / r["step_ms_median"]
@@ -145,14 +213,32 @@ def report(dirs: list[Path], out: Path) -> dict:
     result = {"env": envs[0] if envs else {}, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
-    lines = ["| GPUs | parallel | reduce | split | lengths | tokens/s | step ms (mean / median) | efficiency "
-             "(mean / median step) | rank token spread | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | GPUs | parallel | reduce | split | lengths | tokens/s | step ms (mean / median) | efficiency "
+             "(mean / median step) | efficiency vs alone | rank token spread | slowest / mean rank | exposed comm ms | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (*key(r), r["world_size"])):
         eff = f"{100 * r['efficiency']:.1f}% / {100 * r['efficiency_median']:.1f}%" if r["efficiency"] else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
-        lines.append(f"| {r['world_size']} | {r['parallel']} | {r.get('reduce_dtype', 'fp32')} | {r['split']} | "
-                     f"{r['length_dist']} | {r['tokens_per_s']:,.0f} | {r['step_ms_mean']:.1f} / {r['step_ms_median']:.1f} | "
-                     f"{eff} | {r['rank_token_spread']:.3f} | {mem} |")
+        wait = f"{r['step_ms_mean'] / r['step_ms_rank_mean']:.3f}" if r.get("step_ms_rank_mean") else "-"
+        comm = (r.get("profile") or {}).get("communication_exposed_ms")
+        alone = f"{100 * r['efficiency_vs_alone']:.1f}%" if r.get("efficiency_vs_alone") else "-"
+        lines.append(f"| {r.get('label') or '-'} | {r['world_size']} | {r['parallel']} | {r.get('reduce_dtype', 'fp32')} | "
+                     f"{r['split']} | {r['length_dist']} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['step_ms_mean']:.1f} / {r['step_ms_median']:.1f} | {eff} | {alone} | {r['rank_token_spread']:.3f} | "
+                     f"{wait} | {'-' if comm is None else f'{comm:.1f}'} | {mem} |")
+    profiled = [r for r in runs if r.get("profile")]
+    if profiled:  # where rank 0's step went: what the GPU computed, what communication nothing hid
+        parts = ("gemm", "attention", "elementwise/norm", "optimizer")
+        lines += ["", "Rank 0's step under the profiler (ms a step): kernels by kind, all communication kernels, the "
+                  "part of them no compute kernel overlapped, and the time the GPU was idle.", "",
+                  "| variant | GPUs | split | lengths | step | " + " | ".join(parts) + " | comm | comm exposed | idle |",
+                  "|---|---|---|---|---|" + "---|" * (len(parts) + 3)]
+        for r in sorted(profiled, key=lambda r: (*key(r), r["world_size"])):
+            pr = r["profile"]
+            lines.append(f"| {r.get('label') or '-'} | {r['world_size']} | {r['split']} | {r['length_dist']} | "
+                         f"{pr['step_ms']:.1f} | " + " | ".join(f"{pr['ms'][k]:.1f}" for k in parts) +
+                         f" | {pr.get('communication_ms', 0):.1f} | {pr.get('communication_exposed_ms', 0):.1f} | "
+                         f"{pr['ms']['host/data gap']:.1f} |")
     (out / "scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

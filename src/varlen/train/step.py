@@ -9,6 +9,7 @@ per-micro-batch means is the bug that made HF's gradient accumulation drift).
 
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -52,6 +53,11 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[dict], optimizer:
     gradients over ranks, which the ``world`` factor undoes so that the sum over ranks divided by
     the global target count is what remains.
     """
+    if len(micro_batches) > 1 and getattr(model, "static_graph", False):
+        # DDP(static_graph=True) under no_sync crashes on an internal assert, and once past it stops
+        # all-reducing (pytorch/pytorch#143580, #187732): refuse rather than train on wrong gradients
+        raise ValueError("gradient accumulation (several micro-batches) with DDP's static_graph is broken in "
+                         "PyTorch (pytorch/pytorch#187732); use one micro-batch a step or static_graph=False")
     world = _world(group)
     n = count_targets(micro_batches, group).clamp_min(1)
     total = torch.zeros((), dtype=torch.float64, device=n.device)
@@ -77,3 +83,29 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[dict], optimizer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return StepStats(total / n, n, tokens)
+
+
+class GarbageCollection:
+    """Python's automatic collector off; a young-generation collection every ``every`` steps instead,
+    on every rank at the same step (``every=0`` leaves Python's collector alone).
+
+    An automatic collection stops a process for milliseconds to tens of them at a moment of its own
+    choosing. With several ranks every step waits for whichever rank collected, so the pauses of all
+    ranks add up; collecting at the same step on all ranks makes them one pause (torchtitan does this).
+    """
+
+    def __init__(self, every: int):
+        self.every, self.steps = every, 0
+        if every > 0:
+            gc.disable()
+            gc.collect()
+
+    def step(self) -> None:
+        """Call once per step, outside anything timed."""
+        self.steps += 1
+        if self.every > 0 and self.steps % self.every == 0:
+            gc.collect(1)
+
+    def close(self) -> None:
+        if self.every > 0:
+            gc.enable()
