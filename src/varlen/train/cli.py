@@ -58,6 +58,9 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="gradient reduction dtype")
     p.add_argument("--bucket-mb", type=int, default=25, help="DDP gradient bucket size")
+    p.add_argument("--static-graph", action="store_true", help="DDP's static_graph (not with --grad-accum > 1)")
+    p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
+                   help="FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
     p.add_argument("--gc-every", type=int, default=50,
@@ -168,6 +171,9 @@ def run(args, d: Dist) -> int:
     max_len = args.max_len or cfg.max_len - 1
     if max_len >= cfg.max_len:
         cfg = DecoderConfig.from_name(args.preset, max_len=max_len + 1)
+    if args.static_graph and args.grad_accum > 1:  # before any work: train_step would refuse it later
+        raise SystemExit("varlen train: --static-graph with --grad-accum > 1 is broken in PyTorch "
+                         "(pytorch/pytorch#187732); drop one of them")
     if args.max_tokens and args.max_tokens_per_rank:
         raise SystemExit("varlen train: give --max-tokens or --max-tokens-per-rank, not both")
     budget = args.max_tokens or (args.max_tokens_per_rank or 16384) * d.world_size
@@ -194,7 +200,8 @@ def run(args, d: Dist) -> int:
     workers = args.num_workers if args.num_workers is not None else (2 if on_gpu else 0)
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
-                   compile=args.compile)
+                   compile=args.compile, static_graph=args.static_graph,
+                   reshard_after_forward=args.reshard_after_forward)
     params = model.parameters()
     if args.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=args.lr, fused=on_gpu and parallel != "fsdp2")

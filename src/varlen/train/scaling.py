@@ -117,8 +117,9 @@ def sweep(args) -> None:
         loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=2 if cuda else 0, pin_memory=cuda)
         it = iter(loader)
-        times, own, tokens, spreads = [], [], [], []
+        times, tokens, spreads = [], [], []
         local_times, local_tok, local_t = [], 0.0, 0.0  # per rank: tokens and seconds alone
+        alone_ms: list[list[float]] = []  # [step][rank]
         torch.cuda.reset_peak_memory_stats(d.device) if cuda else None
 
         def timed(fn, b):
@@ -156,11 +157,11 @@ def sweep(args) -> None:
                 dropped += 1
                 continue
             times.append(float(t.max()))  # the step ends when the slowest rank ends
-            own.append(float(t.mean()))
             tokens.append(float(mine.sum()))
             spreads.append(float(mine.max() / mine.mean()))
             if t_alone is not None:
                 local_times.append(float(t_alone.mean()))
+                alone_ms.append([round(1e3 * float(x), 2) for x in t_alone])
                 local_tok = local_tok + per_rank(b["num_tokens"], d).cpu()
                 local_t = local_t + t_alone.cpu()
         if timed_pass and not times:
@@ -173,14 +174,16 @@ def sweep(args) -> None:
                    "bucket_mb": args.bucket_mb if args.parallel == "ddp" else None, "tokens_per_rank_budget": args.tokens_per_rank,
                    "tokens_per_s": sum(tokens) / sum(times), "step_ms_mean": 1e3 * statistics.mean(times),
                    "step_ms_median": 1e3 * statistics.median(times),
-                   # each rank's own step, averaged: slowest / this is what waiting for stragglers costs
-                   "step_ms_rank_mean": 1e3 * statistics.mean(own),
                    "static_graph": args.static_graph, "reshard_after_forward": args.reshard_after_forward,
                    "cost": args.cost, "cost_per_token_sq": cost.per_token_sq,
                    "rank_token_spread": statistics.mean(spreads) if d.world_size > 1 else 1.0,
                    # against every rank's own step without communication, interleaved step by step with
                    # the timed ones (same GPUs, same batches, same clocks): what data parallelism costs
                    "step_ms_alone_mean": 1e3 * statistics.mean(local_times) if local_times else None,
+                   # the real imbalance of a split: busiest rank's time alone over the mean, per step
+                   "alone_rank_spread": statistics.mean(max(a) / statistics.mean(a) for a in alone_ms)
+                   if alone_ms else None,
+                   "alone_ms_by_rank": alone_ms,
                    "efficiency_vs_alone": (sum(tokens) / sum(times)) / float((local_tok / local_t).sum())
                    if local_times else None,
                    "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else None,
@@ -214,12 +217,12 @@ def report(dirs: list[Path], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     lines = ["| variant | GPUs | parallel | reduce | split | lengths | tokens/s | step ms (mean / median) | efficiency "
-             "(mean / median step) | efficiency vs alone | rank token spread | slowest / mean rank | exposed comm ms | peak GiB |",
+             "(mean / median step) | efficiency vs alone | rank token spread | rank time spread alone | exposed comm ms | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (*key(r), r["world_size"])):
         eff = f"{100 * r['efficiency']:.1f}% / {100 * r['efficiency_median']:.1f}%" if r["efficiency"] else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
-        wait = f"{r['step_ms_mean'] / r['step_ms_rank_mean']:.3f}" if r.get("step_ms_rank_mean") else "-"
+        wait = f"{r['alone_rank_spread']:.3f}" if r.get("alone_rank_spread") else "-"
         comm = (r.get("profile") or {}).get("communication_exposed_ms")
         alone = f"{100 * r['efficiency_vs_alone']:.1f}%" if r.get("efficiency_vs_alone") else "-"
         lines.append(f"| {r.get('label') or '-'} | {r['world_size']} | {r['parallel']} | {r.get('reduce_dtype', 'fp32')} | "
