@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 
 import pytest
@@ -15,6 +16,7 @@ from varlen.data import (
     SyntheticDataset,
     TokenBudgetSampler,
     sample_lengths,
+    split_across_ranks,
 )
 
 
@@ -142,3 +144,33 @@ def test_packed_rows_collator_matches_hf_format():
         # no sequence crosses a row boundary
         cu = info.cu_seqlens.tolist()
         assert set(range(0, 4 * 128 + 1, 128)) <= set(cu)
+
+
+def test_cost_model_fit_recovers_the_weights_that_made_the_times():
+    rng = random.Random(0)
+    shares = [[rng.randint(1, 1023) if k % 2 else rng.randint(1, 64) for _ in range(rng.randint(5, 80))]
+              for k in range(30)]
+    true = CostModel(1.0, 2e-4, 30.0)
+    fitted = CostModel.fit(shares, [3e-6 * true.share(s) for s in shares])  # any time unit
+    assert fitted.per_token == 1.0
+    assert fitted.per_token_sq == pytest.approx(2e-4, rel=1e-6) and fitted.per_seq == pytest.approx(30.0, rel=1e-6)
+    # times that only count tokens: no per-sequence or attention weight, not a negative one
+    flat = CostModel.fit(shares, [float(sum(s)) for s in shares])
+    assert (flat.per_token_sq, flat.per_seq) == (pytest.approx(0.0, abs=1e-12), pytest.approx(0.0, abs=1e-9))
+    # a time that falls with sequences would need a negative per_seq: it is held at 0 and the rest refit
+    neg = CostModel.fit(shares, [sum(s) + 1e-4 * sum(n * n for n in s) - 0.5 * len(s) for s in shares])
+    assert neg.per_seq == 0.0 and neg.per_token_sq > 0
+    with pytest.raises(ValueError, match=">= 3 shares"):
+        CostModel.fit(shares[:2], [1.0, 2.0])
+    with pytest.raises(ValueError, match="fit: "):  # times that fall as the shares grow
+        CostModel.fit([[1] * k for k in (1, 2, 3)], [3.0, 2.0, 1.0])
+
+
+def test_per_sequence_cost_moves_short_samples_apart():
+    # with a per-sequence weight, a rank holding many short samples is charged for them
+    lengths = [10] * 20 + [200]
+    plain = split_across_ranks(list(range(21)), lengths, 2, "balanced", CostModel())
+    per_seq = split_across_ranks(list(range(21)), lengths, 2, "balanced", CostModel(per_seq=20.0))
+    cost = CostModel(per_seq=20.0)
+    spread = [max(cost.share([lengths[i] for i in s]) for s in shares) for shares in (plain, per_seq)]
+    assert spread[1] < spread[0]

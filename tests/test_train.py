@@ -149,16 +149,18 @@ def test_scaling_sweep_and_report(tmp_path):
     from varlen.train.scaling import report
 
     for n in (1, 2):
-        _torchrun(n, "-m", "varlen.train.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "2",
+        _torchrun(n, "-m", "varlen.train.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "3",
                   "--warmup", "1", "--tokens-per-rank", "1024", "--dists", "lognormal", "--out", tmp_path / f"w{n}",
                   "--profile-steps", "1", "--cost", "measure", "--label", "m")
     result = report([tmp_path / "w1", tmp_path / "w2"], tmp_path / "rep")
     assert all(r["label"] == "m" and r["cost"] == "measure" and r["profile"]["steps"] == 1 for r in result["runs"])
     assert all(r["efficiency_vs_alone"] > 0 and r["step_ms_alone_mean"] > 0 for r in result["runs"])  # ddp
-    assert all(r["steps_dropped_for_compiling"] == 0 and len(r["step_ms"]) == 2 for r in result["runs"])
+    assert all(r["steps_dropped_for_compiling"] == 0 and len(r["step_ms"]) == 3 for r in result["runs"])
     for r in result["runs"]:  # per step, every rank's time alone; the spread is max / mean of them
-        assert len(r["alone_ms_by_rank"]) == 2 and {len(a) for a in r["alone_ms_by_rank"]} == {r["world_size"]}
+        assert len(r["alone_ms_by_rank"]) == 3 and {len(a) for a in r["alone_ms_by_rank"]} == {r["world_size"]}
         assert r["alone_rank_spread"] >= 1.0
+        assert 0 <= r["cost_check"]["error"] and r["cost_check"]["predicted_spread"] >= 1.0
+        assert "per_seq" in r["cost_fit"] or "failed" in r["cost_fit"]
     keys = {"world_size", "parallel", "split", "length_dist", "tokens_per_s", "step_ms_mean", "efficiency", "peak_mem_gib"}
     assert len(result["runs"]) == 4 and all(keys <= set(r) for r in result["runs"])
     assert {r["efficiency"] for r in result["runs"] if r["world_size"] == 1} == {1.0}

@@ -25,10 +25,15 @@ from torch.utils.data import Sampler
 
 @dataclass(frozen=True)
 class CostModel:
-    """Relative time of a sample of length ``n``: ``per_token * n + per_token_sq * n**2``."""
+    """Relative time of a sample of length ``n``: ``per_seq + per_token * n + per_token_sq * n**2``.
+
+    ``per_seq`` is what a sequence costs whatever its length (attention kernels work in blocks of
+    rows, so a 20-token sequence takes a whole block); it matters when shares hold many short ones.
+    """
 
     per_token: float = 1.0
     per_token_sq: float = 0.0
+    per_seq: float = 0.0
 
     @classmethod
     def from_flops(cls, dim: int, n_layers: int, vocab_size: int, causal: bool = True,
@@ -40,8 +45,38 @@ class CostModel:
         attn = 4 * dim * n_layers * (0.5 if causal else 1.0) * attention_slowdown
         return cls(1.0, attn / linear)
 
+    @classmethod
+    def fit(cls, shares: Sequence[Sequence[int]], times: Sequence[float]) -> "CostModel":
+        """The model whose cost of each share (the lengths of its samples) is proportional to its
+        measured time, least squares over ``[sequences, tokens, sum of squares]``, no weight
+        negative; scaled to ``per_token = 1``. Needs shares that differ in more than their size."""
+        if len(shares) != len(times) or len(shares) < 3:
+            raise ValueError(f"fit needs >= 3 shares with a time each, got {len(shares)} and {len(times)}")
+        x = torch.tensor([[len(s), sum(s), sum(n * n for n in s)] for s in shares], dtype=torch.float64)
+        y = torch.tensor(list(times), dtype=torch.float64)
+        scale = x.abs().amax(0).clamp_min(1)  # columns differ by 10^6: solve on a comparable scale
+        free = [0, 1, 2]
+        while True:  # active-set least squares: drop a weight that comes out negative, refit the rest
+            w = torch.linalg.lstsq(x[:, free] / scale[free], y[:, None]).solution[:, 0] / scale[free]
+            if (w >= 0).all() or len(free) == 1:
+                break
+            free.pop(int(torch.argmin(w)))
+        coef = [0.0, 0.0, 0.0]
+        for k, v in zip(free, w.tolist()):
+            coef[k] = max(v, 0.0)
+        if coef[1] <= 0:
+            raise ValueError("fit: the times do not grow with tokens; time shares of different sizes")
+        err = float((x @ torch.tensor(coef, dtype=torch.float64) - y).norm() / y.norm())
+        if err > 0.5:  # e.g. times that fall as shares grow: no weights of this model make them
+            raise ValueError(f"fit: the model explains the times poorly (relative error {err:.2f})")
+        return cls(1.0, coef[2] / coef[1], coef[0] / coef[1])
+
     def __call__(self, n: int) -> float:
-        return self.per_token * n + self.per_token_sq * n * n
+        return self.per_seq + self.per_token * n + self.per_token_sq * n * n
+
+    def share(self, lengths: Sequence[int]) -> float:
+        """Cost of a share: the sum over its samples."""
+        return sum(self(n) for n in lengths)
 
 
 def best_fit_decreasing(lengths: Sequence[int], order: Sequence[int], capacity: int) -> list[list[int]]:

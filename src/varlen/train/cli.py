@@ -106,8 +106,9 @@ def forward_fn(args):
 
 
 def measure_cost(model, args, cfg, d: Dist, autocast) -> CostModel:
-    """Time forward+backward of many short vs few long sequences with the same token count:
-    the difference is the attention's share, in this model on this device."""
+    """Time forward+backward of the same token count cut into sequences of 8 tokens up to the longest,
+    and fit the cost model to it: per sequence, per token and per squared length, in this model on
+    this device (rank 0's weights, so that every rank splits alike)."""
     fwd = forward_fn(args)
     coll = TrainCollator(hf=args.model != "decoder")
     n = min(1024, cfg.max_len - 1)
@@ -130,15 +131,14 @@ def measure_cost(model, args, cfg, d: Dist, autocast) -> CostModel:
         model.zero_grad(set_to_none=True)
         return min(ts[1:])
 
-    short, long_ = [32] * (tokens // 32), [n] * 4
-    t_short, t_long = timed(short), timed(long_)
-    sq = max(0.0, (t_long - t_short) / (sum(L * L for L in long_) - sum(L * L for L in short)))
-    lin = max(1e-12, (t_short - sq * sum(L * L for L in short)) / tokens)
-    w = torch.tensor([lin, sq], dtype=torch.float64)
+    shares = [[L] * (tokens // L) for L in sorted({min(L, n) for L in (8, 32, 128, n // 2, n)})]
+    shares.append([n] * 2)  # half the tokens: the per-token weight is not only an intercept
+    fitted = CostModel.fit(shares, [timed(s) for s in shares])
+    w = torch.tensor([fitted.per_token_sq, fitted.per_seq], dtype=torch.float64)
     if dist.is_initialized():  # every rank must split with the same weights
         w = w.to(d.device)
         dist.broadcast(w, 0)
-    return CostModel(1.0, float(w[1] / w[0]))
+    return CostModel(1.0, float(w[0]), float(w[1]))
 
 
 def make_plot(log: list[dict], path: Path) -> None:
@@ -219,7 +219,7 @@ def run(args, d: Dist) -> int:
         info = {"world_size": d.world_size, "parallel": parallel, "split": args.split, "max_tokens": budget,
                 "grad_accum": args.grad_accum, "per_rank_budget": rank_budget, "data": args.data, "model": args.model,
                 "preset": args.preset, "packing_efficiency": round(sampler.efficiency(), 4),
-                "cost_per_token_sq": cost.per_token_sq, "resumed_at": step}
+                "cost_per_token_sq": cost.per_token_sq, "cost_per_seq": cost.per_seq, "resumed_at": step}
         print("varlen train:", json.dumps(info), flush=True)
 
     log_path = args.out / "train_log.jsonl" if args.out else None

@@ -120,6 +120,7 @@ def sweep(args) -> None:
         times, tokens, spreads = [], [], []
         local_times, local_tok, local_t = [], 0.0, 0.0  # per rank: tokens and seconds alone
         alone_ms: list[list[float]] = []  # [step][rank]
+        alone_shares: list[list[list[int]]] = []  # [step][rank]: the lengths of each rank's samples
         torch.cuda.reset_peak_memory_stats(d.device) if cuda else None
 
         def timed(fn, b):
@@ -162,6 +163,7 @@ def sweep(args) -> None:
             if t_alone is not None:
                 local_times.append(float(t_alone.mean()))
                 alone_ms.append([round(1e3 * float(x), 2) for x in t_alone])
+                alone_shares.append(_gather_lengths(b, d))
                 local_tok = local_tok + per_rank(b["num_tokens"], d).cpu()
                 local_t = local_t + t_alone.cpu()
         if timed_pass and not times:
@@ -184,6 +186,7 @@ def sweep(args) -> None:
                    "alone_rank_spread": statistics.mean(max(a) / statistics.mean(a) for a in alone_ms)
                    if alone_ms else None,
                    "alone_ms_by_rank": alone_ms,
+                   **_cost_check(cost, alone_shares, alone_ms),
                    "efficiency_vs_alone": (sum(tokens) / sum(times)) / float((local_tok / local_t).sum())
                    if local_times else None,
                    "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else None,
@@ -196,6 +199,41 @@ def sweep(args) -> None:
                 with open(args.out / "runs.jsonl", "a") as f:
                     f.write(json.dumps(run) + "\n")
     collector.close()
+
+
+def _gather_lengths(batch: dict, d) -> list[list[int]]:
+    """Every rank's sample lengths of this step (host lists; outside anything timed)."""
+    mine = list((batch.get("info") or batch.get("varlen_info")).lengths)
+    if d.world_size == 1:
+        return [mine]
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _cost_check(cost: CostModel, shares: list[list[list[int]]], ms: list[list[float]]) -> dict:
+    """How well the split's cost model predicts each rank's time alone, and the model fitted to those
+    times: relative error after the best single scale, and the spread (busiest / mean) it predicts."""
+    flat_shares = [s for step in shares for s in step]
+    flat_ms = [t for step in ms for t in step]
+    if len(flat_ms) < 3:
+        return {}
+
+    def check(m: CostModel) -> dict:
+        pred = torch.tensor([m.share(s) for s in flat_shares], dtype=torch.float64)
+        t = torch.tensor(flat_ms, dtype=torch.float64)
+        scale = (pred @ t) / (pred @ pred)
+        spread = statistics.mean(max(c) / statistics.mean(c) for c in ([m.share(s) for s in step] for step in shares))
+        return {"error": float((scale * pred - t).norm() / t.norm()), "predicted_spread": spread}
+
+    out = {"cost_check": check(cost)}
+    try:
+        fitted = CostModel.fit(flat_shares, flat_ms)
+    except ValueError as e:  # too few or too alike shares to fit: say so, do not fail the sweep
+        out["cost_fit"] = {"failed": str(e)}
+    else:
+        out["cost_fit"] = {"per_token_sq": fitted.per_token_sq, "per_seq": fitted.per_seq, **check(fitted)}
+    return out
 
 
 def report(dirs: list[Path], out: Path) -> dict:
@@ -217,12 +255,14 @@ def report(dirs: list[Path], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     lines = ["| variant | GPUs | parallel | reduce | split | lengths | tokens/s | step ms (mean / median) | efficiency "
-             "(mean / median step) | efficiency vs alone | rank token spread | rank time spread alone | exposed comm ms | peak GiB |",
+             "(mean / median step) | efficiency vs alone | rank token spread | rank time spread alone (cost model's) | exposed comm ms | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (*key(r), r["world_size"])):
         eff = f"{100 * r['efficiency']:.1f}% / {100 * r['efficiency_median']:.1f}%" if r["efficiency"] else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
         wait = f"{r['alone_rank_spread']:.3f}" if r.get("alone_rank_spread") else "-"
+        if r.get("cost_check"):
+            wait += f" ({r['cost_check']['predicted_spread']:.3f})"
         comm = (r.get("profile") or {}).get("communication_exposed_ms")
         alone = f"{100 * r['efficiency_vs_alone']:.1f}%" if r.get("efficiency_vs_alone") else "-"
         lines.append(f"| {r.get('label') or '-'} | {r['world_size']} | {r['parallel']} | {r.get('reduce_dtype', 'fp32')} | "
