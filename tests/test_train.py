@@ -247,3 +247,13 @@ def test_garbage_collection_runs_on_its_own_cadence(monkeypatch):
     assert gc.isenabled()
     GarbageCollection(0).step()  # 0: Python's own collector, untouched
     assert gc.isenabled() and calls == [2, 1, 1]
+
+
+def test_efficiency_vs_alone_is_parallel_rate_over_the_ranks_alone():
+    from varlen.train.scaling import _vs_alone
+
+    shares = [[[100], [100]], [[50], [150]]]  # [step][rank]: lengths
+    ms = [[10.0, 10.0], [5.0, 15.0]]  # each rank alone: 150 tokens in 15 ms, 250 in 25 ms: 10k tokens/s each
+    assert _vs_alone(20_000.0, shares, ms) == pytest.approx(1.0)
+    assert _vs_alone(15_000.0, shares, ms) == pytest.approx(0.75)
+    assert _vs_alone(1.0, [], []) is None

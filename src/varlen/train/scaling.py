@@ -66,6 +66,8 @@ def parse(argv):
 
 
 def sweep(args) -> None:
+    """Every (length distribution, split) on one model. Timing only: with ``--alone`` each replica
+    also steps on its own, so the replicas' weights drift apart (nothing reads another's)."""
     d = setup(args.device)
     cuda = d.device.type == "cuda"
     torch.manual_seed(0)
@@ -118,8 +120,7 @@ def sweep(args) -> None:
                                              num_workers=2 if cuda else 0, pin_memory=cuda)
         it = iter(loader)
         times, tokens, spreads = [], [], []
-        local_times, local_tok, local_t = [], 0.0, 0.0  # per rank: tokens and seconds alone
-        alone_ms: list[list[float]] = []  # [step][rank]
+        alone_ms: list[list[float]] = []  # [step][rank]: each rank's time alone
         alone_shares: list[list[list[int]]] = []  # [step][rank]: the lengths of each rank's samples
         torch.cuda.reset_peak_memory_stats(d.device) if cuda else None
 
@@ -161,11 +162,8 @@ def sweep(args) -> None:
             tokens.append(float(mine.sum()))
             spreads.append(float(mine.max() / mine.mean()))
             if t_alone is not None:
-                local_times.append(float(t_alone.mean()))
-                alone_ms.append([round(1e3 * float(x), 2) for x in t_alone])
+                alone_ms.append([round(1e3 * float(x), 3) for x in t_alone])
                 alone_shares.append(_gather_lengths(b, d))
-                local_tok = local_tok + per_rank(b["num_tokens"], d).cpu()
-                local_t = local_t + t_alone.cpu()
         if timed_pass and not times:
             raise SystemExit(f"{dist_name}/{split}: every timed step compiled something; more --warmup")
         prof = breakdown(step, args.profile_steps, d.device.type) if timed_pass and args.profile_steps else None
@@ -181,14 +179,13 @@ def sweep(args) -> None:
                    "rank_token_spread": statistics.mean(spreads) if d.world_size > 1 else 1.0,
                    # against every rank's own step without communication, interleaved step by step with
                    # the timed ones (same GPUs, same batches, same clocks): what data parallelism costs
-                   "step_ms_alone_mean": 1e3 * statistics.mean(local_times) if local_times else None,
+                   "step_ms_alone_mean": statistics.mean(statistics.mean(a) for a in alone_ms) if alone_ms else None,
                    # the real imbalance of a split: busiest rank's time alone over the mean, per step
                    "alone_rank_spread": statistics.mean(max(a) / statistics.mean(a) for a in alone_ms)
                    if alone_ms else None,
                    "alone_ms_by_rank": alone_ms,
                    **_cost_check(cost, alone_shares, alone_ms),
-                   "efficiency_vs_alone": (sum(tokens) / sum(times)) / float((local_tok / local_t).sum())
-                   if local_times else None,
+                   "efficiency_vs_alone": _vs_alone(sum(tokens) / sum(times), alone_shares, alone_ms),
                    "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else None,
                    "step_ms": [round(1e3 * t, 2) for t in times], "gc_every": args.gc_every,
                    "steps_dropped_for_compiling": dropped,
@@ -199,6 +196,15 @@ def sweep(args) -> None:
                 with open(args.out / "runs.jsonl", "a") as f:
                     f.write(json.dumps(run) + "\n")
     collector.close()
+
+
+def _vs_alone(tokens_per_s: float, shares: list[list[list[int]]], ms: list[list[float]]) -> float | None:
+    """Tokens/s of the parallel steps over the sum of every rank's tokens/s alone (same batches)."""
+    if not ms:
+        return None
+    ranks = range(len(ms[0]))
+    alone = sum(sum(sum(step[r]) for step in shares) / (1e-3 * sum(step[r] for step in ms)) for r in ranks)
+    return tokens_per_s / alone
 
 
 def _gather_lengths(batch: dict, d) -> list[list[int]]:
@@ -260,15 +266,15 @@ def report(dirs: list[Path], out: Path) -> dict:
     for r in sorted(runs, key=lambda r: (*key(r), r["world_size"])):
         eff = f"{100 * r['efficiency']:.1f}% / {100 * r['efficiency_median']:.1f}%" if r["efficiency"] else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
-        wait = f"{r['alone_rank_spread']:.3f}" if r.get("alone_rank_spread") else "-"
+        spread = f"{r['alone_rank_spread']:.3f}" if r.get("alone_rank_spread") else "-"
         if r.get("cost_check"):
-            wait += f" ({r['cost_check']['predicted_spread']:.3f})"
+            spread += f" ({r['cost_check']['predicted_spread']:.3f})"
         comm = (r.get("profile") or {}).get("communication_exposed_ms")
         alone = f"{100 * r['efficiency_vs_alone']:.1f}%" if r.get("efficiency_vs_alone") else "-"
         lines.append(f"| {r.get('label') or '-'} | {r['world_size']} | {r['parallel']} | {r.get('reduce_dtype', 'fp32')} | "
                      f"{r['split']} | {r['length_dist']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['step_ms_mean']:.1f} / {r['step_ms_median']:.1f} | {eff} | {alone} | {r['rank_token_spread']:.3f} | "
-                     f"{wait} | {'-' if comm is None else f'{comm:.1f}'} | {mem} |")
+                     f"{spread} | {'-' if comm is None else f'{comm:.1f}'} | {mem} |")
     profiled = [r for r in runs if r.get("profile")]
     if profiled:  # where rank 0's step went: what the GPU computed, what communication nothing hid
         parts = ("gemm", "attention", "elementwise/norm", "optimizer")
