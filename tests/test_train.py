@@ -257,3 +257,27 @@ def test_efficiency_vs_alone_is_parallel_rate_over_the_ranks_alone():
     assert _vs_alone(20_000.0, shares, ms) == pytest.approx(1.0)
     assert _vs_alone(15_000.0, shares, ms) == pytest.approx(0.75)
     assert _vs_alone(1.0, [], []) is None
+
+
+def test_measured_cost_fits_three_weights_or_says_why(monkeypatch):
+    from types import SimpleNamespace
+
+    from varlen.data import CostModel
+    from varlen.models import DecoderConfig
+    from varlen.train.cli import measure_cost
+    from varlen.train.distributed import Dist
+
+    cfg = DecoderConfig.from_name("tiny")
+    args = SimpleNamespace(model="decoder", backend="auto")
+    d = Dist(0, 1, 0, torch.device("cpu"))
+    model = Decoder(cfg)
+    cost = measure_cost(model, args, cfg, d, None)
+    assert cost.per_token == 1.0 and cost.per_token_sq >= 0 and cost.per_seq >= 0
+    assert all(p.grad is None for p in model.parameters()), "measuring leaves no gradients behind"
+
+    def refuse(shares, times):
+        raise ValueError("fit: made up")
+
+    monkeypatch.setattr(CostModel, "fit", staticmethod(refuse))
+    with pytest.raises(SystemExit, match="could not fit.*made up.*--cost flops"):
+        measure_cost(model, args, cfg, d, None)

@@ -108,11 +108,11 @@ def forward_fn(args):
 def measure_cost(model, args, cfg, d: Dist, autocast) -> CostModel:
     """Time forward+backward of the same token count cut into sequences of 8 tokens up to the longest,
     and fit the cost model to it: per sequence, per token and per squared length, in this model on
-    this device (rank 0's weights, so that every rank splits alike)."""
+    this device. Rank 0 measures; every rank gets its weights, so that all split alike."""
     fwd = forward_fn(args)
     coll = TrainCollator(hf=args.model != "decoder")
     n = min(1024, cfg.max_len - 1)
-    tokens = 4 * n
+    tokens = (16 if d.device.type == "cuda" else 4) * n  # a GPU needs a real batch to be busy
     g = torch.Generator().manual_seed(0)
 
     def timed(lengths):
@@ -132,12 +132,20 @@ def measure_cost(model, args, cfg, d: Dist, autocast) -> CostModel:
         return min(ts[1:])
 
     shares = [[L] * (tokens // L) for L in sorted({min(L, n) for L in (8, 32, 128, n // 2, n)})]
-    shares.append([n] * 2)  # half the tokens: the per-token weight is not only an intercept
-    fitted = CostModel.fit(shares, [timed(s) for s in shares])
-    w = torch.tensor([fitted.per_token_sq, fitted.per_seq], dtype=torch.float64)
-    if dist.is_initialized():  # every rank must split with the same weights
+    shares.append([n] * (tokens // n // 2))  # half the tokens: the per-token weight is not only an intercept
+    w = torch.full((2,), float("nan"), dtype=torch.float64)
+    why = ""
+    if d.rank == 0:  # rank 0's weights for every rank, so that all split alike
+        try:
+            fitted = CostModel.fit(shares, [timed(s) for s in shares])
+            w = torch.tensor([fitted.per_token_sq, fitted.per_seq], dtype=torch.float64)
+        except ValueError as e:
+            why = f" ({e})"
+    if dist.is_initialized():
         w = w.to(d.device)
         dist.broadcast(w, 0)
+    if w.isnan().any():  # on every rank, not only where the fit failed: none is left waiting
+        raise SystemExit(f"varlen train: --cost measure could not fit rank 0's timings{why}; use --cost flops")
     return CostModel(1.0, float(w[0]), float(w[1]))
 
 
