@@ -281,3 +281,19 @@ def test_measured_cost_fits_three_weights_or_says_why(monkeypatch):
     monkeypatch.setattr(CostModel, "fit", staticmethod(refuse))
     with pytest.raises(SystemExit, match="could not fit.*made up.*--cost flops"):
         measure_cost(model, args, cfg, d, None)
+
+
+def test_cost_check_scores_the_model_against_the_times():
+    from varlen.data import CostModel
+    from varlen.train.scaling import _cost_check
+
+    true = CostModel(1.0, 1e-3, 5.0)
+    shares = [[[10] * 30, [300]], [[50, 60], [200, 20, 20]], [[500], [5] * 40]]  # [step][rank]
+    ms = [[2e-3 * true.share(s) for s in step] for step in shares]
+    out = _cost_check(true, shares, ms)
+    assert out["cost_check"]["error"] == pytest.approx(0.0, abs=1e-12)  # right up to the time unit
+    assert out["cost_fit"]["per_seq"] == pytest.approx(5.0) and out["cost_fit"]["per_token_sq"] == pytest.approx(1e-3)
+    spread = sum(max(true.share(s) for s in step) / (sum(true.share(s) for s in step) / 2) for step in shares) / 3
+    assert out["cost_check"]["predicted_spread"] == pytest.approx(spread)
+    assert _cost_check(CostModel(), shares, ms)["cost_check"]["error"] > 0.05  # tokens alone miss the times
+    assert _cost_check(true, shares[:1], [[1.0]]) == {}  # fewer than 3 times: nothing to say

@@ -225,11 +225,13 @@ def _cost_check(cost: CostModel, shares: list[list[list[int]]], ms: list[list[fl
     if len(flat_ms) < 3:
         return {}
 
+    t = torch.tensor(flat_ms, dtype=torch.float64)
+
     def check(m: CostModel) -> dict:
-        pred = torch.tensor([m.share(s) for s in flat_shares], dtype=torch.float64)
-        t = torch.tensor(flat_ms, dtype=torch.float64)
+        costs = [[m.share(s) for s in step] for step in shares]  # [step][rank], each share priced once
+        pred = torch.tensor([c for step in costs for c in step], dtype=torch.float64)
         scale = (pred @ t) / (pred @ pred)
-        spread = statistics.mean(max(c) / statistics.mean(c) for c in ([m.share(s) for s in step] for step in shares))
+        spread = statistics.mean(max(c) / statistics.mean(c) for c in costs)
         return {"error": float((scale * pred - t).norm() / t.norm()), "predicted_spread": spread}
 
     out = {"cost_check": check(cost)}
