@@ -238,13 +238,16 @@ class SeqInfo:
         """Packed ``[T, *]`` -> jagged nested ``[B, j, *]`` on ``x``'s storage.
 
         Every nested tensor of a batch is built on one cached offsets tensor, so they share their
-        ragged dimension (SDPA requires it of q, k and v); the host lengths give min/max, so
-        nothing is read back from the device.
+        ragged dimension (SDPA requires it of q, k and v). The sequence-length bounds come from the
+        host, so nothing is read back from the device: ``max_seqlen`` (an upper bound, constant when
+        the collator fixes it) and a minimum of 1. SDPA reads the minimum only to refuse empty
+        sequences; the true minimum would make a compiled graph guard on it (dynamo assumes sizes
+        >= 2) and recompile at the first batch holding a sequence of length 1.
         """
         # one offsets tensor for q, k and v even when compiling: SDPA needs their ragged dims equal
         offsets = self.cached("nested_offsets", lambda: self.cu_seqlens.long(), when_compiling=True)
         return torch.nested.nested_tensor_from_jagged(
-            x.contiguous(), offsets=offsets, min_seqlen=min(self.lengths), max_seqlen=max(self.lengths)
+            x.contiguous(), offsets=offsets, min_seqlen=1, max_seqlen=self.max_seqlen
         )
 
     def split(self, x: Tensor) -> tuple[Tensor, ...]:

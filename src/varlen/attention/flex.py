@@ -48,10 +48,19 @@ def reasons(q, k, v, info, causal, window_size) -> list[str]:
 
 
 def generate_doc_mask_mod(document_ids: Tensor, left: int, right: int):
-    """Query and key in the same sequence, and inside the (left, right) window."""
+    """Query and key in the same sequence, and inside the (left, right) window.
+
+    ``document_ids`` covers the real tokens; Flex may ask about indices past them (the filler that
+    rounds the row up to whole blocks): filler attends only to filler. The closure holds the
+    SeqInfo's own tensor, never one computed in the traced graph: a mask over an in-graph tensor
+    failed to lower on the H100 (``'function' object has no attribute 'graph'``).
+    """
+    n = document_ids.shape[0]
 
     def doc_mask(b, h, q_idx, kv_idx):
-        ok = document_ids[q_idx] == document_ids[kv_idx]
+        q_real, kv_real = q_idx < n, kv_idx < n
+        same = document_ids[q_idx.clamp(max=n - 1)] == document_ids[kv_idx.clamp(max=n - 1)]
+        ok = (same & q_real & kv_real) | (~q_real & ~kv_real)
         # inside one sequence the index difference is the position difference
         if right >= 0:
             ok = ok & (kv_idx <= q_idx + right)
@@ -81,11 +90,7 @@ def block_mask(info: SeqInfo, causal: bool, window_size: tuple[int, int]):
     t = padded_tokens(info)
 
     def build():
-        doc = info.document_ids
-        if t > doc.shape[0]:  # filler tokens: a document of their own (-1), attending only to itself
-            doc = torch.nn.functional.pad(doc, (0, t - doc.shape[0]), value=-1)
-        mask_mod = generate_doc_mask_mod(doc, left, right)
-        return doc_block_mask(info, t, left, right, mask_mod)
+        return doc_block_mask(info, t, left, right, generate_doc_mask_mod(info.document_ids, left, right))
 
     return info.cached(("flex_block_mask", left, right, t), build)
 
