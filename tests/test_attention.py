@@ -86,15 +86,8 @@ def test_auto_skips_backends_that_cannot_take_inputs():
     # nested cannot do a window: auto must not pick it even when it comes first
     q, k, v = random_qkv([3, 4], 2, 2, 8, torch.float32)
     info = SeqInfo.from_lengths([3, 4])
-    order = api.AUTO_ORDER["cpu"]
-    try:
-        api.AUTO_ORDER["cpu"] = ("nested", "reference")
-        api._AUTO.clear()
-        name, why = varlen.choose_backend(q, k, v, info, window_size=(1, 1))
-        assert name == "reference" and "nested (no sliding window)" in why
-    finally:
-        api.AUTO_ORDER["cpu"] = order
-        api._AUTO.clear()
+    name, why = varlen.choose_backend(q, k, v, info, window_size=(1, 1), order=("nested", "reference"))
+    assert name == "reference" and "nested (no sliding window)" in why
 
 
 @pytest.mark.parametrize(
@@ -270,3 +263,59 @@ def test_flash_implementation_choice_and_reasons(monkeypatch):
     monkeypatch.setenv("VARLEN_FLASH_IMPL", "fa5")
     with pytest.raises(ValueError, match="unknown flash implementation 'fa5'"):
         flash.choose_impl(q, q, True, (-1, -1))
+
+
+def test_flash_auto_prefers_fa2_on_small_batches(monkeypatch):
+    # the measured rule: FA4 first from FA4_MIN_TOKENS tokens a batch, FA2 first below
+    from varlen.attention import flash
+
+    assert flash.preferred(flash.FA4_MIN_TOKENS) == ("fa4", "fa2", "torch")
+    assert flash.preferred(flash.FA4_MIN_TOKENS - 1) == ("fa2", "torch", "fa4")
+    missing = set()
+    monkeypatch.setattr(flash, "impl_reasons", lambda i, *a: ["absent"] if i in missing else [])
+    k = torch.empty(1, 2, 8)
+    for tokens, absent, want in [(20000, (), "fa4"), (500, (), "fa2"), (500, ("fa2",), "torch"),
+                                 (20000, ("fa4",), "fa2"), (500, ("fa2", "torch"), "fa4")]:
+        missing.clear()
+        missing.update(absent)
+        assert flash.choose_impl(torch.empty(tokens, 2, 8), k, True, (-1, -1))[0] == want, (tokens, absent)
+    missing.update(flash.IMPLS)
+    impl, whys = flash.choose_impl(torch.empty(500, 2, 8), k, True, (-1, -1))
+    assert impl is None and whys == ["fa2: absent", "torch: absent", "fa4: absent"]
+
+
+@pytest.mark.parametrize("max_seqlen, want", [(1, 128), (128, 128), (129, 256), (1000, 1024), (1024, 1024),
+                                              (1025, 2048)])
+def test_fa4_max_seqlen_buckets(max_seqlen, want):
+    from varlen.attention import fa4
+
+    assert fa4.bucket(max_seqlen) == want
+
+
+def test_xformers_is_imported_with_a_flash_attn4_package_hidden(tmp_path, monkeypatch):
+    # xFormers 0.0.35 imports flash_attn.flash_attn_interface whenever a flash_attn package is
+    # importable; flash-attn-4 has only flash_attn.cute, so xformers must not see it
+    import sys
+
+    from varlen.attention import xformers as xf
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    fmha = tmp_path / "xformers" / "ops" / "fmha"
+    fmha.mkdir(parents=True)
+    for d in (tmp_path / "xformers", tmp_path / "xformers" / "ops"):
+        (d / "__init__.py").write_text("")
+    (tmp_path / "xformers" / "_cpp_lib.py").write_text("_built_with_cuda = True\n")
+    (fmha / "__init__.py").write_text(
+        "import importlib.util\nif importlib.util.find_spec('flash_attn'):\n"
+        "    import flash_attn.flash_attn_interface\nSAW_FLASH_ATTN = importlib.util.find_spec('flash_attn') is not None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split(".")[0] in ("xformers", "flash_attn")]:
+        monkeypatch.delitem(sys.modules, name)
+    assert xf._fa4_only()
+    _, fmha_mod = xf._import_xformers()
+    assert fmha_mod.SAW_FLASH_ATTN is False
+    import flash_attn.cute  # noqa: F401  (FA4 stays importable afterwards)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("xformers", "flash_attn")]:
+        del sys.modules[name]

@@ -1,6 +1,16 @@
 """One entry point over every packed-sequence attention kernel."""
 
-from .api import AUTO_ORDER, BACKENDS, BackendUnavailable, attention, backend_reasons, backend_status, choose_backend, check_inputs
+from .api import (
+    AUTO_ORDER,
+    BACKENDS,
+    BackendUnavailable,
+    attention,
+    backend_reasons,
+    backend_status,
+    check_inputs,
+    choose_backend,
+    kernel_name,
+)
 
 __all__ = [
     "AUTO_ORDER",
@@ -11,4 +21,5 @@ __all__ = [
     "backend_status",
     "check_inputs",
     "choose_backend",
+    "kernel_name",
 ]

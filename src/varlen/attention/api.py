@@ -14,9 +14,11 @@ import torch
 from torch import Tensor
 
 from ..seqinfo import SeqInfo
+from .common import probe
 
 BACKENDS = ("flash", "xformers", "flex", "sdpa", "nested", "reference")
-# fastest first; measured on an H100 (SPEC.md): FA2 varlen ~ xFormers < Flex < SDPA on padding
+# fastest first; measured on an H100 (docs/study.md, docs/gpu-notes.md): FlashAttention varlen ~
+# xFormers < Flex < SDPA on padding
 AUTO_ORDER = {
     "cuda": ("flash", "xformers", "flex", "sdpa", "nested", "reference"),
     "cpu": ("sdpa", "nested", "flex", "reference"),
@@ -104,30 +106,41 @@ def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bo
     return m.CAPS.reasons(q, k, causal, window_size) + m.reasons(q, k, v, info, causal, window_size, **kw)
 
 
-_AUTO: dict[tuple, tuple[str, str]] = {}
+def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1), order=None) -> tuple[str, str]:
+    """``(backend, why)`` that ``backend="auto"`` uses: the first backend of ``order`` (default
+    :data:`AUTO_ORDER` for the device) that takes inputs of this kind.
 
-
-def _auto(q, k, v, info, causal, window_size) -> tuple[str, str]:
-    device = q.device.type
-    skipped = []
-    for name in AUTO_ORDER.get(device, ("reference",)):
-        why = backend_reasons(name, q, k, v, info, causal, window_size)
-        if not why:
-            note = f"; skipped {'; '.join(skipped)}" if skipped else ""
-            return name, f"auto chose {name}: the fastest backend on {device} that takes these inputs{note}"
-        skipped.append(f"{name} ({', '.join(why)})")
-    raise BackendUnavailable("no attention backend can run these inputs: " + "; ".join(skipped))
-
-
-def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1)) -> tuple[str, str]:
-    """``(backend, why)`` that ``backend="auto"`` uses; decided once per kind of input."""
+    Decided once per kind of input (device, dtype, head counts and size, causal, window, grad),
+    and a constant under ``torch.compile``: the choice is made outside the traced graph, so a
+    model compiled with ``auto`` gets no extra graph when the choice is first made.
+    """
     window_size = (int(window_size[0]), int(window_size[1]))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    key = (q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], causal, window_size, grad)
-    hit = _AUTO.get(key)
-    if hit is None:
-        hit = _AUTO[key] = _auto(q, k, v, info, causal, window_size)
-    return hit
+    order = tuple(order) if order is not None else AUTO_ORDER.get(q.device.type, ("reference",))
+    return _decide(q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], bool(causal), window_size, grad,
+                   order)
+
+
+@probe
+def _decide(device, dtype, heads, kv_heads, head_dim, causal, window_size, grad, order) -> tuple[str, str]:
+    # backends judge tensors: one token of the same kind stands for the batch
+    with torch.set_grad_enabled(grad):
+        q = torch.empty(1, heads, head_dim, device=device, dtype=dtype, requires_grad=grad)
+        k = torch.empty(1, kv_heads, head_dim, device=device, dtype=dtype, requires_grad=grad)
+        info = SeqInfo.from_lengths([1], device=device)
+        skipped = []
+        for name in order:
+            why = backend_reasons(name, q, k, k, info, causal, window_size)
+            if not why:
+                note = f"; skipped {'; '.join(skipped)}" if skipped else ""
+                if name == "flash":
+                    from .flash import FA4_MIN_TOKENS
+
+                    note += (f"; flash tries fa4 > fa2 > torch on batches of >= {FA4_MIN_TOKENS} tokens, "
+                             "fa2 > torch > fa4 below (FA4's host cost per call outweighs its faster kernel there)")
+                return name, f"auto chose {name}: the fastest backend on {device} that takes these inputs{note}"
+            skipped.append(f"{name} ({', '.join(why)})")
+    raise BackendUnavailable("no attention backend can run these inputs: " + "; ".join(skipped))
 
 
 def attention(
@@ -160,6 +173,25 @@ def attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name, kw = split_backend(backend)
     return backend_module(name).attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size, **kw)
+
+
+def kernel_name(backend: str, q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal: bool = False,
+                window_size=(-1, -1)) -> str:
+    """What runs for these inputs under ``backend``: the backend ``auto`` resolves to, the flash
+    implementation, or the operator xFormers dispatches to."""
+    window_size = (int(window_size[0]), int(window_size[1]))
+    if backend == "auto":
+        backend, _ = choose_backend(q, k, v, info, causal=causal, window_size=window_size)
+    name, kw = split_backend(backend)
+    if name == "flash":
+        from .flash import choose_impl
+
+        return f"flash:{choose_impl(q, k, causal, window_size, kw.get('impl'))[0]}"
+    if name == "xformers":
+        from .xformers import operator
+
+        return f"xformers {operator(q, k, v, info, causal)}"
+    return name
 
 
 def backend_status() -> dict[str, dict]:

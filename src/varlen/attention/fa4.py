@@ -3,7 +3,7 @@ opaque node per call.
 
 Called directly, ``flash_attn.cute.flash_attn_varlen_func`` is traced into by dynamo, which breaks
 the graph on FA4's DLPack wrappers: the compiled study model got slower with FA4 than with torch's
-FA2 (GPU_NOTES.md). Here the forward and the backward are ops with fake (shape-only)
+FA2 (docs/gpu-notes.md). Here the forward and the backward are ops with fake (shape-only)
 implementations and a registered autograd formula; the CuTe kernels run only on real tensors.
 
 The kernels are FA4's own low-level entry points (``_flash_attn_fwd`` / ``_flash_attn_bwd`` of
@@ -108,6 +108,16 @@ def _backward(ctx, dout, dlse):
 fa4_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def bucket(max_seqlen: int) -> int:
+    """``max_seqlen`` rounded up to a power of two (at least 128): FA4 picks its kernel
+    configuration from it and JIT-compiles each new one for seconds, so eager batches whose
+    longest sample changes every step would compile every step (237 ms a step on the H100 where
+    FA2 took 8). An upper bound is valid: the kernels read each sequence's length from
+    ``cu_seqlens``."""
+    return max(128, 1 << (int(max_seqlen) - 1).bit_length())
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *,
               scale: float, causal: bool, left: int, right: int) -> Tensor:  # [T, H, D]
-    return fa4_varlen_fwd(q, k, v, cu_seqlens, int(max_seqlen), float(scale), bool(causal), int(left), int(right))[0]
+    return fa4_varlen_fwd(q, k, v, cu_seqlens, bucket(max_seqlen), float(scale), bool(causal), int(left),
+                          int(right))[0]
