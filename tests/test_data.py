@@ -42,7 +42,7 @@ def test_pad_collators():
     lens = [len(i) for i, _ in samples]
     fixed = PadCollator(length=32)(samples)
     assert fixed["input_ids"].shape == (5, 32)
-    longest = PadToLongestCollator(pad_to_multiple_of=8)(samples)
+    longest = PadToLongestCollator(bucket="multiple", min_length=8)(samples)
     assert longest["input_ids"].shape[1] == -(-max(lens) // 8) * 8
     for b in (fixed, longest):
         assert b["attention_mask"].sum(1).tolist() == lens
@@ -152,3 +152,29 @@ def test_pack_collator_num_seqs_refuses_what_cannot_fit(kw, match):
     ds = SyntheticDataset(5, max_len=60, seed=2)
     with pytest.raises(ValueError, match=match):
         PackCollator(**kw)([ds[i] for i in range(5)])
+
+
+@pytest.mark.parametrize("kw, longest, want", [
+    ({}, 1, 64), ({}, 64, 64), ({}, 65, 128), ({}, 300, 512), ({}, 990, 1024),
+    ({"max_length": 1024}, 1023, 1024), ({"max_length": 1000}, 990, 1000),
+    ({"bucket": "multiple", "min_length": 128}, 300, 384), ({"bucket": "multiple", "min_length": 8}, 13, 16),
+])
+def test_pad_to_longest_bucket_rule(kw, longest, want):
+    collate = PadToLongestCollator(**kw)
+    assert collate.length(longest) == want
+    batch = collate([(torch.ones(longest, dtype=torch.long), torch.ones(longest, dtype=torch.long)),
+                     (torch.ones(1, dtype=torch.long), torch.ones(1, dtype=torch.long))])
+    assert batch["input_ids"].shape == (2, want)
+    assert batch["attention_mask"].sum(1).tolist() == [longest, 1]
+
+
+def test_pad_to_longest_study_batches_take_few_shapes():
+    # the study's batches (32 samples of 1..1023) pad to one bucket: the baseline's length
+    ds = SyntheticDataset(32 * 50, max_len=1023)
+    collate = PadToLongestCollator(max_length=1024)
+    shapes = {collate.length(max(ds.lengths[i * 32:(i + 1) * 32])) for i in range(50)}
+    assert shapes == {1024}
+    with pytest.raises(ValueError, match="does not fit max_length"):
+        collate.length(1025)
+    with pytest.raises(ValueError, match="bucket"):
+        PadToLongestCollator(bucket="linear")
