@@ -41,7 +41,7 @@ def test_flops_formula_matches_hand_count(train):
 
 
 def test_flops_match_spec_numbers():
-    # SPEC.md: linear 9.93 TFLOP for 16,384 tokens; eval attention ~1.10 TFLOP for 32 uniform lengths
+    # docs/study.md: linear 9.93 TFLOP for 16,384 tokens; eval attention ~1.10 TFLOP for 32 uniform lengths
     assert linear_flops(16384, 1024, 24, 1024) == pytest.approx(9.93e12, rel=1e-3)
     mean_sq = sum(n * n for n in range(1, 1024)) / 1023
     assert attention_flops([1] * 32, 1024, 24, causal=False) * mean_sq == pytest.approx(1.10e12, rel=1e-2)
@@ -78,7 +78,7 @@ def test_bench_end_to_end_writes_results(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary == {"out": str(out), "cases": 4, "failed": 0, "fastest": summary["fastest"]}
+    assert summary == {"out": str(out), "cases": 4, "failed": 0, "not_applicable": 0, "fastest": summary["fastest"]}
     report = json.loads((out / "results.json").read_text())
     assert {"gpu", "torch", "cuda", "date"} <= report["env"].keys()
     assert len(report["cases"]) == 4
@@ -279,3 +279,26 @@ def test_exposed_time_is_what_other_kernels_do_not_cover():
     # covered: [2,3] + [5,6] + [7,8] + [10,11] = 4 of 8
     assert _length(comm) == 8 and _overlap(comm, compute) == 4 and _overlap(compute, comm) == 4
     assert _overlap(comm, []) == 0 and _overlap(comm, comm) == _length(comm)
+
+
+def test_failure_reason_is_the_exception_not_compiler_output():
+    # a C++ compile error prints compiler notes after the exception line; one mentions Exception.h
+    from varlen.bench.runner import _reason
+
+    stderr = ("Traceback (most recent call last):\n  File \"w.py\", line 3, in <module>\n"
+              "torch._inductor.exc.InductorError: CppCompileError: C++ compile error\n"
+              "/usr/include/c10/util/Exception.h:600:7: note: in expansion of macro 'C10_UNLIKELY'\n")
+    assert _reason(stderr, 1) == "torch._inductor.exc.InductorError: CppCompileError: C++ compile error"
+
+
+def test_cases_a_cpu_cannot_run_are_not_applicable():
+    from varlen.bench.cases import Case, Workload
+    from varlen.bench.runner import precheck
+
+    w = Workload(model="tiny", device="cpu")
+    assert "no backward on CPU" in precheck(Case("packed-flex", "train", False, w))
+    assert "does not build on the CPU" in precheck(Case("packed-flex", "eval", True, w))
+    assert "causal nested SDPA needs CUDA" in precheck(Case("nested", "train", False, w))
+    assert "no CUDA device" in precheck(Case("packed-flash", "eval", False, w))
+    for ok in (Case("packed-flex", "eval", False, w), Case("nested", "eval", True, w), Case("padded", "train", True, w)):
+        assert precheck(ok) is None, ok

@@ -31,6 +31,24 @@ def _lengths(name):
 
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_smoke_backend_vs_float64(backend, causal, kv_heads):
+    # the GPU smoke's kernel check (benchmarks/run_gpu.sh smoke): every backend, forward and
+    # backward, at small shapes with length 1, many tiny sequences and one past a 128-token block
+    lengths = [1, 37, 200, 5, 64] + [1, 2, 3] * 4
+    q, k, v = random_qkv(lengths, 4, kv_heads, 64, torch.bfloat16, device="cuda", seed=kv_heads + causal)
+    info = SeqInfo.from_lengths(lengths, device="cuda")
+    for x in (q, k, v):
+        x.requires_grad_()
+    why = backend_reasons(backend, q, k, v, info, causal, (-1, -1))
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+    out = attention(q, k, v, info, causal=causal, backend=backend)
+    assert_matches_truth(out, q, k, v, lengths, causal)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("lengths", STUDY_LENGTHS)
 @pytest.mark.parametrize("kv_heads", [16, 4], ids=["mha", "gqa"])
 def test_backend_bf16_vs_float64(backend, causal, lengths, kv_heads):

@@ -71,8 +71,10 @@ class Workload:
 
 
 PRESETS = {
-    # SPEC.md: 32 samples of 1..1023 tokens, the 24-layer decoder, bf16 autocast
+    # docs/study.md: 32 samples of 1..1023 tokens, the 24-layer decoder, bf16 autocast
     "study": Workload(),
+    # every strategy in seconds on a GPU: the GPU smoke (benchmarks/run_gpu.sh smoke)
+    "smoke": Workload(model="small", batch_size=8, max_len=255, steps=2, warmup=1, num_workers=1),
     # fits 2 CPU cores in minutes
     "tiny": Workload(model="tiny", batch_size=8, max_len=127, steps=5, warmup=2, num_workers=1,
                      device="cpu", dtype="float32"),
@@ -128,11 +130,14 @@ class Result:
     wall_s: float | None = None
     gemm_floor_ms: float | None = None  # the step's GEMMs alone at their real shapes
     profile: dict | None = None  # --profile: ms and % of the step per part
+    kernel: str | None = None  # what ran: flash implementation, xFormers operator, ...
     error: str | None = None
+    applicable: bool = True  # False: this machine cannot run the case at all (error says why)
 
     @classmethod
-    def failed(cls, case: Case, error: str, wall_s: float | None = None) -> "Result":
-        return cls(case.strategy, case.backend, case.mode, case.compile, error=error, wall_s=wall_s)
+    def failed(cls, case: Case, error: str, wall_s: float | None = None, applicable: bool = True) -> "Result":
+        return cls(case.strategy, case.backend, case.mode, case.compile, error=error, wall_s=wall_s,
+                   applicable=applicable)
 
 
 def grid(strategies, modes, compile_modes, workload: Workload) -> list[Case]:

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def parse_args(argv):
                    help="compiled packed cases run as CUDA graphs (torch.compile mode='reduce-overhead') on "
                         "static shapes: needs --tokens-per-batch; every batch padded to one token count and "
                         "one number of sequences")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cases run at once (default 1; more only to check that every case runs, e.g. the GPU "
+                        "smoke: concurrent cases share the GPU and the host, so their timings mean little)")
+    p.add_argument("--strict", action="store_true",
+                   help="a case this machine cannot run (a backend not installed) also fails the run")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds per case (default 900 GPU, 600 CPU)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-out/DEVICE-DATE)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
@@ -55,7 +61,13 @@ def parse_args(argv):
 
 def merge(dirs: list[Path], out: Path) -> dict:
     """One report from several partial runs; a later run's case replaces an earlier one's."""
-    reports = [json.loads((d / "results.json").read_text()) for d in dirs]
+    reports = [json.loads((d / "results.json").read_text()) for d in dirs if (d / "results.json").exists()]
+    if not reports:
+        raise SystemExit("varlen bench --merge: no finished run among " + ", ".join(map(str, dirs)))
+    for d in dirs:  # a run cut short left only cases.jsonl: it ran on the machine of the others
+        if not (d / "results.json").exists():
+            lines = (d / "cases.jsonl").read_text().splitlines() if (d / "cases.jsonl").exists() else []
+            reports.append({**reports[0], "cases": [json.loads(line) for line in lines if line.strip()]})
     gpus = {r["env"].get("gpu") for r in reports}
     if len(gpus) > 1:
         raise SystemExit(f"varlen bench --merge: runs come from different devices {gpus}; compare only within one")
@@ -92,6 +104,63 @@ def workload_from(args):
     return preset, w
 
 
+def cases_from(args, w) -> list:
+    compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
+    family = list(HF_STRATEGIES) if args.model == "hf-gpt2" else DECODER_STRATEGIES
+    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else family
+    wrong = [s for s in strategies if s.partition(":")[0] not in family]
+    if wrong:
+        raise SystemExit(f"varlen bench: --model {args.model} runs {','.join(family)}; not {','.join(wrong)}")
+    return grid(strategies, [m for m in args.modes.split(",") if m], compile_modes, w)
+
+
+def case_line(case, result) -> str:
+    """One line a finished case prints: its numbers, or why it gave none."""
+    if result.error is None:
+        return (f"{case.name}: {result.step_ms_mean:.1f} ms/step, {result.tflops:.2f} TFLOP/s, "
+                f"loss {result.loss:.4f}, recompiles {result.recompiles}"
+                + (f", kernel {result.kernel}" if result.kernel else ""))
+    return f"{case.name}: {'FAILED' if result.applicable else 'n/a here'}: {result.error}"
+
+
+def run_cases(cases, timeout: float, out: Path, jobs: int):
+    """Run every case with a live progress line; each finished case is printed and appended to
+    ``out/cases.jsonl`` (a run cut short keeps its results). Returns (results, console)."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console)
+    except ImportError:
+        console = progress = None
+    partial = out / "cases.jsonl"
+    partial.write_text("")
+    lock = threading.Lock()  # --jobs: cases finish on several threads
+
+    def tell(i, case, result):
+        with lock:
+            if result is None:
+                if progress:
+                    progress.update(task, description=case.name)
+                return
+            if progress:
+                progress.console.print(case_line(case, result), markup=False)  # reasons hold brackets
+                progress.advance(task)
+            else:
+                print(case_line(case, result), flush=True)
+            with partial.open("a") as f:
+                f.write(json.dumps(asdict(result)) + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not progress:
+            return run_all(cases, timeout, Path(tmp), tell, jobs), console
+        with progress:
+            task = progress.add_task("starting", total=len(cases))
+            return run_all(cases, timeout, Path(tmp), tell, jobs), console
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.merge:
@@ -101,59 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
     preset, w = workload_from(args)
-    compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
-    family = list(HF_STRATEGIES) if args.model == "hf-gpt2" else DECODER_STRATEGIES
-    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else family
-    wrong = [s for s in strategies if s.partition(":")[0] not in family]
-    if wrong:
-        raise SystemExit(f"varlen bench: --model {args.model} runs {','.join(family)}; not {','.join(wrong)}")
-    cases = grid(strategies, [m for m in args.modes.split(",") if m],
-                 compile_modes, w)
+    cases = cases_from(args, w)
     env = {**environment(), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     out = args.out or Path("bench-out") / f"{(env['gpu'] or 'cpu').split(' x')[0].replace(' ', '-')}-{env['date'][:10]}"
-    timeout = args.case_timeout or (900 if w.device == "cuda" else 600)
-
-    try:
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        console = Console(width=None if sys.stdout.isatty() else 200)
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), console=console)
-    except ImportError:
-        console = progress = None
-
+    out.mkdir(parents=True, exist_ok=True)
     print(f"varlen bench: preset {preset}, {len(cases)} cases on {w.device}; workload {json.dumps(asdict(w))}", flush=True)
     peak = measure_peak(w.device)
-
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / "cases.jsonl"  # one line per finished case: survives a run cut short
-    partial.write_text("")
-
-    def tell(i, case, result):
-        if result is None:
-            if progress:
-                progress.update(task, description=f"{case.name}")
-            return
-        msg = (f"{case.name}: {result.step_ms_mean:.1f} ms/step, {result.tflops:.2f} TFLOP/s, loss {result.loss:.4f}, "
-               f"recompiles {result.recompiles}" if result.error is None else f"{case.name}: FAILED: {result.error}")
-        if progress:
-            progress.console.print(msg, markup=False)  # reasons hold brackets, e.g. varlen[xformers]
-        else:
-            print(msg, flush=True)
-        with partial.open("a") as f:
-            f.write(json.dumps(asdict(result)) + "\n")
-        if progress:
-            progress.advance(task)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if progress:
-            with progress:
-                task = progress.add_task("starting", total=len(cases))
-                results = run_all(cases, timeout, Path(tmp), tell)
-        else:
-            results = run_all(cases, timeout, Path(tmp), tell)
-
+    results, console = run_cases(cases, args.case_timeout or (900 if w.device == "cuda" else 600), out, args.jobs)
     report = {"env": env, "preset": preset, "workload": asdict(w), "matmul_peak_tflops": peak,
               "cases": result_dicts(results)}
     add_comparisons(report["cases"])
@@ -161,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     print_table(report, console)
     paths = save(report, out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    failed = [r for r in results if r.error is not None and (r.applicable or args.strict)]
     best = min((c for c in report["cases"] if c["error"] is None), key=lambda c: c["step_ms_mean"], default=None)
-    summary = {"out": str(out), "cases": len(results), "failed": sum(r.error is not None for r in results),
+    summary = {"out": str(out), "cases": len(results), "failed": len(failed),
+               "not_applicable": sum(not r.applicable for r in results),
                "fastest": best and case_name(best["strategy"], best["mode"], best["compile"])}
+    if failed:
+        print(f"varlen bench: {len(failed)} case(s) failed: " + ", ".join(
+            case_name(r.strategy, r.mode, r.compile) for r in failed), file=sys.stderr)
     print(json.dumps(summary))  # last line: one line of JSON for scripts
-    return 0
+    return 1 if failed else 0

@@ -1,4 +1,4 @@
-"""Closed-form matmul FLOPs of the decoder on the real tokens of a batch (SPEC.md, 'The floor').
+"""Closed-form matmul FLOPs of the decoder on the real tokens of a batch (docs/study.md, 'The floor').
 
 Per token and layer: qkv (3 d^2), proj (d^2), fc1 and fc2 (2 * 4 d^2) = 12 d^2 multiply-adds,
 plus the output layer (d * V). Attention: QK^T and PV, 2 * L^2 * d multiply-adds per sequence

@@ -1,4 +1,4 @@
-"""The study's HuggingFace part (SPEC.md): a stock ``GPT2LMHeadModel`` of the study's size,
+"""The study's HuggingFace part (docs/study.md): a stock ``GPT2LMHeadModel`` of the study's size,
 padded on HF's ``sdpa``, packed on HF's own ``sdpa`` path, and packed through ``varlen``.
 
 Each sample's first label is ignored in every strategy, so that a packed row never learns

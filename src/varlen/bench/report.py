@@ -12,7 +12,7 @@ from .cases import baseline_of, case_name, order_key
 COLUMNS = [
     "strategy", "backend", "mode", "compile", "step_ms_mean", "step_ms_median", "step_ms_min",
     "speedup", "tokens_per_s", "tflops", "mfu", "padding_frac", "peak_mem_gib", "recompiles",
-    "graphs", "loss", "loss_delta", "steps", "wall_s", "error",
+    "graphs", "loss", "loss_delta", "steps", "wall_s", "kernel", "error", "applicable",
 ]
 
 
@@ -50,13 +50,14 @@ def rows(cases: list[dict]) -> list[list[str]]:
             _fmt(c.get("mfu") and 100 * c.get("mfu"), ".1f"), _fmt(c.get("x_flops_floor"), ".2f"),
             _fmt(c.get("x_gemm_floor"), ".2f"), _fmt(c.get("padding_frac") and 100 * c.get("padding_frac"), ".0f"),
             _fmt(c.get("peak_mem_gib"), ".2f"), _fmt(c.get("recompiles"), "d"), _fmt(c.get("loss"), ".4f"),
-            (c.get("error") or "")[:90],
+            c.get("kernel") or "",
+            ("" if c.get("error") is None else ("" if c.get("applicable", True) else "n/a: ") + c["error"])[:90],
         ])
     return out
 
 
 HEADER = ["strategy", "mode", "compiled", "step ms", "median", "speed-up", "ktok/s", "TFLOP/s", "MFU %",
-          "x FLOP floor", "x GEMM floor", "pad %", "peak GiB", "recompiles", "loss", "error"]
+          "x FLOP floor", "x GEMM floor", "pad %", "peak GiB", "recompiles", "loss", "kernel", "error"]
 
 
 def env_line(env: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,14 +17,17 @@ from ..attention.api import backend_unavailable
 from .cases import Case, Result
 
 
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
+
+
 def _reason(stderr: str, returncode: int) -> str:
     """The exception line of a traceback (or the last line), kept short."""
     lines = [l.strip() for l in stderr.strip().splitlines() if l.strip()]
     # a C++ exception that aborts the process says what it was on its "what():" line; the stack
     # frames after it (c10::Error::Error(...)) also contain "Error"
     what = [l.split("what():", 1)[1].strip() for l in lines if "what():" in l]
-    errors = [l for l in lines if ("Error" in l or "Exception" in l) and ":" in l and not l.startswith("File ")
-              and not l.startswith("frame #")]
+    # "SomeError: ..." lines, not compiler output that merely mentions an error header file
+    errors = [l for l in lines if EXCEPTION_LINE.match(l)]
     line = what[-1] if what else errors[-1] if errors else (lines[-1] if lines else "")
     if returncode < 0:
         line = f"killed by signal {-returncode}" + (f" ({line})" if line else "")
@@ -31,17 +35,38 @@ def _reason(stderr: str, returncode: int) -> str:
 
 
 def precheck(case: Case) -> str | None:
-    """A reason known without starting a process (backend absent on this machine)."""
+    """Why this machine cannot run the case at all, known without starting a process: its
+    backend is absent, or (on the CPU, where nothing touches a GPU) cannot do what the mode needs
+    (Flex has no backward there; nested SDPA no causal mask)."""
     try:
-        return backend_unavailable(case.backend)
+        why = backend_unavailable(case.backend)
     except ValueError as e:
         return str(e)
+    if why or case.workload.device != "cpu":
+        return why
+    if case.workload.cuda_graphs and case.compile:
+        return "--cuda-graphs needs a CUDA device"
+    if case.compile and case.backend == "flex":
+        return "compiled FlexAttention does not build on the CPU (Inductor's C++ code generation fails, torch 2.13)"
+    if case.strategy in ("padded", "longest", "hf-padded"):
+        return None
+    import torch
+
+    from ..attention.api import backend_reasons
+    from ..models import DecoderConfig
+    from ..seqinfo import SeqInfo
+
+    cfg, train = DecoderConfig.from_name(case.workload.model), case.mode == "train"
+    with torch.set_grad_enabled(train):
+        q = torch.empty(1, cfg.n_heads, cfg.head_dim, requires_grad=train)
+        causal = train or case.strategy.startswith("hf-")
+        return "; ".join(backend_reasons(case.backend, q, q, q, SeqInfo.from_lengths([1]), causal, (-1, -1))) or None
 
 
 def run_case_in_process(case: Case, timeout_s: float, workdir: Path) -> Result:
     why = precheck(case)
     if why:
-        return Result.failed(case, why, wall_s=0.0)
+        return Result.failed(case, why, wall_s=0.0, applicable=False)
     stem = case.name.replace("/", "_")
     case_path, out_path = workdir / f"{stem}.case.json", workdir / f"{stem}.result.json"
     case_path.write_text(json.dumps(case.to_dict()))
@@ -79,17 +104,24 @@ def measure_peak(device: str, timeout_s: float = 300) -> float | None:
             return None
 
 
-def run_all(cases: list[Case], timeout_s: float, workdir: Path, progress=None) -> list[Result]:
-    """Every case in turn; ``progress(i, case, result_or_None)`` is told before and after each."""
-    results = []
-    for i, case in enumerate(cases):
+def run_all(cases: list[Case], timeout_s: float, workdir: Path, progress=None, jobs: int = 1) -> list[Result]:
+    """Every case, ``jobs`` processes at a time (1 for timings that mean anything: concurrent
+    cases share the GPU and the host); ``progress(i, case, result_or_None)`` is told before and
+    after each."""
+    def one(i: int) -> Result:
         if progress:
-            progress(i, case, None)
-        result = run_case_in_process(case, timeout_s, workdir)
-        results.append(result)
+            progress(i, cases[i], None)
+        result = run_case_in_process(cases[i], timeout_s, workdir)
         if progress:
-            progress(i, case, result)
-    return results
+            progress(i, cases[i], result)
+        return result
+
+    if jobs <= 1:
+        return [one(i) for i in range(len(cases))]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return list(pool.map(one, range(len(cases))))
 
 
 def result_dicts(results: list[Result]) -> list[dict]:

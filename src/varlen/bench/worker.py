@@ -30,10 +30,10 @@ def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
     match case.strategy:
         case "padded":
             return PadCollator(length=-(-(w.max_len + 1) // 8) * 8)
-        case "longest":
-            return PadToLongestCollator(pad_to_multiple_of=8)
+        case "longest":  # powers of two from 64 up to the padded baseline's length
+            return PadToLongestCollator(max_length=-(-(w.max_len + 1) // 8) * 8)
         case "nested":
-            return NestedCollator()
+            return NestedCollator(max_seqlen=w.max_len if case.compile else None)
         case _ if graphs(case):
             return PackCollator(max_seqlen=w.max_len, **static_shape(w, batches))
         case _:
@@ -171,6 +171,7 @@ def run_case(case: Case) -> Result:
     floor = gemm_floor_ms(round(real / len(times)), dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
                           mlp_ratio=cfg.mlp_ratio, train=train, device=device.type,
                           dtype=getattr(torch, w.dtype) if on_gpu else torch.float32)
+    kernel = _kernel(case, cfg, host, device) if "info" in host or "varlen_info" in host else None
     if on_gpu:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -190,7 +191,20 @@ def run_case(case: Case) -> Result:
         steps=len(times),
         gemm_floor_ms=floor,
         profile=profile,
+        kernel=kernel,
     )
+
+
+def _kernel(case: Case, cfg: DecoderConfig, host: dict, device: torch.device) -> str:
+    """The attention kernel a packed case ran, asked with tensors shaped like its last batch."""
+    from ..attention import kernel_name
+
+    info = (host.get("info") or host["varlen_info"]).to(device)
+    dtype = getattr(torch, case.workload.dtype) if device.type == "cuda" else torch.float32
+    train = case.mode == "train"
+    with torch.set_grad_enabled(train):
+        q = torch.empty(info.total_tokens, cfg.n_heads, cfg.head_dim, device=device, dtype=dtype, requires_grad=train)
+        return kernel_name(case.backend, q, q, q, info, causal=train or case.strategy.startswith("hf-"))
 
 
 def matmul_peak(device: str) -> float:
