@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# FlashAttention-4 for a Python 3.12 x86-64 GPU machine without internet (GPU_NOTES: the versions
+# FlashAttention-4 for a Python 3.12 x86-64 GPU machine without internet (docs/gpu-notes.md: the versions
 # that ran on the H100 with torch 2.11). Its cutlass DSL library wheel is 92 MB, over one device
 # call's 64 MiB: `download` splits it into two parts carried in two calls back to back.
 #   benchmarks/fa4_wheels.sh download DIR   here: DIR/a (small wheels + part 1), DIR/b (part 2)

@@ -1,4 +1,4 @@
-"""The study's reference decoder (SPEC.md), in one file, on any batch layout and any backend.
+"""The study's reference decoder (docs/study.md), in one file, on any batch layout and any backend.
 
     x = tok_emb(ids) + pos_emb(position_ids)
     24 x { x = x + proj(attn(qkv(LN(x))));  x = x + fc2(GELU(fc1(LN(x)))) }
