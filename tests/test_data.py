@@ -31,10 +31,17 @@ def test_length_dists_in_range(dist):
 
 def test_length_file(tmp_path):
     p = tmp_path / "lens.txt"
-    p.write_text("5\n7 300\n")
-    assert sample_lengths(4, str(p), 100) == [5, 7, 100, 5]
+    p.write_text("5\n7 30\n")
+    assert sample_lengths(4, str(p), 100) == [5, 7, 30, 5]
     with pytest.raises(ValueError, match="neither"):
         sample_lengths(4, str(tmp_path / "missing.txt"), 100)
+    # a length above the longest sample is an error naming its line, never clipped silently
+    for text, msg in (("5\n7 300\n", r"lens.txt:2: length 300 is outside 1..100"),
+                      ("5\n0\n", r"lens.txt:2: length 0"), ("5 x\n", r"lens.txt:1: 'x' is not an integer"),
+                      ("\n", "no lengths")):
+        p.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            sample_lengths(4, str(p), 100)
 
 
 def test_pad_collators():

@@ -16,6 +16,7 @@ import torch
 from varlen.data import SyntheticDataset
 from varlen.models import Decoder, forward_batch
 from varlen.train import train_step
+from varlen.train import checkpoint
 from varlen.train.data import TrainCollator
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -67,7 +68,7 @@ def test_mean_of_micro_means_would_differ():
     assert abs(a - sum(means) / 2) > 1e-4
 
 
-def test_static_graph_refuses_accumulation():
+def test_static_graph_refuses_accumulation(capsys):
     ds = SyntheticDataset(4, max_len=50, seed=3)
     collate = TrainCollator()
     model = Decoder("tiny").double()
@@ -77,15 +78,16 @@ def test_static_graph_refuses_accumulation():
     assert all(p.grad is None for p in model.parameters()), "refused before any backward"
     from varlen.train.cli import main
 
-    with pytest.raises(SystemExit, match="static-graph"):  # the CLI says so before building anything
+    with pytest.raises(SystemExit) as e:  # the CLI says so before building anything
         main(["--static-graph", "--grad-accum", "2", "--device", "cpu", "--steps", "1", "--no-progress"])
+    assert e.value.code == 2 and "--static-graph with --grad-accum > 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2", "ddp:static", "fsdp2:keep"])
 def test_two_processes_equal_one(tmp_path, parallel):
     _torchrun(1, SCRIPTS / "dist_steps.py", parallel, tmp_path / "one.pt")
     _torchrun(2, SCRIPTS / "dist_steps.py", parallel, tmp_path / "two.pt")
-    one, two = (torch.load(tmp_path / f, weights_only=False) for f in ("one.pt", "two.pt"))
+    one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
     assert one["losses"] == pytest.approx(two["losses"], abs=1e-10)
     assert one["losses"][0] != pytest.approx(one["losses"][-1], abs=1e-3), "the steps must move the weights"
     # float64, lr 0.5: summing gradients over ranks instead of in one process reorders the sums,
@@ -131,7 +133,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            if (out / "checkpoint" / "done.json").exists() and len(_log(out)) >= 4:
+            if checkpoint.latest(out / "checkpoint") is not None and len(_log(out)) >= 4:
                 break
             time.sleep(0.05)
     finally:
@@ -206,7 +208,7 @@ def test_hf_dataset_on_disk_trains_like_the_same_jsonl(tmp_path):
     # the same samples, and so the same losses, as the same rows in a JSONL file; a split is chosen
     # from a DatasetDict; a dataset without input_ids is a clear error
     datasets = pytest.importorskip("datasets")
-    from varlen.train.data import load
+    from varlen.train.data import DataError, load
 
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(1, 200, (int(n),), generator=g).tolist() for n in torch.randint(2, 60, (40,), generator=g)]
@@ -214,15 +216,17 @@ def test_hf_dataset_on_disk_trains_like_the_same_jsonl(tmp_path):
     datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"input_ids": rows[:5]})}).save_to_disk(
         str(tmp_path / "dd"))
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
-    kw = dict(num_samples=0, max_len=50, vocab_size=256, seed=0)
+    kw = dict(num_samples=0, max_len=50, vocab_size=256, seed=0, too_long="truncate")
     a, b = load(f"hf:{tmp_path / 'ds'}", **kw), load(str(tmp_path / "rows.jsonl"), **kw)
     assert a.rows == b.rows and a.lengths == b.lengths and max(a.lengths) == 50
     assert load(f"hf:{tmp_path / 'dd'}:validation", **kw).rows == [r[:51] for r in rows[:5]]
-    with pytest.raises(SystemExit, match="splits \\['validation'\\]; name one"):
+    with pytest.raises(DataError, match="splits \\['validation'\\]; name one"):
         load(f"hf:{tmp_path / 'dd'}", **kw)
     datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "text"))
-    with pytest.raises(SystemExit, match="input_ids"):
+    with pytest.raises(DataError, match="input_ids"):
         load(f"hf:{tmp_path / 'text'}", **kw)
+    with pytest.raises(DataError, match=r"ds row 3: a sample of 55 tokens, longer than"):  # the default: an error
+        load(f"hf:{tmp_path / 'ds'}", **{**kw, "too_long": "error"})
     common = [sys.executable, "-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--steps", "3",
               "--max-tokens", "256", "--seed", "0", "--no-progress"]
     for name, data in (("hf", f"hf:{tmp_path / 'ds'}"), ("jsonl", tmp_path / "rows.jsonl")):

@@ -31,11 +31,27 @@ def sample_lengths(n: int, dist: str, max_len: int, seed: int = 0) -> list[int]:
             p = Path(path)
             if not p.is_file():
                 raise ValueError(f"length distribution {dist!r} is neither one of {LENGTH_DISTS} nor a file")
-            table = [int(w) for w in p.read_text().split()]
-            if not table or min(table) < 1:
-                raise ValueError(f"{path}: needs positive integer lengths")
-            lens = torch.tensor([min(table[i % len(table)], max_len) for i in range(n)])
+            table = read_lengths(p, max_len)
+            lens = torch.tensor([table[i % len(table)] for i in range(n)])
     return [int(x) for x in lens.tolist()]
+
+
+def read_lengths(path: Path, max_len: int) -> list[int]:
+    """A file of lengths (whitespace-separated integers), each in 1..max_len; a bad one is an error
+    naming its line."""
+    table = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        for word in line.split():
+            try:
+                value = int(word)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: {word!r} is not an integer length") from None
+            if not 1 <= value <= max_len:
+                raise ValueError(f"{path}:{n}: length {value} is outside 1..{max_len} (the longest sample, --max-len)")
+            table.append(value)
+    if not table:
+        raise ValueError(f"{path}: no lengths in the file")
+    return table
 
 
 class SyntheticDataset(Dataset):

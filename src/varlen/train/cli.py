@@ -12,18 +12,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
+from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..models import Decoder, DecoderConfig, forward_batch
 from . import checkpoint
-from .data import TrainCollator, load
+from .data import DataError, DataReport, TrainCollator, fingerprint, load
 from .distributed import Dist, per_rank, run_then_teardown, setup, wrap
 from .step import GarbageCollection, train_step
 
@@ -38,43 +42,81 @@ def parse_args(argv):
                    help="varlen's decoder, or a stock HF model of the preset's size through varlen.hf")
     p.add_argument("--backend", default="auto", help="attention backend (varlen.attention)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    p.add_argument("--max-tokens", type=int, default=None, help="tokens of one optimizer step, all ranks together")
-    p.add_argument("--max-tokens-per-rank", type=int, default=None, help="alternatively: tokens per rank and step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--steps", type=positive_int, default=20, help="optimizer steps")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="tokens of one optimizer step, all ranks together")
+    p.add_argument("--max-tokens-per-rank", type=positive_int, default=None, help="alternatively: tokens per rank and step")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--data", default="uniform",
                    help="uniform | lognormal | fixed | a file of lengths | FILE.jsonl | hf:NAME_OR_PATH[:split]")
-    p.add_argument("--num-samples", type=int, default=100_000, help="synthetic samples in an epoch")
-    p.add_argument("--max-len", type=int, default=None, help="longest sample (default: the preset's positions - 1)")
+    long = p.add_mutually_exclusive_group()
+    long.add_argument("--truncate", action="store_true", help="cut samples longer than a step takes (default: an error)")
+    long.add_argument("--drop-long", action="store_true", help="drop samples longer than a step takes")
+    p.add_argument("--num-samples", type=positive_int, default=100_000, help="synthetic samples in an epoch")
+    p.add_argument("--max-len", type=positive_int, default=None,
+                   help="longest sample (default and most: the preset's positions - 1)")
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp2"], default=None, help="default: ddp on several processes")
     p.add_argument("--split", choices=["balanced", "naive"], default="balanced",
                    help="how a global batch is split over ranks: by a cost model, or by sample count")
     p.add_argument("--cost", choices=["flops", "measure"], default="flops",
                    help="the cost model's weights: from FLOPs, or timed once on this device and model")
-    p.add_argument("--window", type=int, default=None, help="samples packed together (default ~32 batches' worth)")
+    p.add_argument("--window", type=positive_int, default=None, help="samples packed together (default ~32 batches' worth)")
     p.add_argument("--static", action="store_true", help="every step has the same shape (filler tokens)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="gradient reduction dtype")
-    p.add_argument("--bucket-mb", type=int, default=25, help="DDP gradient bucket size")
+    p.add_argument("--bucket-mb", type=positive_int, default=25, help="DDP gradient bucket size")
     p.add_argument("--static-graph", action="store_true", help="DDP's static_graph (not with --grad-accum > 1)")
     p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
-    p.add_argument("--gc-every", type=int, default=50,
+    p.add_argument("--num-workers", type=nonneg_int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
+    p.add_argument("--gc-every", type=nonneg_int, default=50,
                    help="Python's collector off, a collection every N steps on all ranks at once (0: Python's own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="train_log.jsonl, train.png, summary.json, checkpoint/")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps into OUT/checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint if it is there")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the summary's timings")
+    p.add_argument("--save-every", type=nonneg_int, default=0, help="checkpoint every N steps into OUT/checkpoint")
+    p.add_argument("--keep", type=positive_int, default=2, help="complete checkpoints kept (the newest)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
+    p.add_argument("--allow-change", default="", metavar="FIELD,...",
+                   help=f"on --resume, accept these settings differing from the checkpoint's ({', '.join(CONFIG_FIELDS)})")
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="steps left out of the summary's timings")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.resume and args.out is None:
-        p.error("--resume needs --out")
+    if (args.resume or args.save_every) and args.out is None:
+        p.error("--resume and --save-every need --out")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out, --overwrite starts over: choose one")
+    if args.max_tokens and args.max_tokens_per_rank:
+        p.error("give --max-tokens or --max-tokens-per-rank, not both")
+    if args.static_graph and args.grad_accum > 1:
+        p.error("--static-graph with --grad-accum > 1 is broken in PyTorch (pytorch/pytorch#187732); drop one of them")
+    unknown = set(filter(None, args.allow_change.split(","))) - set(CONFIG_FIELDS)
+    if unknown:
+        p.error(f"--allow-change: unknown field(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIG_FIELDS)}")
+    try:
+        cfg = DecoderConfig.from_name(args.preset)
+    except ValueError as e:
+        p.error(str(e))
+    if args.max_len is not None and args.max_len >= cfg.max_len:
+        p.error(f"--max-len {args.max_len}: preset {args.preset} has {cfg.max_len} positions, so samples of at most "
+                f"{cfg.max_len - 1} tokens; choose a larger preset or a shorter --max-len")
     return args
+
+
+# The settings a checkpoint is tied to: resuming with another value changes what the run computes.
+CONFIG_FIELDS = ("model", "preset", "backend", "data", "data_fingerprint", "num_samples", "max_len", "too_long",
+                 "max_tokens", "grad_accum", "split", "cost", "window", "static", "optimizer", "lr", "seed",
+                 "world_size", "parallel", "dtype", "reduce_dtype")
+
+
+def fail(message: str) -> NoReturn:
+    """An expected failure (bad data, a bad --out, a config mismatch): one line, exit code 2.
+    Every rank gets here alike; rank 0 speaks."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        usage_error("varlen train", message)
+    raise SystemExit(2)
 
 
 def build_model(args, cfg: DecoderConfig):
@@ -173,25 +215,95 @@ def main(argv=None) -> int:
     return run_then_teardown(run, args, setup(args.device))
 
 
+def load_data(args, cfg: DecoderConfig, micro_budget: int, report: DataReport):
+    """The dataset, every row checked; samples longer than a step takes follow --truncate /
+    --drop-long, else stop the run with the row named."""
+    max_len = args.max_len or cfg.max_len - 1
+    longest = min(max_len, micro_budget)
+    too_long = "truncate" if args.truncate else "drop" if args.drop_long else "error"
+    try:
+        ds = load(args.data, num_samples=args.num_samples, max_len=max_len, vocab_size=cfg.vocab_size,
+                  seed=args.seed, too_long=too_long, report=report, longest=longest)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    if max(ds.lengths) > micro_budget:  # synthetic lengths up to --max-len
+        fail(f"samples reach {max(ds.lengths)} tokens but a micro-step takes {micro_budget} (--max-tokens "
+             f"{args.max_tokens or '(per rank x ranks)'} / --grad-accum {args.grad_accum}); raise --max-tokens")
+    return ds, max_len, too_long
+
+
+def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: int, too_long: str) -> dict:
+    """The settings this run's checkpoints are tied to (CONFIG_FIELDS)."""
+    try:
+        data_fp = fingerprint(args.data)
+    except DataError as e:
+        fail(str(e))
+    return {"model": args.model, "preset": args.preset, "backend": args.backend, "data": args.data,
+            "data_fingerprint": data_fp, "num_samples": args.num_samples, "max_len": max_len, "too_long": too_long,
+            "max_tokens": budget, "grad_accum": args.grad_accum, "split": args.split, "cost": args.cost,
+            "window": args.window, "static": args.static, "optimizer": args.optimizer, "lr": args.lr,
+            "seed": args.seed, "world_size": d.world_size, "parallel": parallel, "dtype": dtype,
+            "reduce_dtype": args.reduce_dtype}
+
+
+def resume_point(args, d: Dist, config: dict) -> Path | None:
+    """The checkpoint to resume from, or None to start at step 0. An --out holding an earlier run
+    is refused without --resume or --overwrite; a checkpoint of other settings is refused, naming
+    them, unless --allow-change lists them."""
+    if args.out is None:
+        return None
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / f".write-test-{d.rank}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        fail(f"--out {args.out} is not writable ({e.strerror or e})")
+    root = args.out / "checkpoint"
+    found = checkpoint.latest(root)
+    if args.overwrite:
+        if d.main:
+            shutil.rmtree(root, ignore_errors=True)
+            for name in ("train_log.jsonl", "summary.json", "train.png"):
+                (args.out / name).unlink(missing_ok=True)
+        return None
+    if found is None:
+        if args.resume and d.main:
+            print(f"varlen train: no checkpoint in {root}; starting at step 0", flush=True)
+        return None
+    step = int(found.name[len(checkpoint.PREFIX):])
+    if not args.resume:
+        fail(f"--out {args.out} holds a checkpoint of an earlier run (step {step}); pass --resume to continue it "
+             "or --overwrite to start over")
+    allowed = set(filter(None, args.allow_change.split(",")))
+    diffs = {k: v for k, v in checkpoint.differences(checkpoint.config_of(found), config).items() if k not in allowed}
+    if diffs:
+        listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diffs.items())
+        fail(f"--resume: this run's settings differ from {found}'s: {listed}. Use that run's settings, or "
+             f"--allow-change {','.join(diffs)} if the change is intended")
+    if d.main:
+        print(f"varlen train: resuming from {found} (step {step})", flush=True)
+    return found
+
+
 def run(args, d: Dist) -> int:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     cfg = DecoderConfig.from_name(args.preset)
-    max_len = args.max_len or cfg.max_len - 1
-    if max_len >= cfg.max_len:
-        cfg = DecoderConfig.from_name(args.preset, max_len=max_len + 1)
-    if args.static_graph and args.grad_accum > 1:  # before any work: train_step would refuse it later
-        raise SystemExit("varlen train: --static-graph with --grad-accum > 1 is broken in PyTorch "
-                         "(pytorch/pytorch#187732); drop one of them")
-    if args.max_tokens and args.max_tokens_per_rank:
-        raise SystemExit("varlen train: give --max-tokens or --max-tokens-per-rank, not both")
     budget = args.max_tokens or (args.max_tokens_per_rank or 16384) * d.world_size
     micro_budget = budget // args.grad_accum
+    if micro_budget < 1:
+        fail(f"--max-tokens {budget} over --grad-accum {args.grad_accum} micro-steps leaves no token per micro-step")
     parallel = args.parallel or ("ddp" if d.world_size > 1 else "none")
+    if parallel == "none" and d.world_size > 1:
+        fail("--parallel none with several processes: choose ddp or fsdp2")
     on_gpu = d.device.type == "cuda"
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
 
-    ds = load(args.data, num_samples=args.num_samples, max_len=max_len, vocab_size=cfg.vocab_size, seed=args.seed)
+    report = DataReport()
+    ds, max_len, too_long = load_data(args, cfg, micro_budget, report)
+    config = run_config(args, d, budget, parallel, dtype, max_len, too_long)
+    resume_from = resume_point(args, d, config)
     model = build_model(args, cfg).to(d.device)
     if args.cost == "measure":
         cost = measure_cost(model, args, cfg, d, autocast)
@@ -199,109 +311,146 @@ def run(args, d: Dist) -> int:
         cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
                                  world_size=d.world_size, rank=d.rank, split=args.split, cost=cost)
-    rank_budget = -(-micro_budget // d.world_size)
     pad_to = None
     if args.static:  # the busiest rank's share bounds every rank's row
         pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
         pad_to = -(-pad_to // 128) * 128
     collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, hf=args.model != "decoder")
-    workers = args.num_workers if args.num_workers is not None else (2 if on_gpu else 0)
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
                    compile=args.compile, static_graph=args.static_graph,
                    reshard_after_forward=args.reshard_after_forward)
-    params = model.parameters()
-    if args.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=args.lr, fused=on_gpu and parallel != "fsdp2")
-    else:
-        opt = torch.optim.AdamW(params, lr=args.lr, fused=on_gpu and parallel != "fsdp2")
+    fused = on_gpu and parallel != "fsdp2"
+    opt_cls = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW
+    opt = opt_cls(model.parameters(), lr=args.lr, fused=fused)
 
-    ckpt = args.out / "checkpoint" if args.out else None
     step, batches_done = 0, 0
-    if args.resume and ckpt and checkpoint.exists(ckpt):
-        extra = checkpoint.load(ckpt, wrapped, opt, rank=d.rank)
+    if resume_from is not None:
+        extra = checkpoint.load(resume_from, wrapped, opt, rank=d.rank)
         step = extra["step"]
         sampler.load_state_dict(extra["sampler"])
         batches_done = extra["sampler"]["batches_done"]
     if d.main:
         info = {"world_size": d.world_size, "parallel": parallel, "split": args.split, "max_tokens": budget,
-                "grad_accum": args.grad_accum, "per_rank_budget": rank_budget, "data": args.data, "model": args.model,
-                "preset": args.preset, "packing_efficiency": round(sampler.efficiency(), 4),
-                "cost_per_token_sq": cost.per_token_sq, "cost_per_seq": cost.per_seq, "resumed_at": step}
+                "grad_accum": args.grad_accum, "per_rank_budget": -(-micro_budget // d.world_size), "data": args.data,
+                "model": args.model, "preset": args.preset, "packing_efficiency": round(sampler.efficiency(), 4),
+                "cost_per_token_sq": cost.per_token_sq, "cost_per_seq": cost.per_seq, "resumed_at": step,
+                "data_report": vars(report)}
         print("varlen train:", json.dumps(info), flush=True)
+    loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast)
+    log = loop.run(step, batches_done)
+    if d.main:
+        write_summary(args, d, log, loop.step, parallel, budget, sampler, report)
+    return 0
 
-    log_path = args.out / "train_log.jsonl" if args.out else None
-    if d.main and args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():  # a resumed run drops the lines written after its checkpoint
-            kept = [x for x in log_path.read_text().splitlines() if x and json.loads(x)["step"] <= step]
-            log_path.write_text("".join(x + "\n" for x in kept))
-    fwd = forward_fn(args)
-    log: list[dict] = []
-    progress = None
-    if d.main and not args.no_progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # the train extra brings it
-            tqdm = None
-        progress = tqdm and tqdm(total=args.steps, initial=step, desc="varlen train", unit="step", file=sys.stderr)
 
-    def batches():
-        nonlocal batches_done
+class Loop:
+    """The training loop: steps, the log, progress and checkpoints."""
+
+    def __init__(self, args, d: Dist, wrapped, opt, sampler, ds, collate, config: dict, autocast):
+        self.args, self.d, self.wrapped, self.opt, self.sampler = args, d, wrapped, opt, sampler
+        self.ds, self.collate, self.config, self.autocast = ds, collate, config, autocast
+        self.fwd = forward_fn(args)
+        self.log_path = args.out / "train_log.jsonl" if args.out else None
+        self.step = 0
+        self.batches_done = 0
+
+    def batches(self):
+        on_gpu = self.d.device.type == "cuda"
+        workers = self.args.num_workers if self.args.num_workers is not None else (2 if on_gpu else 0)
         while True:
-            loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                                 pin_memory=on_gpu)
+            loader = torch.utils.data.DataLoader(self.ds, batch_sampler=self.sampler, collate_fn=self.collate,
+                                                 num_workers=workers, pin_memory=on_gpu)
             for b in loader:
-                batches_done += 1
+                self.batches_done += 1
                 yield b
-            sampler.set_epoch(sampler.epoch + 1)
-            batches_done = 0
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self.batches_done = 0
 
-    it = batches()
-    collector = GarbageCollection(args.gc_every)
-    while step < args.steps:
-        collector.step()
+    def trim_log(self) -> None:
+        """A resumed run drops the lines written after its checkpoint (and a line a kill cut short)."""
+        if not (self.d.main and self.log_path and self.log_path.exists()):
+            return
+        kept = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the last line, half written when the run was killed
+            if row["step"] <= self.step:
+                kept.append(line)
+        self.log_path.write_text("".join(x + "\n" for x in kept))
+
+    def one_step(self) -> dict:
+        args, d = self.args, self.d
         t0 = time.perf_counter()
         micro = []
         for _ in range(args.grad_accum):
-            b = move_batch(next(it), d.device, non_blocking=True)
+            b = move_batch(next(self.it), d.device, non_blocking=True)
             if args.compile:
                 mark_dynamic(b)
             micro.append(b)
-        stats = train_step(wrapped, micro, opt, fwd, autocast=autocast)
-        if on_gpu:
+        stats = train_step(self.wrapped, micro, self.opt, self.fwd, autocast=self.autocast)
+        if d.device.type == "cuda":
             torch.cuda.synchronize()
         step_ms = 1e3 * (time.perf_counter() - t0)
         rank_tokens = per_rank(stats.local_tokens, d, torch.int64)
-        step += 1
-        row = {"step": step, "loss": float(stats.loss), "tokens": int(rank_tokens.sum()), "targets": int(stats.targets),
-               "step_ms": round(step_ms, 3), "rank_tokens": [int(x) for x in rank_tokens]}
+        self.step += 1
+        row = {"step": self.step, "loss": float(stats.loss), "tokens": int(rank_tokens.sum()),
+               "targets": int(stats.targets), "step_ms": round(step_ms, 3), "rank_tokens": [int(x) for x in rank_tokens]}
         if not math.isfinite(row["loss"]):
-            raise SystemExit(f"varlen train: loss is {row['loss']} at step {step}")
-        log.append(row)
-        if d.main and log_path:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            raise SystemExit(f"varlen train: loss is {row['loss']} at step {self.step}")
+        return row
+
+    def run(self, step: int, batches_done: int) -> list[dict]:
+        args, d = self.args, self.d
+        self.step, self.batches_done = step, batches_done
+        self.trim_log()
+        progress = None
+        if d.main and not args.no_progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:  # the train extra brings it
+                tqdm = None
+            progress = tqdm and tqdm(total=args.steps, initial=step, desc="varlen train", unit="step", file=sys.stderr)
+        self.it = self.batches()
+        collector = GarbageCollection(args.gc_every)
+        log: list[dict] = []
+        while self.step < args.steps:
+            collector.step()
+            row = self.one_step()
+            log.append(row)
+            if d.main and self.log_path:
+                with open(self.log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if progress:
+                progress.set_postfix(loss=f"{row['loss']:.4f}", ktok_s=f"{row['tokens'] / row['step_ms']:.1f}")
+                progress.update(1)
+            if args.save_every and self.step % args.save_every == 0:
+                checkpoint.save(args.out / "checkpoint", self.wrapped, self.opt, step=self.step,
+                                sampler_state=self.sampler.state_dict(self.batches_done), rank=d.rank,
+                                config=self.config, keep=args.keep)
+        self.it.close()  # releases the DataLoader (and its workers) now, not at interpreter exit
+        collector.close()
         if progress:
-            progress.set_postfix(loss=f"{row['loss']:.4f}", ktok_s=f"{row['tokens'] / step_ms:.1f}")
-            progress.update(1)
-        if ckpt and args.save_every and step % args.save_every == 0:
-            checkpoint.save(ckpt, wrapped, opt, step=step, sampler_state=sampler.state_dict(batches_done), rank=d.rank)
-    it.close()  # releases the DataLoader (and its workers) now, not at interpreter exit
-    collector.close()
-    if progress:
-        progress.close()
+            progress.close()
+        return log
+
+
+def write_summary(args, d: Dist, log: list[dict], step: int, parallel: str, budget: int, sampler,
+                  report: DataReport) -> None:
+    on_gpu = d.device.type == "cuda"
     timed = log[args.warmup:] or log
     summary = {"steps": step, "world_size": d.world_size, "parallel": parallel, "split": args.split,
                "data": args.data, "max_tokens": budget,
                "step_ms_mean": sum(r["step_ms"] for r in timed) / len(timed) if timed else None,
                "tokens_per_s": 1e3 * sum(r["tokens"] for r in timed) / sum(r["step_ms"] for r in timed) if timed else None,
                "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if on_gpu else None,
-               "packing_efficiency": sampler.efficiency(), "losses": [r["loss"] for r in log]}
-    if d.main:
-        if args.out:
-            (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-            full = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else log
-            make_plot(full, args.out / "train.png")
-        print(json.dumps({k: v for k, v in summary.items() if k != "losses"}), flush=True)
-    return 0
+               "packing_efficiency": sampler.efficiency(), "data_report": vars(report),
+               "losses": [r["loss"] for r in log]}
+    if args.out:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        log_path = args.out / "train_log.jsonl"
+        full = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else log
+        make_plot(full, args.out / "train.png")
+    print(json.dumps({k: v for k, v in summary.items() if k != "losses"}), flush=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,15 +15,86 @@ from ..data.collate import filler_lengths
 from ..seqinfo import SeqInfo
 
 
+class DataError(ValueError):
+    """A bad data row: the message names the file (or dataset) and the line (or row)."""
+
+
+@dataclass
+class DataReport:
+    """What loading did to the rows, for the run's summary."""
+
+    rows: int = 0  # rows read
+    dropped_short: int = 0  # rows of fewer than 2 tokens (no input/target pair); blank lines too
+    truncated: int = 0  # rows cut to the longest sample (--truncate)
+    dropped_long: int = 0  # rows longer than that, dropped (--drop-long)
+
+
+def check_row(row, where: str, vocab_size: int) -> list[int]:
+    """One row's token ids as ints, or a DataError naming ``where`` and what to do."""
+    if isinstance(row, dict):
+        if "input_ids" not in row:
+            raise DataError(f"{where}: an object without 'input_ids' (keys: {', '.join(map(str, row)) or 'none'}); "
+                            "each line is a list of token ids or an object with 'input_ids'")
+        row = row["input_ids"]
+    if not isinstance(row, (list, tuple)):
+        raise DataError(f"{where}: expected a list of token ids, got {type(row).__name__}")
+    for j, t in enumerate(row):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise DataError(f"{where}: token {j} is {t!r}, not an integer id; tokenize the text first")
+        if not 0 <= t < vocab_size:
+            raise DataError(f"{where}: token {j} is {t}, outside the model's vocabulary 0..{vocab_size - 1}")
+    return list(row)
+
+
+def fit_rows(rows, longest: int, too_long: str, report: DataReport) -> list[list[int]]:
+    """Rows with at least 2 tokens and at most ``longest + 1`` (a row of n tokens makes a sample
+    of n - 1 inputs), the long ones handled as ``too_long`` says: "error", "truncate" or "drop".
+    ``rows`` yields ``(where, ids)``."""
+    kept = []
+    for where, ids in rows:
+        report.rows += 1
+        if len(ids) < 2:
+            report.dropped_short += 1
+            continue
+        if len(ids) - 1 > longest:
+            if too_long == "error":
+                raise DataError(f"{where}: a sample of {len(ids) - 1} tokens, longer than the longest a step takes "
+                                f"({longest}); pass --truncate or --drop-long, or raise --max-len / --max-tokens")
+            if too_long == "drop":
+                report.dropped_long += 1
+                continue
+            report.truncated += 1
+            ids = ids[: longest + 1]
+        kept.append(ids)
+    if not kept:
+        raise DataError(f"no sample left: {report.rows} rows, {report.dropped_short} with fewer than 2 tokens, "
+                        f"{report.dropped_long} too long")
+    return kept
+
+
+def jsonl_rows(path: Path, vocab_size: int):
+    """``(where, ids)`` for every non-blank line of a JSONL file, streamed, checked."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            where = f"{path}:{n}"
+            if not line.strip():
+                yield where, []  # counted with the short rows
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+            yield where, check_row(obj, where, vocab_size)
+
+
 class TokenDataset(Dataset):
     """Samples of token ids -> ``(input_ids, targets)`` shifted by one; lengths known up front."""
 
-    def __init__(self, rows: list[list[int]], max_len: int | None = None):
-        rows = [r[: max_len + 1] if max_len else r for r in rows]
-        self.rows = [r for r in rows if len(r) >= 2]  # a sample needs one input and one target
-        if not self.rows:
-            raise ValueError("no sample with at least 2 tokens")
-        self.lengths = [len(r) - 1 for r in self.rows]
+    def __init__(self, rows: list[list[int]]):
+        self.rows = rows
+        self.lengths = [len(r) - 1 for r in rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -31,33 +104,59 @@ class TokenDataset(Dataset):
         return t[:-1], t[1:]
 
 
-def load(spec: str, *, num_samples: int, max_len: int, vocab_size: int, seed: int):
+def load(spec: str, *, num_samples: int, max_len: int, vocab_size: int, seed: int, too_long: str = "error",
+         report: DataReport | None = None, longest: int | None = None):
     """``uniform`` / ``lognormal`` / ``fixed`` / a lengths file: synthetic; ``*.jsonl``: one sample a
     line (a list of ids, or an object with ``input_ids``); ``hf:NAME_OR_PATH[:split]``: an HF
-    ``datasets`` dataset with an ``input_ids`` column (a saved dataset folder or a hub name)."""
+    ``datasets`` dataset with an ``input_ids`` column (a saved dataset folder or a hub name).
+
+    Token files are checked row by row before training (one streamed pass): every problem is a
+    :class:`DataError` naming the file and line (or dataset row). ``max_len`` is the longest
+    sample (synthetic lengths reach it); token rows longer than ``longest`` (default ``max_len``:
+    what a step takes) follow ``too_long``. ``report`` collects the counts."""
+    report = report if report is not None else DataReport()
+    if spec.endswith(".jsonl") or spec.startswith("hf:"):
+        max_len = min(max_len, longest) if longest else max_len
     if spec.endswith(".jsonl"):
-        rows = []
-        for line in Path(spec).read_text().splitlines():
-            if line.strip():
-                obj = json.loads(line)
-                rows.append(obj["input_ids"] if isinstance(obj, dict) else obj)
-        return TokenDataset(rows, max_len)
+        return TokenDataset(fit_rows(jsonl_rows(Path(spec), vocab_size), max_len, too_long, report))
     if spec.startswith("hf:"):
-        try:
-            import datasets
-        except ImportError as e:
-            raise SystemExit(f"varlen train: --data hf:... needs the datasets package ({e})") from e
-        name, _, split = spec[3:].partition(":")
-        ds = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name, split=split or "train")
-        if isinstance(ds, datasets.DatasetDict):
-            if (split or "train") not in ds:
-                raise SystemExit(f"varlen train: {name} has splits {list(ds)}; name one: hf:{name}:SPLIT")
-            ds = ds[split or "train"]
-        if "input_ids" not in ds.column_names:
-            raise SystemExit(f"varlen train: {name} has columns {ds.column_names}, no input_ids "
-                             "(tokenize it first: dataset.map(lambda r: tokenizer(r['text'])))")
-        return TokenDataset(list(ds["input_ids"]), max_len)
+        ds, name = hf_dataset(spec)
+        rows = ((f"{name} row {i}", check_row(r, f"{name} row {i}", vocab_size)) for i, r in enumerate(ds["input_ids"]))
+        return TokenDataset(fit_rows(rows, max_len, too_long, report))
     return SyntheticDataset(num_samples, max_len=max_len, vocab_size=vocab_size, length_dist=spec, seed=seed)
+
+
+def hf_dataset(spec: str):
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"--data hf:... needs the datasets package ({e}); pip install -e '.[train]'") from e
+    name, _, split = spec[3:].partition(":")
+    ds = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name, split=split or "train")
+    if isinstance(ds, datasets.DatasetDict):
+        if (split or "train") not in ds:
+            raise DataError(f"{name} has splits {list(ds)}; name one: hf:{name}:SPLIT")
+        ds = ds[split or "train"]
+    if "input_ids" not in ds.column_names:
+        raise DataError(f"{name} has columns {ds.column_names}, no input_ids "
+                        "(tokenize it first: dataset.map(lambda r: tokenizer(r['text'])))")
+    return ds, name
+
+
+def fingerprint(spec: str) -> str:
+    """What identifies the data of a run: a file's SHA-256 (streamed), a saved HF dataset's own
+    fingerprint, or the synthetic spec itself."""
+    path = Path(spec)
+    if path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest()
+    if spec.startswith("hf:"):
+        ds, _ = hf_dataset(spec)
+        return "hf:" + str(getattr(ds, "_fingerprint", "unknown"))
+    return spec
 
 
 class TrainCollator:
