@@ -169,7 +169,9 @@ def test_profile_breakdown_and_floors(tmp_path):
     assert all(k["ms"] <= p["ms"][k["part"]] + 1e-9 for k in p["top"])
     assert any(k["part"] == "gemm" for k in p["top"])
     assert case["gemm_floor_ms"] > 0 and case["x_gemm_floor"] == pytest.approx(case["step_ms_mean"] / case["gemm_floor_ms"])
-    assert case["x_flops_floor"] == pytest.approx(1 / case["mfu"])
+    # a CPU's matmul rate is not measured: no MFU or FLOP floor is claimed there (it read 108%)
+    assert case["mfu"] is None and case["x_flops_floor"] is None
+    assert "matmul peak: not measured on this device" in (out / "results.md").read_text()
     assert "Where the time goes" in (out / "results.md").read_text()
     assert "Top kernels of packed-sdpa/train/eager" in (out / "results.md").read_text()
     assert list(csv.DictReader((out / "results.csv").open()))[0].keys() == set(report_columns())

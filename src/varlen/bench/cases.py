@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 # strategy -> how batches are made and which attention runs
 STRATEGIES = {
     "padded": "pad every sample to max_len + 1, SDPA with one padding/causal mask (the baseline)",
-    "longest": "pad to the longest sample (multiple of 8), SDPA with a mask",
+    "longest": "pad to the longest sample (power-of-two buckets), SDPA with a mask",
     "nested": "jagged nested tensors, SDPA on nested q/k/v",
     "packed-flash": "one packed row, FlashAttention varlen",
     "packed-xformers": "one packed row, xFormers BlockDiagonalMask",

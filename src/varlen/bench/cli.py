@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
+from ..data.synthetic import sample_lengths
 from ..info import environment
 from .cases import DECODER_STRATEGIES, PRESETS, STRATEGIES, case_name, grid, order_key
 from .hf_models import HF_STRATEGIES
@@ -31,15 +33,15 @@ def parse_args(argv):
                         "a flash one may name its implementation: packed-flash:fa4, packed-flash:torch")
     p.add_argument("--modes", default="eval,train", help="comma list of eval,train")
     p.add_argument("--compile", choices=["both", "on", "off"], default="both")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-len", type=int, help="longest sample length")
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--max-len", type=positive_int, help="longest sample length")
     p.add_argument("--length-dist", help="uniform, fixed, lognormal, or a file of lengths")
-    p.add_argument("--tokens-per-batch", type=int,
+    p.add_argument("--tokens-per-batch", type=positive_int,
                    help="token-budget batches (best-fit packed) instead of --batch-size samples; for length scaling")
-    p.add_argument("--steps", type=int, help="timed steps per case")
-    p.add_argument("--warmup", type=int, help="untimed steps per case (compilation happens here)")
+    p.add_argument("--steps", type=positive_int, help="timed steps per case")
+    p.add_argument("--warmup", type=positive_int, help="untimed steps per case (compilation happens here)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int, help="DataLoader workers")
+    p.add_argument("--num-workers", type=nonneg_int, help="DataLoader workers")
     p.add_argument("--device", choices=["cuda", "cpu"])
     p.add_argument("--profile", action="store_true",
                    help="profile 3 extra steps per case: attention / GEMM / elementwise / optimizer / host time")
@@ -47,12 +49,12 @@ def parse_args(argv):
                    help="compiled packed cases run as CUDA graphs (torch.compile mode='reduce-overhead') on "
                         "static shapes: needs --tokens-per-batch; every batch padded to one token count and "
                         "one number of sequences")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--jobs", type=positive_int, default=1,
                    help="cases run at once (default 1; more only to check that every case runs, e.g. the GPU "
                         "smoke: concurrent cases share the GPU and the host, so their timings mean little)")
     p.add_argument("--strict", action="store_true",
                    help="a case this machine cannot run (a backend not installed) also fails the run")
-    p.add_argument("--case-timeout", type=float, default=None, help="seconds per case (default 900 GPU, 600 CPU)")
+    p.add_argument("--case-timeout", type=positive_float, default=None, help="seconds per case (default 900 GPU, 600 CPU)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-out/DEVICE-DATE)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="combine the results.json of runs split across calls (same device) into --out; runs nothing")
@@ -96,11 +98,16 @@ def workload_from(args):
         overrides["cuda_graphs"] = True
     w = replace(w, **overrides)
     if w.cuda_graphs and not w.tokens_per_batch:
-        raise SystemExit("varlen bench: --cuda-graphs needs --tokens-per-batch (one static shape for every batch)")
+        usage_error("varlen bench", "--cuda-graphs needs --tokens-per-batch (one static shape for every batch)")
     if w.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("varlen bench: --device cuda but no CUDA device here; use --preset tiny or --device cpu")
-    if w.steps < 1 or w.warmup < 1:
-        raise SystemExit("varlen bench: --steps and --warmup must be >= 1 (compiled cases compile in warm-up)")
+        usage_error("varlen bench", "--device cuda but no CUDA device here; use --preset tiny or --device cpu")
+    if w.tokens_per_batch and w.tokens_per_batch < w.max_len:
+        usage_error("varlen bench", f"--tokens-per-batch {w.tokens_per_batch} is below the longest sample "
+                                    f"(--max-len {w.max_len})")
+    try:  # a lengths file with a bad entry fails here, once, not in every case
+        sample_lengths(1, w.length_dist, w.max_len, w.seed)
+    except ValueError as e:
+        usage_error("varlen bench", f"--length-dist: {e}")
     return preset, w
 
 
@@ -175,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("bench-out") / f"{(env['gpu'] or 'cpu').split(' x')[0].replace(' ', '-')}-{env['date'][:10]}"
     out.mkdir(parents=True, exist_ok=True)
     print(f"varlen bench: preset {preset}, {len(cases)} cases on {w.device}; workload {json.dumps(asdict(w))}", flush=True)
-    peak = measure_peak(w.device)
+    # the bf16 matmul peak of a GPU; on a CPU a float32 matmul measured apart from the cases (other
+    # thread counts, other caches) made MFU read over 100%: left out there
+    peak = measure_peak(w.device) if w.device == "cuda" else None
     results, console = run_cases(cases, args.case_timeout or (900 if w.device == "cuda" else 600), out, args.jobs)
     report = {"env": env, "preset": preset, "workload": asdict(w), "matmul_peak_tflops": peak,
               "cases": result_dicts(results)}
