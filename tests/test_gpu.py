@@ -35,8 +35,12 @@ def _lengths(name):
 def test_smoke_backend_vs_float64(backend, causal, kv_heads):
     # the GPU smoke's kernel check (benchmarks/run_gpu.sh smoke): every backend, forward and
     # backward, at small shapes with length 1, many tiny sequences and one past a 128-token block
-    lengths = [1, 37, 200, 5, 64] + [1, 2, 3] * 4
-    q, k, v = random_qkv(lengths, 4, kv_heads, 64, torch.bfloat16, device="cuda", seed=kv_heads + causal)
+    _check_bf16(backend, [1, 37, 200, 5, 64] + [1, 2, 3] * 4, 4, kv_heads, causal, seed=kv_heads + causal)
+
+
+def _check_bf16(backend, lengths, heads, kv_heads, causal, seed):
+    """``backend`` in bf16 against float64, forward and gradients; skipped with its reasons."""
+    q, k, v = random_qkv(lengths, heads, kv_heads, 64, torch.bfloat16, device="cuda", seed=seed)
     info = SeqInfo.from_lengths(lengths, device="cuda")
     for x in (q, k, v):
         x.requires_grad_()
@@ -53,15 +57,7 @@ def test_smoke_backend_vs_float64(backend, causal, kv_heads):
 @pytest.mark.parametrize("kv_heads", [16, 4], ids=["mha", "gqa"])
 def test_backend_bf16_vs_float64(backend, causal, lengths, kv_heads):
     lengths = _lengths(lengths)
-    q, k, v = random_qkv(lengths, 16, kv_heads, 64, torch.bfloat16, device="cuda", seed=len(lengths))
-    info = SeqInfo.from_lengths(lengths, device="cuda")
-    for x in (q, k, v):
-        x.requires_grad_()
-    why = backend_reasons(backend, q, k, v, info, causal, (-1, -1))
-    if why:
-        pytest.skip(f"{backend}: {'; '.join(why)}")
-    out = attention(q, k, v, info, causal=causal, backend=backend)
-    assert_matches_truth(out, q, k, v, lengths, causal)
+    _check_bf16(backend, lengths, 16, kv_heads, causal, seed=len(lengths))
 
 
 @pytest.mark.parametrize("backend,compiled", [("flash:torch", False), ("flash:fa4", False), ("flex", False),
