@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def truth_attention(q, k, v, lengths, causal=False, window_size=(-1, -1), dtype=torch.float64):
-    """Sequence by sequence, in ``dtype``, through SDPA's math on an explicit mask."""
+def truth_attention(q, k, v, lengths, causal=False, window_size=(-1, -1), dtype=torch.float64, softcap=0.0):
+    """Sequence by sequence, in ``dtype``, through SDPA's math on an explicit mask (or, with
+    ``softcap``, by hand: softmax(softcap * tanh(q k^T / sqrt(d) / softcap)) v)."""
     left, right = window_size
     if causal:
         right = 0
@@ -28,8 +29,12 @@ def truth_attention(q, k, v, lengths, causal=False, window_size=(-1, -1), dtype=
             allowed &= j <= i + right
         if left >= 0:
             allowed &= j >= i - left
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed.to(q.device))
+        if softcap:
+            scores = softcap * torch.tanh((qs @ ks.transpose(-1, -2)) / math.sqrt(qs.shape[-1]) / softcap)
+            o = scores.masked_fill(~allowed.to(q.device), float("-inf")).softmax(-1) @ vs
+        else:
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed.to(q.device))
         outs.append(o[0].transpose(0, 1))
         start += n
     return torch.cat(outs)

@@ -319,3 +319,42 @@ def test_xformers_is_imported_with_a_flash_attn4_package_hidden(tmp_path, monkey
     import flash_attn.cute  # noqa: F401  (FA4 stays importable afterwards)
     for name in [m for m in sys.modules if m.split(".")[0] in ("xformers", "flash_attn")]:
         del sys.modules[name]
+
+
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softcap_against_float64(backend, causal):
+    # Gemma 2's logit soft-capping, at a cap that bites (scores of a few units against 0.8)
+    lengths = [1, 9, 30, 4]
+    q, k, v = random_qkv(lengths, 4, 2, 16, torch.float32, seed=7)
+    q, k = q * 3, k * 3
+    info = SeqInfo.from_lengths(lengths)
+    grad = backend == "reference"  # Flex is forward-only on the CPU
+    with torch.set_grad_enabled(grad):
+        out = attention(q, k, v, info, causal=causal, softcap=0.8, backend=backend)
+    truth = truth_attention(q.double(), k.double(), v.double(), lengths, causal, softcap=0.8)
+    base = truth_attention(q, k, v, lengths, causal, dtype=torch.float32, softcap=0.8)
+    assert max_err(out, truth) <= bound(max_err(base, truth), torch.float32)
+    uncapped = truth_attention(q.double(), k.double(), v.double(), lengths, causal)
+    assert max_err(uncapped, truth) > 1e-2, "the cap must change the result"
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "nested"])
+def test_softcap_refused_where_a_backend_cannot(backend):
+    q, k, v = random_qkv([3, 5], 2, 2, 8, torch.float32)
+    info = SeqInfo.from_lengths([3, 5])
+    with pytest.raises(varlen.BackendUnavailable, match="no logit soft-capping"):
+        attention(q, k, v, info, softcap=1.0, backend=backend)
+    name, reason = varlen.choose_backend(q, k, v, info, softcap=1.0)
+    assert name == "flex" and f"{backend} (no logit soft-capping" in reason
+
+
+def test_flash_implementations_without_softcap_say_so(monkeypatch):
+    from varlen.attention import flash
+
+    monkeypatch.setattr(flash, "impl_unavailable", lambda impl: None)
+    k = torch.empty(1, 2, 64)
+    impl, whys = flash.choose_impl(torch.empty(20000, 2, 64), k, True, (-1, -1), softcap=1.0)
+    assert impl == "fa2"  # flash-attn 2.x caps; FA4 and torch's FA2 do not
+    assert whys == [] and flash.impl_reasons("fa4", torch.empty(1, 2, 64), k, True, (-1, -1), 1.0) == [
+        "no logit soft-capping (flash-attn 2.x has it)"]

@@ -96,17 +96,21 @@ def backend_unavailable(backend: str) -> str | None:
     return backend_module(name).unavailable(**kw)
 
 
-def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bool, window_size) -> list[str]:
+def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bool, window_size,
+                    softcap: float = 0.0) -> list[str]:
     """Why backend ``name`` cannot run these inputs here; empty if it can."""
     name, kw = split_backend(name)
     m = backend_module(name)
     why = m.unavailable(**kw)
     if why:
         return [why]
-    return m.CAPS.reasons(q, k, causal, window_size) + m.reasons(q, k, v, info, causal, window_size, **kw)
+    why = m.CAPS.reasons(q, k, causal, window_size, softcap)
+    if softcap and m.CAPS.softcap:  # only backends that can cap take the argument
+        kw["softcap"] = softcap
+    return why + m.reasons(q, k, v, info, causal, window_size, **kw)
 
 
-def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1), order=None) -> tuple[str, str]:
+def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1), softcap=0.0, order=None) -> tuple[str, str]:
     """``(backend, why)`` that ``backend="auto"`` uses: the first backend of ``order`` (default
     :data:`AUTO_ORDER` for the device) that takes inputs of this kind.
 
@@ -117,12 +121,12 @@ def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1), order=N
     window_size = (int(window_size[0]), int(window_size[1]))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     order = tuple(order) if order is not None else AUTO_ORDER.get(q.device.type, ("reference",))
-    return _decide(q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], bool(causal), window_size, grad,
-                   order)
+    return _decide(q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], bool(causal), window_size,
+                   float(softcap), grad, order)
 
 
 @probe
-def _decide(device, dtype, heads, kv_heads, head_dim, causal, window_size, grad, order) -> tuple[str, str]:
+def _decide(device, dtype, heads, kv_heads, head_dim, causal, window_size, softcap, grad, order) -> tuple[str, str]:
     # backends judge tensors: one token of the same kind stands for the batch
     with torch.set_grad_enabled(grad):
         q = torch.empty(1, heads, head_dim, device=device, dtype=dtype, requires_grad=grad)
@@ -130,7 +134,7 @@ def _decide(device, dtype, heads, kv_heads, head_dim, causal, window_size, grad,
         info = SeqInfo.from_lengths([1], device=device)
         skipped = []
         for name in order:
-            why = backend_reasons(name, q, k, k, info, causal, window_size)
+            why = backend_reasons(name, q, k, k, info, causal, window_size, softcap)
             if not why:
                 note = f"; skipped {'; '.join(skipped)}" if skipped else ""
                 if name == "flash":
@@ -152,6 +156,7 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
     backend: str = "auto",
 ) -> Tensor:  # [T, H, D]
     """Attention inside each sequence of a packed batch.
@@ -160,18 +165,24 @@ def attention(
     ``"flash:torch"`` for one FlashAttention implementation.
 
     ``window_size=(left, right)`` limits query i to keys ``i-left .. i+right`` (-1: unbounded);
-    ``causal=True`` sets ``right=0``. k/v may have fewer heads than q (GQA).
+    ``causal=True`` sets ``right=0``. k/v may have fewer heads than q (GQA). ``softcap > 0`` caps
+    the scaled scores at ``softcap * tanh(score / softcap)`` (Gemma 2); backends that cannot refuse.
     """
     check_inputs(q, k, v, info, window_size)
     window_size = (int(window_size[0]), int(window_size[1]))
+    softcap = float(softcap or 0.0)
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0: no capping), got {softcap}")
     if backend == "auto":
-        backend, _ = choose_backend(q, k, v, info, causal=causal, window_size=window_size)
+        backend, _ = choose_backend(q, k, v, info, causal=causal, window_size=window_size, softcap=softcap)
     else:
-        why = backend_reasons(backend, q, k, v, info, causal, window_size)
+        why = backend_reasons(backend, q, k, v, info, causal, window_size, softcap)
         if why:
             raise BackendUnavailable(f"backend {backend!r} cannot run these inputs: {'; '.join(why)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name, kw = split_backend(backend)
+    if softcap:  # only backends that can cap get here with it
+        kw["softcap"] = softcap
     return backend_module(name).attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size, **kw)
 
 
@@ -208,6 +219,7 @@ def backend_status() -> dict[str, dict]:
             "head_dims": c.head_dims,
             "causal": c.causal,
             "window": c.window,
+            "softcap": c.softcap,
             "gqa": c.gqa,
             "autograd": c.autograd,
             "notes": c.notes,

@@ -27,11 +27,12 @@ class Capabilities:
     head_dim_ok: Callable[[int], bool]
     causal: bool = True
     window: bool = False
+    softcap: bool = False  # logit soft-capping, softcap * tanh(score / softcap) (Gemma 2)
     gqa: bool = True
     autograd: bool = True
     notes: str = ""
 
-    def reasons(self, q: Tensor, k: Tensor, causal: bool, window_size: tuple[int, int]) -> list[str]:
+    def reasons(self, q: Tensor, k: Tensor, causal: bool, window_size: tuple[int, int], softcap: float = 0.0) -> list[str]:
         out = []
         if q.device.type not in self.devices:
             out.append(f"runs on {'/'.join(sorted(self.devices))}, not {q.device.type}")
@@ -44,6 +45,8 @@ class Capabilities:
             out.append("no causal masking")
         if tuple(window_size) != (-1, -1) and not self.window:
             out.append("no sliding window")
+        if softcap and not self.softcap:
+            out.append("no logit soft-capping")
         if k.shape[1] != q.shape[1] and not self.gqa:
             out.append("no grouped-query attention (k/v with fewer heads)")
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not self.autograd:
@@ -100,3 +103,8 @@ def probe(fn):
         return cache[args]
 
     return torch.compiler.assume_constant_result(memo)
+
+
+def soft_cap(scores: Tensor, softcap: float) -> Tensor:
+    """Gemma 2's logit soft-capping of (scaled) attention scores; 0 leaves them alone."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores

@@ -34,6 +34,7 @@ CAPS = Capabilities(
     head_dims="a multiple of 8, at most 256 (fa4: 64, 96 or 128)",
     head_dim_ok=lambda d: d % 8 == 0 and d <= 256,
     window=True,
+    softcap=True,  # fa2 only: the others say so in their reasons
     notes="FlashAttention varlen: " + " > ".join(IMPLS),
 )
 
@@ -75,11 +76,13 @@ def impl_unavailable(impl: str) -> str | None:
     raise ValueError(f"unknown flash implementation {impl!r}; choose from {IMPLS}")
 
 
-def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size) -> list[str]:
+def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size, softcap: float = 0.0) -> list[str]:
     why = impl_unavailable(impl)
     if why:
         return [why]
     out = []
+    if softcap and impl != "fa2":
+        out.append("no logit soft-capping (flash-attn 2.x has it)")
     if impl == "fa4" and q.shape[-1] not in (64, 96, 128):
         out.append(f"head size {q.shape[-1]} unsupported (64, 96 or 128)")
     if impl == "torch":
@@ -120,26 +123,26 @@ def preferred(tokens: int) -> tuple[str, ...]:
     return IMPLS if tokens >= FA4_MIN_TOKENS else ("fa2", "torch", "fa4")
 
 
-def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size, impl: str | None = None
+def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size, impl: str | None = None, softcap: float = 0.0
                 ) -> tuple[str | None, list[str]]:
     """The implementation to use, or None with every implementation's reasons."""
     impl = forced_impl(impl)
     whys = []
     for i in (impl,) if impl else preferred(q.shape[0]):
-        r = impl_reasons(i, q, k, causal, window_size)
+        r = impl_reasons(i, q, k, causal, window_size, softcap)
         if not r:
             return i, []
         whys += [f"{i}: {w}" for w in r]
     return None, whys
 
 
-def reasons(q, k, v, info, causal, window_size, impl: str | None = None) -> list[str]:
-    return choose_impl(q, k, causal, window_size, impl)[1]
+def reasons(q, k, v, info, causal, window_size, impl: str | None = None, softcap: float = 0.0) -> list[str]:
+    return choose_impl(q, k, causal, window_size, impl, softcap)[1]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size,
-              impl: str | None = None) -> Tensor:
-    impl, whys = choose_impl(q, k, causal, window_size, impl)
+              impl: str | None = None, softcap: float = 0.0) -> Tensor:
+    impl, whys = choose_impl(q, k, causal, window_size, impl, softcap)
     if impl is None:
         raise ValueError("flash cannot run: " + "; ".join(whys))
     left, right = window_bounds(causal, window_size)
@@ -160,8 +163,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
         case "fa2":
             from flash_attn import flash_attn_varlen_func
 
+            extra = {"softcap": softcap} if softcap else {}
             return flash_attn_varlen_func(
-                q, k, v, cu, cu, m, m, softmax_scale=scale, causal=causal, window_size=(left, right)
+                q, k, v, cu, cu, m, m, softmax_scale=scale, causal=causal, window_size=(left, right), **extra
             )
         case "fa4":
             from . import fa4  # custom ops: one opaque node for torch.compile

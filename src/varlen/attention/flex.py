@@ -24,6 +24,7 @@ CAPS = Capabilities(
     head_dims="any on CPU; a power of two >= 16 on CUDA",
     head_dim_ok=lambda d: d >= 1,
     window=True,
+    softcap=True,
     notes="document BlockMask built once per batch; compiled on CUDA; forward-only on CPU",
 )
 
@@ -36,7 +37,7 @@ def unavailable() -> str | None:
     return None
 
 
-def reasons(q, k, v, info, causal, window_size) -> list[str]:
+def reasons(q, k, v, info, causal, window_size, softcap=0.0) -> list[str]:
     d = q.shape[-1]
     out = []
     if q.device.type == "cuda" and (d < 16 or d & (d - 1)):
@@ -149,7 +150,17 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size) -> Tensor:
+def soft_cap_mod(softcap: float):
+    """A score_mod capping the (scaled) scores: softcap * tanh(score / softcap)."""
+
+    def soft_cap(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    return soft_cap
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size,
+              softcap: float = 0.0) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     mask = block_mask(info, causal, window_size)
@@ -157,13 +168,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
     if pad:
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
     qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T_pad, D]
-    gqa = k.shape[1] != q.shape[1]
+    kw = {"block_mask": mask, "scale": scale, "enable_gqa": k.shape[1] != q.shape[1]}
+    if softcap:
+        kw["score_mod"] = soft_cap_mod(softcap)
     if q.device.type == "cuda" and not torch.compiler.is_compiling():
-        out = _compiled_flex()(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
+        out = _compiled_flex()(qf, kf, vf, **kw)
     elif q.device.type == "cuda":  # inside the caller's torch.compile: it fuses Flex itself
-        out = flex_attention(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
+        out = flex_attention(qf, kf, vf, **kw)
     else:
         with warnings.catch_warnings():  # eager Flex warns that it is unfused; on CPU that is the point
             warnings.simplefilter("ignore", UserWarning)
-            out = flex_attention(qf, kf, vf, block_mask=mask, scale=scale, enable_gqa=gqa)
+            out = flex_attention(qf, kf, vf, **kw)
     return out[0].transpose(0, 1)[:t]  # [T, H, D]

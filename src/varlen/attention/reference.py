@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..seqinfo import SeqInfo
-from .common import FLOATS, Capabilities, band, repeat_kv, window_bounds
+from .common import FLOATS, Capabilities, band, repeat_kv, soft_cap, window_bounds
 
 CAPS = Capabilities(
     name="reference",
@@ -19,6 +19,7 @@ CAPS = Capabilities(
     head_dims="any",
     head_dim_ok=lambda d: d >= 1,
     window=True,
+    softcap=True,
     notes="float32 math per sequence; defines correctness",
 )
 
@@ -27,7 +28,7 @@ def unavailable() -> str | None:
     return None
 
 
-def reasons(q, k, v, info, causal, window_size) -> list[str]:
+def reasons(q, k, v, info, causal, window_size, softcap=0.0) -> list[str]:
     return []
 
 
@@ -40,6 +41,7 @@ def attention(
     causal: bool,
     scale: float,
     window_size: tuple[int, int],
+    softcap: float = 0.0,
 ) -> Tensor:
     left, right = window_bounds(causal, window_size)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -49,7 +51,7 @@ def attention(
         qs = qs.to(compute).transpose(0, 1)  # [H, L, D]
         ks = repeat_kv(ks.to(compute), heads).transpose(0, 1)
         vs = repeat_kv(vs.to(compute), heads).transpose(0, 1)
-        scores = (qs @ ks.transpose(1, 2)) * scale  # [H, L, L]
+        scores = soft_cap((qs @ ks.transpose(1, 2)) * scale, softcap)  # [H, L, L]
         pos = torch.arange(qs.shape[1], device=q.device)
         allowed = band(pos[:, None], pos[None, :], left, right)  # the diagonal is always allowed
         scores = scores.masked_fill(~allowed, float("-inf"))
