@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import BACKENDS, attention
 from .attention.api import split_backend
+from .attention.common import band, soft_cap, window_bounds
 from .data.collate import IGNORE_INDEX
 from .seqinfo import SeqInfo
 
@@ -157,18 +157,54 @@ def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kw
     return info, indices
 
 
-def _decode_step(query, key, value, attention_mask, scaling, causal):
-    """Queries shorter than keys (generation with a KV cache): no packing there, plain SDPA."""
+def _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap):
+    """Queries shorter than keys (generation with a KV cache): no packing there; plain math, with
+    the window and the soft-capping honoured (the queries are the last ``lq`` positions)."""
     lq, lk = query.shape[2], key.shape[2]
     i = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
     j = torch.arange(lk, device=query.device)[None, :]
-    allowed = (j <= i) if causal else torch.ones(lq, lk, dtype=torch.bool, device=query.device)
-    allowed = allowed[None, None]
+    allowed = band(i, j, *window_bounds(causal, window))[None, None]  # [1, 1, lq, lk]
     if attention_mask is not None and attention_mask.dim() == 2:
         allowed = allowed & attention_mask[:, None, None, -lk:].bool()
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling,
-                                         enable_gqa=key.shape[1] != query.shape[1])
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    compute = torch.promote_types(query.dtype, torch.float32)  # float64 stays float64
+    scores = soft_cap((query @ key.transpose(-1, -2)).to(compute) * scale, softcap or 0.0)
+    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(value.dtype) @ value
     return out.transpose(1, 2)
+
+
+# What transformers' attention call sites pass beside q/k/v/mask (inventory of its modeling files:
+# docs/hf-attention-kwargs.md). Read here: the batch's sequence metadata. Harmless: the cache is
+# the model's business. Refused when set: features varlen cannot honour; any other argument with a
+# value is refused too, by name, rather than ignored.
+METADATA = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "varlen_info")
+HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch")
+REFUSED = {
+    "s_aux": "attention sinks (auxiliary logits, GPT-OSS)",
+    "sinks": "attention sinks (auxiliary logits)",
+    "position_bias": "a position-dependent attention bias (T5-style)",
+    "output_attentions": "attention weights (output_attentions=True): no varlen kernel returns them",
+}
+
+
+def check_features(module: torch.nn.Module, dropout: float, kwargs: dict) -> None:
+    """Raise before any kernel runs if the model asks for a feature varlen would otherwise drop."""
+    if dropout:
+        raise ValueError(
+            f"varlen attention has no dropout (got p={dropout}); set the model's attention dropout to 0 "
+            "(GPT2: attn_pdrop=0.0)"
+        )
+    if getattr(module, "is_cross_attention", False):
+        raise ValueError(f"varlen attention: {type(module).__name__} is cross-attention, which packed rows "
+                         "do not describe; use another attn_implementation for encoder-decoder models")
+    for key, value in kwargs.items():
+        if key in METADATA or key in HARMLESS or value is None or value is False:
+            continue
+        what = REFUSED.get(key, f"the attention argument {key}={value!r}, unknown to varlen")
+        raise ValueError(f"varlen attention cannot honour {what} ({type(module).__name__}); "
+                         "refusing rather than ignoring it")
 
 
 def varlen_attention_forward(
@@ -180,23 +216,23 @@ def varlen_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:  # [B, L, H, D]
-    if dropout:
-        raise ValueError(
-            f"varlen attention has no dropout (got p={dropout}); set the model's attention dropout to 0 "
-            "(GPT2: attn_pdrop=0.0)"
-        )
-    causal = getattr(module, "is_causal", True)
+    check_features(module, dropout, kwargs)
+    causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     b, h, length, d = query.shape
     if key.shape[2] != length:
-        return _decode_step(query, key, value, attention_mask, scaling, causal), None
+        window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
+        return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap), None
     info, indices = batch_info(b, length, query.device, attention_mask, kwargs)
     q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d) for x in (query, key, value))  # [B*L, H, D]
     if indices is not None:
         q, k, v = q[indices], k[indices], v[indices]
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
-    out = attention(q, k, v, info, causal=causal, scale=scaling, window_size=window, backend=_STATE["backend"])
+    out = attention(q, k, v, info, causal=causal, scale=scaling, window_size=window, softcap=softcap or 0.0,
+                    backend=_STATE["backend"])
     if indices is not None:
         out = out.new_zeros(b * length, h, d).index_copy(0, indices, out)
     return out.view(b, length, h, d), None

@@ -184,7 +184,9 @@ class PackRowsCollator:
     Samples fill rows of ``row_len`` best-fit decreasing; each row's tail is filler (its own
     sequence, ignored labels). Returns ``input_ids``/``labels``/``position_ids`` ``[B, L]``
     (positions restart at 0 per sample and per filler) and ``info`` for the ``B * L`` flattened
-    tokens. ``rows`` pads the batch to that many rows (static shapes).
+    tokens. ``rows`` pads the batch to that many rows (static shapes). For HF models
+    (``info_key="varlen_info"``, labels = input_ids) each sample's first label is ignored
+    (``ignore_starts``), so no token learns to predict the next sample's first.
     """
 
     row_len: int
@@ -192,6 +194,9 @@ class PackRowsCollator:
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
     info_key: str = "info"  # "varlen_info" for HF models through varlen.hf
+    # HF models shift labels inside their loss (labels = input_ids): the label at each sample's start
+    # would train the previous sample's last token to predict it. Ignored by default for HF rows.
+    ignore_starts: bool | None = None
 
     def __call__(self, samples):
         from .sampler import best_fit_decreasing
@@ -214,9 +219,12 @@ class PackRowsCollator:
             seq_lengths += [lengths[i] for i in g] + ([pad] if pad else [])
         info = SeqInfo.from_lengths(seq_lengths, max_seqlen=self.row_len)
         shape = (len(groups), self.row_len)
+        labels = torch.cat(labels)
+        if self.ignore_starts if self.ignore_starts is not None else self.info_key == "varlen_info":
+            labels[info.cu_seqlens[:-1].long()] = self.ignore_index
         return {
             "input_ids": torch.cat(ids).view(shape),
-            "labels": torch.cat(labels).view(shape),
+            "labels": labels.view(shape),
             "position_ids": info.position_ids.view(shape),
             self.info_key: info,
         }

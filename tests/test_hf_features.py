@@ -1,0 +1,100 @@
+"""Every attention feature an HF model passes is honoured or refused, never dropped
+(docs/hf-attention-kwargs.md): soft-capping and windows against eager in float64, including
+decoding with a cache; sinks, position biases, dropout, attention weights, cross-attention and
+unknown arguments refused before any kernel runs."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+import varlen.hf  # noqa: E402
+from varlen.hf import varlen_attention_forward  # noqa: E402
+
+
+class Module(torch.nn.Module):
+    is_causal = True
+
+
+def _qkv(b=1, heads=4, kv=2, length=6, d=8):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, heads, length, d, generator=g, dtype=torch.float64),
+            torch.randn(b, kv, length, d, generator=g, dtype=torch.float64),
+            torch.randn(b, kv, length, d, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"s_aux": torch.zeros(4)}, "attention sinks"),
+    ({"sinks": torch.zeros(4)}, "attention sinks"),
+    ({"position_bias": torch.zeros(1, 4, 6, 6)}, "position-dependent attention bias"),
+    ({"output_attentions": True}, "attention weights"),
+    ({"dropout": 0.1}, "no dropout"),
+    ({"colour": "red"}, "colour='red', unknown to varlen"),
+])
+def test_features_varlen_cannot_honour_are_refused(kwargs, message):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=message):
+        varlen_attention_forward(Module(), q, k, v, None, **kwargs)
+
+
+def test_cross_attention_is_refused():
+    m = Module()
+    m.is_cross_attention = True
+    with pytest.raises(ValueError, match="cross-attention"):
+        varlen_attention_forward(m, *_qkv(), None)
+
+
+def test_harmless_and_absent_arguments_pass():
+    q, k, v = _qkv()
+    out, _ = varlen_attention_forward(Module(), q, k, v, None, use_cache=True, num_items_in_batch=5, s_aux=None,
+                                      output_attentions=False, position_bias=None)
+    assert out.shape == (1, 6, 4, 8)
+
+
+def _eager(module, q, k, v, **kw):
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    module.num_key_value_groups = q.shape[1] // k.shape[1]
+    module.training = False
+    lq, lk = q.shape[2], k.shape[2]
+    i = torch.arange(lq)[:, None] + lk - lq
+    j = torch.arange(lk)[None]
+    allowed = j <= i
+    if kw.get("sliding_window"):
+        allowed &= j > i - kw["sliding_window"]
+    mask = torch.zeros(lq, lk, dtype=q.dtype).masked_fill(~allowed, float("-inf"))[None, None]
+    return eager_attention_forward(module, q, k, v, mask, dropout=0.0, **kw)[0]
+
+
+@pytest.mark.parametrize("sliding_window", [None, 3])
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_softcap_and_window_match_eager(sliding_window, decode):
+    # Gemma 2's features on one sequence: prefill through varlen's kernels, decode (queries shorter
+    # than keys, a KV cache) through varlen's math path; both against transformers' eager
+    q, k, v = _qkv(length=9)
+    if decode:
+        q = q[:, :, -2:]
+    kw = dict(scaling=0.3, softcap=0.7, sliding_window=sliding_window)
+    varlen.hf.use("reference")  # float64 math: the bridge is under test here, the kernels elsewhere
+    try:
+        got, _ = varlen_attention_forward(Module(), q, k, v, None, **kw)
+    finally:
+        varlen.hf.use("auto")
+    want = _eager(Module(), q, k, v, **kw)
+    # eager takes its softmax in float32 whatever the inputs: float32 tolerance
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    plain = _eager(Module(), q, k, v, scaling=0.3, sliding_window=sliding_window)
+    assert (plain - want).abs().max() > 1e-3, "the cap must bite at this scale"
+
+
+def test_packed_rows_collator_ignores_sample_starts_for_hf():
+    # PackRowsCollator for HF models (labels = input_ids; the model shifts): no token learns to
+    # predict the next sample's first; the decoder's rows (targets given) keep theirs
+    from varlen.data import PackRowsCollator
+
+    samples = [(torch.arange(1, n + 1), torch.arange(1, n + 1)) for n in (3, 4, 2)]
+    hf = PackRowsCollator(row_len=10, info_key="varlen_info")(samples)
+    starts = hf["varlen_info"].cu_seqlens[:-1].long()
+    assert (hf["labels"].flatten()[starts] == -100).all()
+    plain = PackRowsCollator(row_len=10)(samples)
+    live = plain["labels"].flatten()[plain["info"].cu_seqlens[:-1].long()]
+    assert (live != -100).sum() == 3  # the three samples' own first targets; filler is ignored
