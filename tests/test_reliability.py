@@ -149,9 +149,10 @@ def test_kill_9_at_random_instants_of_saves_resumes_to_the_same_losses(tmp_path)
     assert [r["loss"] for r in got] == pytest.approx(want, abs=1e-6)
 
 
-def test_ddp_rank_killed_mid_save_resumes_to_the_same_losses(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_rank_killed_mid_save_resumes_to_the_same_losses(tmp_path, parallel):
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "varlen.train",
-           *TRAIN[3:], "--steps", "6"]
+           *TRAIN[3:], "--steps", "6", "--parallel", parallel]
     subprocess.run([*run, "--out", str(tmp_path / "full")], check=True, env=ENV, capture_output=True, timeout=300)
     want = [r["loss"] for r in _log(tmp_path / "full")]
     out = tmp_path / "killed"

@@ -1,4 +1,4 @@
-"""The ``varlen`` command: ``varlen info``, ``varlen bench``, ``varlen train``."""
+"""The ``varlen`` command: ``varlen info``, ``varlen bench``, ``varlen train``, ``varlen check``."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"info": "varlen.info", "bench": "varlen.bench", "train": "varlen.train.cli"}
-    usage = "usage: varlen {info,bench,train} [options]   (varlen COMMAND --help for each)"
+    commands = {"info": "varlen.info", "bench": "varlen.bench", "train": "varlen.train.cli", "check": "varlen.check_cli"}
+    usage = "usage: varlen {info,bench,train,check} [options]   (varlen COMMAND --help for each)"
     if argv and argv[0] in ("-h", "--help"):
         print(usage)
         return 0

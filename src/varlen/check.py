@@ -1,0 +1,455 @@
+"""``varlen check``: does packing give every sample what it would get alone?
+
+Points at a model (a stock HF causal LM, or varlen's decoder), packs random samples (lengths 1 up
+to the longest the check allows) in every form users send, and compares each sample's logits,
+the loss and every parameter's gradient against the same samples run one at a time in float64
+through an attention that needs no packing (HF's ``eager``, varlen's ``reference``). Tolerances
+come from the data: twice the error of the same one-at-a-time computation at the model's own
+precision against float64, plus a few units of rounding of the values' magnitude (as the tests do).
+
+It also perturbs one sample and checks that no other sample's logits or gradients move (leakage),
+that no target crosses a sample boundary, that the loss is the token-weighted mean of the samples'
+losses also over micro-batches of gradient accumulation, and (``compile=True``) that a compiled
+model settles on a bounded number of graphs. Pointed at transformers' ``sdpa`` with packed rows
+and an all-ones attention mask, it reports the leak.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .data.collate import IGNORE_INDEX
+from .seqinfo import SeqInfo
+
+
+@dataclass
+class Finding:
+    check: str  # what was compared
+    error: float  # the measured difference (or count)
+    tolerance: float  # the largest difference that passes
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tolerance  # NaN fails
+
+
+@dataclass
+class Report:
+    model: str
+    attention: str
+    device: str
+    dtype: str
+    lengths: list[int]
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(f.passed for f in self.findings)
+
+    def add(self, check: str, error: float, tolerance: float, note: str = "") -> None:
+        self.findings.append(Finding(check, float(error), float(tolerance), note))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for f, d in zip(self.findings, out["findings"]):
+            d["passed"] = f.passed
+        out["passed"] = self.passed
+        return out
+
+    def table(self) -> str:
+        width = max(len(f.check) for f in self.findings)
+        lines = [f"varlen check: {self.model}, attention {self.attention}, {self.device}, {self.dtype}, "
+                 f"{len(self.lengths)} samples of {min(self.lengths)}..{max(self.lengths)} tokens",
+                 f"{'check':<{width}}  {'error':>10}  {'tolerance':>10}  result"]
+        for f in self.findings:
+            lines.append(f"{f.check:<{width}}  {f.error:>10.3g}  {f.tolerance:>10.3g}  "
+                         f"{'ok' if f.passed else 'FAILED'}{'  ' + f.note if f.note else ''}")
+        bad = [f.check for f in self.findings if not f.passed]
+        lines.append("passed" if not bad else f"FAILED: {len(bad)} of {len(self.findings)} checks: " + "; ".join(bad))
+        return "\n".join(lines)
+
+
+def bound(baseline_err: float, dtype: torch.dtype, magnitude: float) -> float:
+    """2x the error of the same computation at the model's precision, plus 8 ulps of the values'
+    magnitude (where that baseline happens to be exact)."""
+    return 2 * baseline_err + 8 * torch.finfo(dtype).eps * max(magnitude, 1.0)
+
+
+def max_err(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------------- model kinds
+class Subject:
+    """How the check drives one kind of model: its forms of packed input, and its runs alone."""
+
+    name: str
+    hf: bool  # labels are the inputs (the model shifts them) rather than next tokens
+
+    def forms(self, samples: list[Tensor]) -> dict[str, tuple[dict, list[Tensor]]]:
+        """name -> (batch keyword arguments, each sample's flat logit positions)."""
+        raise NotImplementedError
+
+    def logits(self, model, batch: dict, use_cache: bool) -> Tensor:  # [N, V] flat
+        raise NotImplementedError
+
+    def alone(self, model, ids: Tensor) -> Tensor:  # [L, V], through the attention that needs no packing
+        raise NotImplementedError
+
+    def reference(self, model, dtype: torch.dtype):
+        """A copy of ``model`` in ``dtype`` whose attention needs no packing."""
+        raise NotImplementedError
+
+
+class HFSubject(Subject):
+    hf = True
+
+    def __init__(self, model):
+        self.name = type(model).__name__
+        self.impl = model.config._attn_implementation
+
+    def reference(self, model, dtype):
+        ref = copy.deepcopy(model).to(dtype)
+        ref.set_attn_implementation("eager")
+        return ref
+
+    def alone(self, model, ids):
+        return model(input_ids=ids[None], use_cache=False).logits[0]
+
+    def logits(self, model, batch, use_cache):
+        kw = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**kw, use_cache=use_cache).logits.flatten(0, 1)
+
+    def forms(self, samples):
+        from transformers import DataCollatorWithFlattening
+
+        from .data import PackRowsCollator
+        from .hf import VarlenCollator
+
+        feats = [{"input_ids": s.tolist()} for s in samples]
+        flat = _spans(samples, 0)
+        out = {"VarlenCollator": (VarlenCollator()([{"input_ids": s} for s in samples]), flat)}
+        for flash in (False, True):
+            b = DataCollatorWithFlattening(return_flash_attn_kwargs=flash)(feats)
+            out[f"DataCollatorWithFlattening{' + flash kwargs' if flash else ''}"] = (b, flat)
+        collate = PackRowsCollator(row_len=_row_len(samples), info_key="varlen_info")
+        out["PackRowsCollator(info_key='varlen_info')"] = (collate([(s, s) for s in samples]), _row_layout(collate, samples))
+        rows, where = _rows(samples)
+        out["[B, L] packed rows, all-ones attention_mask"] = (rows, where)
+        out["padded rows + attention_mask"] = _padded(samples)
+        return out
+
+
+class DecoderSubject(Subject):
+    hf = False
+
+    def __init__(self, model):
+        self.name = f"varlen Decoder ({model.cfg.n_layers} x {model.cfg.dim})"
+        self.impl = f"varlen {model.backend}"
+
+    def reference(self, model, dtype):
+        ref = copy.deepcopy(model).to(dtype)
+        ref.backend = "reference"
+        return ref
+
+    def alone(self, model, ids):
+        return model(ids, info=SeqInfo.from_lengths([len(ids)], device=ids.device), causal=True)
+
+    def logits(self, model, batch, use_cache):
+        from .models import forward_batch
+
+        return forward_batch(model, batch, causal=True).flatten(0, -2)
+
+    def forms(self, samples):
+        from .data import PackCollator, PackRowsCollator, PadCollator
+
+        pairs = [(s, _next_tokens(s)) for s in samples]
+        out = {"PackCollator": (PackCollator()(pairs), _spans(samples, 0))}
+        collate = PackRowsCollator(row_len=_row_len(samples))
+        out["PackRowsCollator"] = (collate(pairs), _row_layout(collate, samples))
+        width = max(len(s) for s in samples)
+        out["PadCollator"] = (PadCollator(length=width)(pairs), [torch.arange(len(s)) + i * width
+                                                                for i, s in enumerate(samples)])
+        return out
+
+
+def _next_tokens(s: Tensor) -> Tensor:
+    """The decoder's targets: the next token, and none after the last."""
+    return torch.cat([s[1:], torch.tensor([IGNORE_INDEX])])
+
+
+def _spans(samples, start: int) -> list[Tensor]:
+    out = []
+    for s in samples:
+        out.append(torch.arange(start, start + len(s)))
+        start += len(s)
+    return out
+
+
+def _row_len(samples) -> int:
+    return 2 * max(len(s) for s in samples)
+
+
+def _row_layout(collate, samples) -> list[Tensor]:
+    """Where PackRowsCollator puts each sample: it fills rows best-fit decreasing, as here."""
+    from .data import best_fit_decreasing
+
+    rows = best_fit_decreasing([len(s) for s in samples], range(len(samples)), collate.row_len)
+    where = [None] * len(samples)
+    for r, row in enumerate(rows):
+        start = r * collate.row_len
+        for i in row:
+            where[i] = torch.arange(start, start + len(samples[i]))
+            start += len(samples[i])
+    return where
+
+
+def _rows(samples) -> tuple[dict, list[Tensor]]:
+    """TRL-style rows: two samples a row, positions restarting, the tail filler; mask all ones."""
+    groups = [samples[i:i + 2] for i in range(0, len(samples), 2)]
+    width = max(sum(len(s) for s in g) for g in groups) + 1
+    ids, pos, labels, where = [], [], [], []
+    for r, g in enumerate(groups):
+        row_ids, row_pos, row_lab = [], [], []
+        for s in g:
+            where.append(torch.arange(len(s)) + r * width + sum(len(x) for x in row_ids))
+            row_ids.append(s)
+            row_pos.append(torch.arange(len(s)))
+            lab = s.clone()
+            lab[0] = IGNORE_INDEX
+            row_lab.append(lab)
+        pad = width - sum(len(x) for x in row_ids)
+        row_ids.append(torch.zeros(pad, dtype=torch.long))
+        row_pos.append(torch.arange(pad))
+        row_lab.append(torch.full((pad,), IGNORE_INDEX))
+        ids.append(torch.cat(row_ids)), pos.append(torch.cat(row_pos)), labels.append(torch.cat(row_lab))
+    batch = {"input_ids": torch.stack(ids), "position_ids": torch.stack(pos), "labels": torch.stack(labels)}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch, where
+
+
+def _padded(samples) -> tuple[dict, list[Tensor]]:
+    width = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(samples):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return ({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)},
+            [torch.arange(len(s)) + i * width for i, s in enumerate(samples)])
+
+
+# ---------------------------------------------------------------------------------- the check
+def check(model, *, lengths: list[int] | None = None, max_len: int = 256, vocab_size: int | None = None,
+          seed: int = 0, micro_batches: int = 2, compile: bool = False, compile_batches: int = 6) -> Report:
+    """Run every check on ``model`` (an HF causal LM or a :class:`varlen.Decoder`, on its device and
+    in its dtype) and return the :class:`Report`."""
+    from .models import Decoder
+
+    subject = DecoderSubject(model) if isinstance(model, Decoder) else HFSubject(model)
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    vocab = vocab_size or (model.cfg.vocab_size if not subject.hf else model.config.vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    lengths = lengths or [1, max_len] + torch.randint(1, max_len + 1, (5,), generator=g).tolist()
+    samples = [torch.randint(2, vocab, (n,), generator=g) for n in lengths]
+    report = Report(subject.name, subject.impl, str(device), str(dtype).removeprefix("torch."), list(lengths))
+    truth_model, base_model = subject.reference(model, torch.float64), subject.reference(model, dtype)
+    model.train(False), truth_model.train(False), base_model.train(False)
+
+    tol = _logits_against_alone(report, subject, model, truth_model, base_model, samples, device)
+    _loss_and_grads(report, subject, model, truth_model, base_model, samples, device)
+    _leakage(report, subject, model, samples, device, vocab, tol, g)
+    _labels(report, subject, samples)
+    if len(samples) >= micro_batches:
+        _accumulation(report, subject, model, samples, device, micro_batches)
+    if compile:
+        _compiled(report, subject, model, truth_model, device, vocab, max_len, compile_batches, g, tol)
+    return report
+
+
+def _to(batch: dict, device) -> dict:
+    from .data import move_batch
+
+    return move_batch(batch, device, non_blocking=False)
+
+
+def _logits_against_alone(report, subject, model, truth_model, base_model, samples, device) -> float:
+    """Every form, with and without a KV cache: each sample's logits against it alone in float64.
+    Returns the logits' tolerance (reused by the leakage check)."""
+    with torch.no_grad():
+        truth = [subject.alone(truth_model, s.to(device)) for s in samples]
+        base = [subject.alone(base_model, s.to(device)) for s in samples]
+    magnitude = max(t.abs().max().item() for t in truth)
+    tol = bound(max(max_err(b, t) for b, t in zip(base, truth)), next(model.parameters()).dtype, magnitude)
+    caches = (False, True) if subject.hf else (False,)
+    for name, (batch, where) in subject.forms(samples).items():
+        batch = _to(batch, device)
+        for use_cache in caches:
+            with torch.no_grad():
+                flat = subject.logits(model, batch, use_cache)
+            err = max(max_err(flat[w.to(device)], t) for w, t in zip(where, truth))
+            report.add(f"logits vs alone: {name}{', use_cache' if use_cache else ''}", err, tol)
+    return tol
+
+
+def _loss_sum(subject, logits: Tensor, ids: Tensor) -> Tensor:
+    """Summed next-token cross-entropy of one sample's logits [L, V] (float32 at least)."""
+    return F.cross_entropy(logits[:-1].float() if logits.dtype != torch.float64 else logits[:-1], ids[1:],
+                           reduction="sum")
+
+
+def _alone_loss_and_grads(subject, model, samples, device) -> tuple[float, dict]:
+    model.zero_grad(set_to_none=True)
+    total = sum(len(s) - 1 for s in samples)
+    loss = 0.0
+    for s in samples:
+        part = _loss_sum(subject, subject.alone(model, s.to(device)), s.to(device)) / total
+        part.backward()
+        loss += part.item()
+    return loss, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _packed_loss(subject, model, batch: dict, **kw) -> Tensor:
+    if subject.hf:
+        return model(**batch, use_cache=False, **kw).loss
+    from .models import forward_batch, lm_loss
+
+    return lm_loss(forward_batch(model, batch, causal=True), batch["labels"])
+
+
+def _loss_and_grads(report, subject, model, truth_model, base_model, samples, device) -> None:
+    """The loss of the first form (the library's own collator) and every parameter's gradient."""
+    want, g_truth = _alone_loss_and_grads(subject, truth_model, samples, device)
+    base, g_base = _alone_loss_and_grads(subject, base_model, samples, device)
+    name, (batch, _) = next(iter(subject.forms(samples).items()))
+    model.zero_grad(set_to_none=True)
+    loss = _packed_loss(subject, model, _to(batch, device))
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    dtype = next(model.parameters()).dtype
+    report.add(f"loss vs alone: {name}", abs(loss.item() - want), bound(abs(base - want), torch.float32, abs(want)))
+    worst, worst_name, missing = 0.0, "", sorted(set(g_truth) - set(grads))
+    for n, gt in g_truth.items():
+        if n not in grads:
+            continue
+        tol = bound(max_err(g_base[n], gt), dtype, gt.abs().max().item())
+        ratio = max_err(grads[n], gt) / tol
+        if ratio > worst:
+            worst, worst_name = ratio, n
+    report.add(f"gradients vs alone: {name} ({len(grads)} parameters, error / tolerance)",
+               worst if not missing else float("inf"), 1.0,
+               f"worst: {worst_name}" if not missing else f"no gradient for {missing[0]}")
+    model.zero_grad(set_to_none=True)
+
+
+def _leakage(report, subject, model, samples, device, vocab, tol, g) -> None:
+    """Perturb one sample's tokens: no other sample's logits or gradients may move."""
+    j = 0  # the first sample of a row: under a leak, the sample after it sees the change
+    changed = list(samples)
+    changed[j] = torch.randint(2, vocab, (len(samples[j]),), generator=g)
+    outs, grads = [], []
+    for group in (samples, changed):
+        name, (batch, where) = _leak_form(subject, group)
+        batch = _to(batch, device)
+        with torch.no_grad():
+            flat = subject.logits(model, batch, False)
+        outs.append([flat[w.to(device)] for i, w in enumerate(where) if i != j])
+        # the loss of the other samples only
+        batch = dict(batch)
+        batch["labels"] = _drop_labels(batch["labels"], where[j].to(device))
+        model.zero_grad(set_to_none=True)
+        _packed_loss(subject, model, batch).backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    model.zero_grad(set_to_none=True)
+    err = max(max_err(a, b) for a, b in zip(*outs))
+    report.add(f"leakage: other samples' logits after changing sample {j} ({name})", err, tol)
+    dtype = next(model.parameters()).dtype
+    worst = max(max_err(grads[0][n], grads[1][n]) / bound(0.0, dtype, grads[0][n].abs().max().item())
+                for n in grads[0])
+    report.add(f"leakage: other samples' gradients after changing sample {j} (error / tolerance)", worst, 1.0)
+
+
+def _leak_form(subject, samples):
+    """The form leakage is checked in: packed rows with an all-ones mask for HF models (where
+    attention implementations leak), the library collator for the decoder."""
+    forms = subject.forms(samples)
+    name = "[B, L] packed rows, all-ones attention_mask" if subject.hf else next(iter(forms))
+    return name, forms[name]
+
+
+def _drop_labels(labels: Tensor, positions: Tensor) -> Tensor:
+    """Labels without one sample's targets (for the HF convention too: its first label is already
+    ignored, and the token after its last begins the next sample, ignored as well)."""
+    flat = labels.flatten().clone()
+    flat[positions] = IGNORE_INDEX
+    return flat.view_as(labels)
+
+
+def _labels(report, subject, samples) -> None:
+    """No target crosses a sample boundary, and every in-sample target is there, in every form."""
+    want = sum(len(s) - 1 for s in samples)
+    for name, (batch, where) in subject.forms(samples).items():
+        labels = batch["labels"]
+        rows = labels if labels.dim() == 2 else labels[None]  # [B, L]: HF models shift inside each row
+        shift = 1 if subject.hf else 0  # HF models train position t to predict labels[t + 1]
+        width = rows.shape[1]
+        live = {b * width + t for b in range(rows.shape[0]) for t in range(width - shift)
+                if rows[b, t + shift] != IGNORE_INDEX}
+        targets = {int(w[i]) for w in where for i in range(len(w) - 1)}  # each token but a sample's last
+        report.add(f"labels: targets across a sample boundary ({name})", len(live - targets), 0)
+        report.add(f"labels: in-sample targets missing ({name})", want - len(live & targets), 0)
+
+
+def _accumulation(report, subject, model, samples, device, k: int) -> None:
+    """The loss over k micro-batches, each normalised by the whole step's targets, equals the
+    token-weighted mean over all samples (HF: ``num_items_in_batch``; decoder: varlen's train_step)."""
+    parts = [samples[i::k] for i in range(k)]
+    first = lambda group: _to(next(iter(subject.forms(group).values()))[0], device)  # noqa: E731
+    name = next(iter(subject.forms(samples)))
+    with torch.no_grad():
+        want = _packed_loss(subject, model, first(samples)).item()
+        if subject.hf:
+            total = sum(len(s) - 1 for s in samples)
+            got = sum(_packed_loss(subject, model, first(p), num_items_in_batch=total).item() for p in parts)
+    if not subject.hf:
+        from .train.step import train_step
+
+        got = float(train_step(model, [first(p) for p in parts], None, lambda m, b: subject.logits(m, b, False)).loss)
+        model.zero_grad(set_to_none=True)
+    report.add(f"loss over {k} micro-batches vs one batch ({name})", abs(got - want),
+               bound(0.0, torch.float32, abs(want)) * len(samples))
+
+
+def _compiled(report, subject, model, truth_model, device, vocab, max_len, n, g, tol) -> None:
+    """torch.compile over n random batches: a bounded number of graphs, and the right logits."""
+    from torch._dynamo.utils import counters
+
+    from .data import mark_dynamic
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model)
+    err = 0.0
+    for _ in range(n):
+        lengths = torch.randint(1, max_len + 1, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
+        samples = [torch.randint(2, vocab, (m,), generator=g) for m in lengths]
+        name, (batch, where) = next(iter(subject.forms(samples).items()))
+        batch = _to(batch, device)
+        mark_dynamic(batch)
+        with torch.no_grad():
+            flat = subject.logits(compiled, batch, False)
+            truth = [subject.alone(truth_model, s.to(device)) for s in samples]
+        err = max(err, max(max_err(flat[w.to(device)], t) for w, t in zip(where, truth)))
+    graphs = counters["stats"]["unique_graphs"]
+    report.add(f"compiled: graphs over {n} random batches ({name})", graphs, 3)
+    report.add("compiled: logits vs alone", err, tol * 4, "the compiler reorders arithmetic: 4x the tolerance")
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(report.to_dict(), indent=1)

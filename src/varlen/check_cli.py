@@ -1,0 +1,94 @@
+"""``varlen check``: the packing-correctness probe, pointed at a model, a kernel and a device.
+
+    varlen check --hf-config path/to/model_or_config --random-init --attn-implementation varlen
+    varlen check --preset tiny --backend flex
+
+Prints a table (every check with its number and tolerance), writes ``--json``, and exits 1 when a
+check fails (2 for a bad argument).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .argtypes import positive_int, usage_error
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="varlen check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--hf-config", type=Path, metavar="PATH",
+                       help="an HF causal LM: a model folder, or a folder / config.json (with --random-init)")
+    model.add_argument("--preset", help="varlen's decoder of this preset (tiny, small, study)")
+    p.add_argument("--random-init", action="store_true", help="random weights from the config (no weights needed)")
+    p.add_argument("--attn-implementation", default="varlen", help="for --hf-config: varlen, sdpa, eager, ...")
+    p.add_argument("--backend", default="auto", help="varlen's kernel: auto, flash, flex, sdpa, reference, ...")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="the model's dtype (default: float32 on a CPU, bfloat16 on CUDA)")
+    p.add_argument("--max-len", type=positive_int, default=256,
+                   help="the longest sample checked (capped at the model's positions)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="also check a compiled model over random batches")
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    torch.manual_seed(args.seed)
+    if args.preset:
+        from .models import Decoder, DecoderConfig
+
+        try:
+            cfg = DecoderConfig.from_name(args.preset)
+        except ValueError as e:
+            usage_error("varlen check", str(e))
+        return Decoder(cfg, backend=args.backend).to(args.device, dtype), cfg.max_len - 1
+    import transformers
+
+    from . import hf
+
+    hf.use(args.backend)
+    path = args.hf_config
+    if not path.exists():
+        usage_error("varlen check", f"--hf-config {path}: no such file or folder (this machine reads local paths)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        usage_error("varlen check", f"--hf-config {path}: not a transformers config ({str(e).splitlines()[0]})")
+    kw = {"attn_implementation": args.attn_implementation}
+    if args.random_init:
+        model = transformers.AutoModelForCausalLM.from_config(config, **kw)
+    else:
+        if not (path.is_dir() and any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+            usage_error("varlen check", f"--hf-config {path}: no weights there; pass --random-init")
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
+    return model.to(args.device, dtype), positions
+
+
+def main(argv=None) -> int:
+    from .check import check
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        usage_error("varlen check", "--device cuda but no CUDA device here")
+    model, positions = load_model(args)
+    report = check(model, max_len=min(args.max_len, positions), seed=args.seed, compile=args.compile)
+    print(report.table())
+    if args.json:
+        from .check import to_json
+
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(to_json(report))
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

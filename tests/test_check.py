@@ -1,0 +1,91 @@
+"""varlen check: passes on varlen's attention for the decoder and stock HF models, reports the
+leak of transformers' own sdpa with packed rows."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+from varlen.check import check  # noqa: E402
+from varlen.check_cli import main  # noqa: E402
+
+SMALL = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=97, max_position_embeddings=256)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**SMALL),
+    "qwen2": lambda: transformers.Qwen2Config(**{**SMALL, "num_key_value_heads": 1}),
+    # a sliding window shorter than the samples (up to 40 tokens)
+    "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=8),
+    # logit soft-capping (small enough to bite on random weights) and windows on every other layer
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=0.5),
+}
+
+
+def _config_dir(tmp_path, name):
+    folder = tmp_path / name
+    CONFIGS[name]().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_check_passes_on_varlen(tmp_path, name, capsys):
+    out = tmp_path / "report.json"
+    code = main(["--hf-config", str(_config_dir(tmp_path, name)), "--random-init", "--device", "cpu",
+                 "--max-len", "40", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert code == 0, table
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["attention"] == "varlen" and max(report["lengths"]) == 40
+    assert min(report["lengths"]) == 1
+    checks = {f["check"] for f in report["findings"]}
+    assert any(c.startswith("gradients vs alone") for c in checks) and any(c.startswith("leakage") for c in checks)
+    assert any("use_cache" in c for c in checks) and any("DataCollatorWithFlattening + flash" in c for c in checks)
+
+
+def test_check_reports_the_leak_of_sdpa_with_packed_rows(tmp_path, capsys):
+    code = main(["--hf-config", str(_config_dir(tmp_path, "llama")), "--random-init", "--attn-implementation", "sdpa",
+                 "--device", "cpu", "--max-len", "40"])
+    table = capsys.readouterr().out
+    assert code == 1
+    failed = [line for line in table.splitlines() if line.rstrip().endswith("FAILED")]
+    assert any(line.startswith("leakage: other samples' logits") for line in failed), table
+    assert any(line.startswith("logits vs alone: [B, L] packed rows, all-ones attention_mask") for line in failed)
+    assert any(line.startswith("logits vs alone: VarlenCollator, use_cache") for line in failed)  # the KV-cache leak
+
+
+def test_check_on_the_decoder_compiled(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["--preset", "tiny", "--device", "cpu", "--max-len", "40", "--compile", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    graphs = [f for f in report["findings"] if f["check"].startswith("compiled: graphs")]
+    assert graphs and graphs[0]["passed"] and 1 <= graphs[0]["error"] <= 3
+
+
+def test_check_fails_where_a_feature_is_dropped(monkeypatch):
+    # the check can fail: an attention that ignores Gemma 2's soft-capping is caught against eager
+    import varlen.hf
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["gemma2"](), attn_implementation="varlen")
+    forward = varlen.hf.varlen_attention_forward
+    monkeypatch.setattr(varlen.hf, "varlen_attention_forward",
+                        lambda *a, softcap=None, **kw: forward(*a, **kw))  # drops softcap
+    varlen.hf.register()
+    try:
+        report = check(model, max_len=24)
+    finally:
+        monkeypatch.undo()
+        varlen.hf.register()
+    assert not report.passed
+    assert any(f.check.startswith("logits vs alone: VarlenCollator") and not f.passed for f in report.findings)
+
+
+def test_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--hf-config", str(tmp_path / "missing"), "--random-init"])
+    assert e.value.code == 2 and "no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--hf-config", str(_config_dir(tmp_path, "llama"))])  # a config, no weights
+    assert e.value.code == 2 and "pass --random-init" in capsys.readouterr().err
