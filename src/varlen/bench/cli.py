@@ -124,7 +124,7 @@ def cases_from(args, w) -> list:
 def case_line(case, result) -> str:
     """One line a finished case prints: its numbers, or why it gave none."""
     if result.error is None:
-        return (f"{case.name}: {result.step_ms_mean:.1f} ms/step, {result.tflops:.2f} TFLOP/s, "
+        return (f"{case.name}: {result.step_ms_mean:.1f} ms/step, {result.tflops:.3g} TFLOP/s, "
                 f"loss {result.loss:.4f}, recompiles {result.recompiles}"
                 + (f", kernel {result.kernel}" if result.kernel else ""))
     return f"{case.name}: {'FAILED' if result.applicable else 'n/a here'}: {result.error}"
