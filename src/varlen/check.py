@@ -262,12 +262,13 @@ def check(model, *, lengths: list[int] | None = None, max_len: int = 256, vocab_
     truth_model, base_model = subject.reference(model, torch.float64), subject.reference(model, dtype)
     model.train(False), truth_model.train(False), base_model.train(False)
 
-    tol = _logits_against_alone(report, subject, model, truth_model, base_model, samples, device)
-    _loss_and_grads(report, subject, model, truth_model, base_model, samples, device)
+    forms = subject.forms(samples)  # name -> (batch, each sample's positions); the first: the library's own
+    tol = _logits_against_alone(report, subject, model, truth_model, base_model, samples, forms, device)
+    _loss_and_grads(report, subject, model, truth_model, base_model, samples, forms, device)
     _leakage(report, subject, model, samples, device, vocab, tol, g)
-    _labels(report, subject, samples)
+    _labels(report, subject, samples, forms)
     if len(samples) >= micro_batches:
-        _accumulation(report, subject, model, samples, device, micro_batches)
+        _accumulation(report, subject, model, samples, forms, device, micro_batches)
     if compile:
         _compiled(report, subject, model, truth_model, device, vocab, max_len, compile_batches, g, tol)
     return report
@@ -279,7 +280,7 @@ def _to(batch: dict, device) -> dict:
     return move_batch(batch, device, non_blocking=False)
 
 
-def _logits_against_alone(report, subject, model, truth_model, base_model, samples, device) -> float:
+def _logits_against_alone(report, subject, model, truth_model, base_model, samples, forms, device) -> float:
     """Every form, with and without a KV cache: each sample's logits against it alone in float64.
     Returns the logits' tolerance (reused by the leakage check)."""
     with torch.no_grad():
@@ -288,7 +289,7 @@ def _logits_against_alone(report, subject, model, truth_model, base_model, sampl
     magnitude = max(t.abs().max().item() for t in truth)
     tol = bound(max(max_err(b, t) for b, t in zip(base, truth)), next(model.parameters()).dtype, magnitude)
     caches = (False, True) if subject.hf else (False,)
-    for name, (batch, where) in subject.forms(samples).items():
+    for name, (batch, where) in forms.items():
         batch = _to(batch, device)
         for use_cache in caches:
             with torch.no_grad():
@@ -298,9 +299,9 @@ def _logits_against_alone(report, subject, model, truth_model, base_model, sampl
     return tol
 
 
-def _loss_sum(subject, logits: Tensor, ids: Tensor) -> Tensor:
+def _loss_sum(logits: Tensor, ids: Tensor) -> Tensor:
     """Summed next-token cross-entropy of one sample's logits [L, V] (float32 at least)."""
-    return F.cross_entropy(logits[:-1].float() if logits.dtype != torch.float64 else logits[:-1], ids[1:],
+    return F.cross_entropy(logits[:-1].to(torch.promote_types(logits.dtype, torch.float32)), ids[1:],
                            reduction="sum")
 
 
@@ -309,7 +310,7 @@ def _alone_loss_and_grads(subject, model, samples, device) -> tuple[float, dict]
     total = sum(len(s) - 1 for s in samples)
     loss = 0.0
     for s in samples:
-        part = _loss_sum(subject, subject.alone(model, s.to(device)), s.to(device)) / total
+        part = _loss_sum(subject.alone(model, s.to(device)), s.to(device)) / total
         part.backward()
         loss += part.item()
     return loss, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -323,11 +324,11 @@ def _packed_loss(subject, model, batch: dict, **kw) -> Tensor:
     return lm_loss(forward_batch(model, batch, causal=True), batch["labels"])
 
 
-def _loss_and_grads(report, subject, model, truth_model, base_model, samples, device) -> None:
+def _loss_and_grads(report, subject, model, truth_model, base_model, samples, forms, device) -> None:
     """The loss of the first form (the library's own collator) and every parameter's gradient."""
     want, g_truth = _alone_loss_and_grads(subject, truth_model, samples, device)
     base, g_base = _alone_loss_and_grads(subject, base_model, samples, device)
-    name, (batch, _) = next(iter(subject.forms(samples).items()))
+    name, (batch, _) = next(iter(forms.items()))
     model.zero_grad(set_to_none=True)
     loss = _packed_loss(subject, model, _to(batch, device))
     loss.backward()
@@ -391,10 +392,10 @@ def _drop_labels(labels: Tensor, positions: Tensor) -> Tensor:
     return flat.view_as(labels)
 
 
-def _labels(report, subject, samples) -> None:
+def _labels(report, subject, samples, forms) -> None:
     """No target crosses a sample boundary, and every in-sample target is there, in every form."""
     want = sum(len(s) - 1 for s in samples)
-    for name, (batch, where) in subject.forms(samples).items():
+    for name, (batch, where) in forms.items():
         labels = batch["labels"]
         rows = labels if labels.dim() == 2 else labels[None]  # [B, L]: HF models shift inside each row
         shift = 1 if subject.hf else 0  # HF models train position t to predict labels[t + 1]
@@ -406,14 +407,14 @@ def _labels(report, subject, samples) -> None:
         report.add(f"labels: in-sample targets missing ({name})", want - len(live & targets), 0)
 
 
-def _accumulation(report, subject, model, samples, device, k: int) -> None:
+def _accumulation(report, subject, model, samples, forms, device, k: int) -> None:
     """The loss over k micro-batches, each normalised by the whole step's targets, equals the
     token-weighted mean over all samples (HF: ``num_items_in_batch``; decoder: varlen's train_step)."""
     parts = [samples[i::k] for i in range(k)]
     first = lambda group: _to(next(iter(subject.forms(group).values()))[0], device)  # noqa: E731
-    name = next(iter(subject.forms(samples)))
+    name, (whole, _) = next(iter(forms.items()))
     with torch.no_grad():
-        want = _packed_loss(subject, model, first(samples)).item()
+        want = _packed_loss(subject, model, _to(whole, device)).item()
         if subject.hf:
             total = sum(len(s) - 1 for s in samples)
             got = sum(_packed_loss(subject, model, first(p), num_items_in_batch=total).item() for p in parts)

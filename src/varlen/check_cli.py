@@ -66,7 +66,7 @@ def load_model(args):
     if args.random_init:
         model = transformers.AutoModelForCausalLM.from_config(config, **kw)
     else:
-        if not (path.is_dir() and any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
+        if not (path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))):
             usage_error("varlen check", f"--hf-config {path}: no weights there; pass --random-init")
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096

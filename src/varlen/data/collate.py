@@ -220,7 +220,8 @@ class PackRowsCollator:
         info = SeqInfo.from_lengths(seq_lengths, max_seqlen=self.row_len)
         shape = (len(groups), self.row_len)
         labels = torch.cat(labels)
-        if self.ignore_starts if self.ignore_starts is not None else self.info_key == "varlen_info":
+        hf_rows = self.info_key == "varlen_info" if self.ignore_starts is None else self.ignore_starts
+        if hf_rows:
             labels[info.cu_seqlens[:-1].long()] = self.ignore_index
         return {
             "input_ids": torch.cat(ids).view(shape),

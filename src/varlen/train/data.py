@@ -115,14 +115,13 @@ def load(spec: str, *, num_samples: int, max_len: int, vocab_size: int, seed: in
     sample (synthetic lengths reach it); token rows longer than ``longest`` (default ``max_len``:
     what a step takes) follow ``too_long``. ``report`` collects the counts."""
     report = report if report is not None else DataReport()
-    if spec.endswith(".jsonl") or spec.startswith("hf:"):
-        max_len = min(max_len, longest) if longest else max_len
+    longest = min(max_len, longest or max_len)
     if spec.endswith(".jsonl"):
-        return TokenDataset(fit_rows(jsonl_rows(Path(spec), vocab_size), max_len, too_long, report))
+        return TokenDataset(fit_rows(jsonl_rows(Path(spec), vocab_size), longest, too_long, report))
     if spec.startswith("hf:"):
         ds, name = hf_dataset(spec)
         rows = ((f"{name} row {i}", check_row(r, f"{name} row {i}", vocab_size)) for i, r in enumerate(ds["input_ids"]))
-        return TokenDataset(fit_rows(rows, max_len, too_long, report))
+        return TokenDataset(fit_rows(rows, longest, too_long, report))
     return SyntheticDataset(num_samples, max_len=max_len, vocab_size=vocab_size, length_dist=spec, seed=seed)
 
 
