@@ -313,3 +313,47 @@ def test_sdpa_pads_to_the_batch_not_to_the_bound():
     huge = SeqInfo.from_lengths([60000] * 64, max_seqlen=60000)
     with pytest.raises(MemoryError, match="64 sequences padded to 60000 tokens need"):
         sdpa.check_fits(huge, 16, sdpa.padded_length(huge))
+
+
+@pytest.mark.parametrize("bound", [100, 256, 1024, 5000, 16384, 131072])
+def test_seqlen_bucket_bounds_the_graphs_and_the_padding(bound):
+    from varlen.buckets import MAX_SEQLEN_BUCKETS, seqlen_bucket
+
+    values = {seqlen_bucket(n, bound) for n in range(1, bound + 1)}
+    assert len(values) <= MAX_SEQLEN_BUCKETS and max(values) == bound
+    smallest = min(values)
+    for n in range(1, bound + 1, max(1, bound // 997)):
+        b = seqlen_bucket(n, bound)
+        assert n <= b <= bound and b <= max(2 * n - 1, smallest), (n, b)
+
+
+def test_compiled_sdpa_pads_to_the_batch_bucket_not_the_bound():
+    # varlen train --compile on the sdpa path used to pad every batch to --max-len
+    from varlen.attention import pads_to_max_seqlen
+    from varlen.data import PackCollator
+
+    assert pads_to_max_seqlen("sdpa", "cpu") and pads_to_max_seqlen("auto", "cpu")
+    assert not pads_to_max_seqlen("flex", "cpu") and not pads_to_max_seqlen("reference", "cpu")
+    samples = [(torch.arange(n), torch.arange(n)) for n in (100, 37, 5)]
+    assert PackCollator(max_seqlen=5000)(samples)["info"].max_seqlen == 5000
+    info = PackCollator(max_seqlen=5000, bucket_max_seqlen=True)(samples)["info"]
+    assert info.max_seqlen == 128 and info.lengths == (100, 37, 5)
+    filled = PackCollator(max_seqlen=5000, pad_to=1000, bucket_max_seqlen=True)(samples)["info"]
+    assert filled.max_seqlen == 128 and max(filled.lengths) <= 128 and filled.total_tokens == 1000
+
+    from varlen.attention import sdpa
+    seen = []
+    real = sdpa.padded_attention
+
+    def spy(q, k, v, mask, *, scale=None):
+        seen.append(q.shape[2])
+        return real(q, k, v, mask, scale=scale)
+
+    q = torch.randn(info.total_tokens, 2, 8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sdpa, "padded_attention", spy)
+        torch._dynamo.reset()
+        fn = torch.compile(lambda q: sdpa.attention(q, q, q, info, causal=True, scale=None, window_size=(-1, -1)),
+                           backend="eager", fullgraph=True)
+        out = fn(q)
+    assert seen == [128] and out.shape == q.shape

@@ -10,6 +10,7 @@ from .api import (
     check_inputs,
     choose_backend,
     kernel_name,
+    pads_to_max_seqlen,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "check_inputs",
     "choose_backend",
     "kernel_name",
+    "pads_to_max_seqlen",
 ]

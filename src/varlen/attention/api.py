@@ -96,6 +96,16 @@ def backend_unavailable(backend: str) -> str | None:
     return backend_module(name).unavailable(**kw)
 
 
+def pads_to_max_seqlen(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` (or what ``"auto"`` takes first on this device) pads sequences to
+    ``max_seqlen`` when compiled, so a collator should bucket ``max_seqlen`` per batch
+    (``PackCollator(bucket_max_seqlen=True)``)."""
+    if backend == "auto":
+        runnable = [b for b in AUTO_ORDER.get(device_type, ()) if not backend_unavailable(b)]
+        backend = runnable[0] if runnable else "reference"
+    return backend_module(split_backend(backend)[0]).CAPS.pads_to_max_seqlen
+
+
 def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bool, window_size,
                     softcap: float = 0.0) -> list[str]:
     """Why backend ``name`` cannot run these inputs here; empty if it can."""

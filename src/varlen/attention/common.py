@@ -30,6 +30,9 @@ class Capabilities:
     softcap: bool = False  # logit soft-capping, softcap * tanh(score / softcap) (Gemma 2)
     gqa: bool = True
     autograd: bool = True
+    # pads every sequence to ``max_seqlen`` under torch.compile (the batch's longest cannot be read
+    # there without a guard per batch): collators should hand it a per-batch bucket, not the bound
+    pads_to_max_seqlen: bool = False
     notes: str = ""
 
     def reasons(self, q: Tensor, k: Tensor, causal: bool, window_size: tuple[int, int], softcap: float = 0.0) -> list[str]:

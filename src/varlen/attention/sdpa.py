@@ -21,6 +21,7 @@ CAPS = Capabilities(
     head_dims="any",
     head_dim_ok=lambda d: d >= 1,
     window=True,
+    pads_to_max_seqlen=True,
     notes="pads to the longest sample (multiple of 8) and masks; memory grows with B * L^2",
 )
 
@@ -70,19 +71,29 @@ def padded_length(info: SeqInfo) -> int:
     return -(-longest // ALIGN) * ALIGN
 
 
-def check_fits(info: SeqInfo, heads: int, length: int) -> None:
-    """On the CPU, SDPA's math kernel holds [B, H, L, L] float32 scores (and their softmax): say so
-    before allocating what the machine does not have."""
-    need = 2 * info.num_seqs * heads * length * length * 4
-    avail = available_memory()
+def check_fits(info: SeqInfo, heads: int, length: int, device: torch.device | None = None) -> None:
+    """Say so before allocating what the device does not have. The boolean mask is
+    ``[B, 1, L, L]``; on the CPU, SDPA's math kernel also holds ``[B, H, L, L]`` float32 scores
+    (and their softmax)."""
+    device = device or torch.device("cpu")
+    need = info.num_seqs * length * length
+    if device.type == "cpu":
+        need += 2 * info.num_seqs * heads * length * length * 4
+    avail = available_memory(device)
     if avail is not None and need > avail:
         raise MemoryError(f"sdpa: {info.num_seqs} sequences padded to {length} tokens need ~{need / 2**30:.1f} GiB for "
-                          f"the attention scores, {avail / 2**30:.1f} GiB is free; use fewer tokens a batch or the "
-                          "flash / flex backends")
+                          f"the attention mask and scores, {avail / 2**30:.1f} GiB is free on {device.type}; use fewer "
+                          "tokens a batch or the flash / flex backends")
 
 
-def available_memory() -> int | None:
-    """Bytes the kernel says can be allocated without swapping (Linux), or None."""
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated on ``device``: free on the GPU plus what torch's caching
+    allocator holds unused; on the CPU what the kernel says can be had without swapping (Linux)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -95,8 +106,8 @@ def available_memory() -> int | None:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size) -> Tensor:
     length = padded_length(info)
-    if q.device.type == "cpu" and not torch.compiler.is_compiling():
-        check_fits(info, q.shape[1], length)
+    if not torch.compiler.is_compiling():  # once per batch: the first layer's check holds for all
+        info.cached(("sdpa_fits", length), lambda: check_fits(info, q.shape[1], length, q.device) or True)
     mask = info.cached(
         ("sdpa_mask", length, causal, tuple(window_size)),
         lambda: padded_mask(info.padding_mask(length), causal, window_size),

@@ -18,6 +18,7 @@ from dataclasses import asdict
 import torch
 from torch.utils.data import DataLoader
 
+from ..attention import pads_to_max_seqlen
 from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
 from ..models import Decoder, DecoderConfig, forward_batch, lm_loss
 from .cases import Case, Result
@@ -39,7 +40,8 @@ def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
         case _:
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
             # the compiled graph from specialising on each batch's longest sample
-            return PackCollator(max_seqlen=w.max_len if case.compile else None)
+            return PackCollator(max_seqlen=w.max_len if case.compile else None,
+                                bucket_max_seqlen=pads_to_max_seqlen(case.backend, w.device))
 
 
 def graphs(case: Case) -> bool:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..buckets import seqlen_bucket
 from ..seqinfo import SeqInfo
 
 IGNORE_INDEX = -100
@@ -117,12 +118,16 @@ class PackCollator:
     entries every batch): the filler is split into as many sequences as the samples leave, so
     with ``pad_to`` and ``max_seqlen`` every batch has the same shapes and one CUDA graph serves
     them all. ``pad_to`` must then leave at least one filler token per missing sequence.
+    ``bucket_max_seqlen`` hands the kernels the batch's longest sample as a power of two instead
+    of the bound (:func:`varlen.buckets.seqlen_bucket`, at most 8 values): for kernels that pad
+    to ``max_seqlen`` under ``torch.compile`` (SDPA), so memory follows the batch, not the bound.
     """
 
     max_seqlen: int | None = None
     pad_to: int | None = None
     pad_to_multiple_of: int | None = None  # buckets of token counts: fewer shapes for the compiler
     num_seqs: int | None = None  # a fixed number of sequences (real + filler): CUDA graphs
+    bucket_max_seqlen: bool = False
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
 
@@ -135,13 +140,16 @@ class PackCollator:
         target = self.pad_to or total
         if self.pad_to_multiple_of:
             target = -(-target // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        max_seqlen = self.max_seqlen
+        if self.bucket_max_seqlen and max_seqlen is not None and lengths:
+            max_seqlen = seqlen_bucket(max(lengths), max_seqlen)
         # filler no longer than the longest sample, so its positions stay inside the model's range
-        cap = self.max_seqlen or max(lengths, default=None)
+        cap = max_seqlen or max(lengths, default=None)
         if self.num_seqs is None:
             filler = filler_lengths(target - total, cap)
         else:
             filler = split_filler(target - total, len(lengths), self.num_seqs, cap)
-        info = SeqInfo.from_lengths(lengths + filler, max_seqlen=self.max_seqlen)
+        info = SeqInfo.from_lengths(lengths + filler, max_seqlen=max_seqlen)
         pad = sum(filler)
         return {
             "input_ids": torch.cat([i for i, _ in pairs] + [torch.full((pad,), self.pad_id, dtype=torch.long)]),
@@ -181,8 +189,9 @@ def filler_lengths(tokens: int, max_seqlen: int | None) -> list[int]:
 class PackRowsCollator:
     """Packed rows of a fixed length: HF's ``[B, L]`` packed format (TRL's best-fit packing).
 
-    Samples fill rows of ``row_len`` best-fit decreasing; each row's tail is filler (its own
-    sequence, ignored labels). Returns ``input_ids``/``labels``/``position_ids`` ``[B, L]``
+    Samples fill rows of ``row_len`` best-fit decreasing; each row's tail is filler (sequences of
+    their own, no longer than the batch's longest sample so that their positions stay inside the
+    model's range; ignored labels). Returns ``input_ids``/``labels``/``position_ids`` ``[B, L]``
     (positions restart at 0 per sample and per filler) and ``info`` for the ``B * L`` flattened
     tokens. ``rows`` pads the batch to that many rows (static shapes). For HF models
     (``info_key="varlen_info"``, labels = input_ids) each sample's first label is ignored
@@ -216,7 +225,7 @@ class PackRowsCollator:
             pad = self.row_len - used
             ids += [pairs[i][0] for i in g] + [torch.full((pad,), self.pad_id, dtype=torch.long)]
             labels += [pairs[i][1] for i in g] + [torch.full((pad,), self.ignore_index, dtype=torch.long)]
-            seq_lengths += [lengths[i] for i in g] + ([pad] if pad else [])
+            seq_lengths += [lengths[i] for i in g] + filler_lengths(pad, max(lengths))
         info = SeqInfo.from_lengths(seq_lengths, max_seqlen=self.row_len)
         shape = (len(groups), self.row_len)
         labels = torch.cat(labels)

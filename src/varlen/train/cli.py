@@ -23,6 +23,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from ..attention import pads_to_max_seqlen
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..models import Decoder, DecoderConfig, forward_batch
@@ -315,7 +316,8 @@ def run(args, d: Dist) -> int:
     if args.static:  # the busiest rank's share bounds every rank's row
         pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
         pad_to = -(-pad_to // 128) * 128
-    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, hf=args.model != "decoder")
+    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, hf=args.model != "decoder",
+                            bucket_max_seqlen=pads_to_max_seqlen(args.backend, d.device.type))
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
                    compile=args.compile, static_graph=args.static_graph,

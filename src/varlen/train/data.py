@@ -162,8 +162,9 @@ class TrainCollator:
     """A rank's share of a step -> one packed row; an empty share -> one ignored filler token, so
     the rank still runs forward/backward and its collectives match the others'."""
 
-    def __init__(self, pad_to: int | None = None, max_seqlen: int | None = None, hf: bool = False):
-        self.pack = PackCollator(max_seqlen=max_seqlen, pad_to=pad_to)
+    def __init__(self, pad_to: int | None = None, max_seqlen: int | None = None, hf: bool = False,
+                 bucket_max_seqlen: bool = False):
+        self.pack = PackCollator(max_seqlen=max_seqlen, pad_to=pad_to, bucket_max_seqlen=bucket_max_seqlen)
         self.pad_to, self.hf = pad_to, hf
 
     def __call__(self, samples):

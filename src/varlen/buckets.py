@@ -1,0 +1,28 @@
+"""Rounding rules for shapes: few distinct shapes keep ``torch.compile`` to few graphs and kernels
+on their fast, aligned paths. This module imports nothing else of varlen."""
+
+from __future__ import annotations
+
+
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
+
+
+def pow2_bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
+    """``n`` rounded up to a power of two, at least ``lo``, at most ``hi`` (``hi`` need not be a
+    power of two: it is the cap, e.g. a model's longest sequence)."""
+    b = max(lo, 1 << (max(int(n), 1) - 1).bit_length())
+    return b if hi is None else min(b, hi)
+
+
+MAX_SEQLEN_BUCKETS = 8  # torch.compile's default recompile limit per frame
+
+
+def seqlen_bucket(longest: int, bound: int) -> int:
+    """A per-batch ``max_seqlen`` for kernels that pad to it (SDPA): the longest sample as a power
+    of two, capped at ``bound``, at least ``max(64, bound / 2**7)`` so that a run sees at most
+    :data:`MAX_SEQLEN_BUCKETS` values (each a compiled graph). Padding is then at most twice the
+    longest sample, never the bound itself for a batch of short samples."""
+    lo = max(64, pow2_bucket(bound) >> (MAX_SEQLEN_BUCKETS - 1))
+    return pow2_bucket(longest, lo, bound)
