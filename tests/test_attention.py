@@ -339,6 +339,28 @@ def test_softcap_against_float64(backend, causal):
     assert max_err(uncapped, truth) > 1e-2, "the cap must change the result"
 
 
+def test_flex_softcap_compiles_with_dynamic_shapes():
+    # A float cap closed over by the score_mod became a symbol under torch.compile(dynamic=True) and
+    # Inductor's Flex lowering failed (LoweringException: unbacked_bindings; Gemma 2 on the H100).
+    # On the CPU the document mask does not compile (a C++ error in Inductor), a causal one does.
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from varlen.attention import flex
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=True)
+    cap = torch.tensor(0.8)
+    for n in (128, 256, 384):
+        q, k, v = random_qkv([n], 2, 2, 16, torch.float32, seed=n)
+        q, k = q * 3, k * 3
+        mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, n, n, device="cpu")
+        qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))
+        out = compiled(qf, kf, vf, score_mod=flex.soft_cap_mod(cap), block_mask=mask)[0].transpose(0, 1)
+        truth = truth_attention(q.double(), k.double(), v.double(), [n], True, softcap=0.8)
+        base = truth_attention(q, k, v, [n], True, dtype=torch.float32, softcap=0.8)
+        assert max_err(out, truth) <= bound(max_err(base, truth), torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "nested"])
 def test_softcap_refused_where_a_backend_cannot(backend):
     q, k, v = random_qkv([3, 5], 2, 2, 8, torch.float32)

@@ -16,10 +16,14 @@ SMALL = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**SMALL),
     "qwen2": lambda: transformers.Qwen2Config(**{**SMALL, "num_key_value_heads": 1}),
+    # q/k RMSNorm per head
+    "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
     # a sliding window shorter than the samples (up to 40 tokens)
     "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=8),
     # logit soft-capping (small enough to bite on random weights) and windows on every other layer
     "gemma2": lambda: transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=0.5),
+    # five local (windowed, own rope) layers to one global by default; two layers: both local
+    "gemma3": lambda: transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=8),
 }
 
 
@@ -63,6 +67,22 @@ def test_check_on_the_decoder_compiled(tmp_path, capsys):
     assert graphs and graphs[0]["passed"] and 1 <= graphs[0]["error"] <= 3
 
 
+def test_check_on_the_decoder_at_its_longest(tmp_path, capsys):
+    # --max-len above the model's positions is capped to them; the packed-rows form's filler once
+    # took positions past them (an index error on the CPU, a device assert on the H100)
+    out = tmp_path / "r.json"
+    assert main(["--preset", "tiny", "--device", "cpu", "--max-len", "100000", "--json", str(out)]) == 0
+    assert max(json.loads(out.read_text())["lengths"]) == 255
+
+
+def test_check_names_a_feature_the_kernel_refuses(tmp_path, capsys):
+    # Gemma 2's soft-capping on SDPA: refused before any check, in one line, exit 1
+    code = main(["--hf-config", str(_config_dir(tmp_path, "gemma2")), "--random-init", "--device", "cpu",
+                 "--backend", "sdpa", "--max-len", "24"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "FAILED before any check" in err[0] and "soft-capping" in err[0]
+
+
 def test_check_fails_where_a_feature_is_dropped(monkeypatch):
     # the check can fail: an attention that ignores Gemma 2's soft-capping is caught against eager
     import varlen.hf
@@ -89,3 +109,16 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--hf-config", str(_config_dir(tmp_path, "llama"))])  # a config, no weights
     assert e.value.code == 2 and "pass --random-init" in capsys.readouterr().err
+
+
+def test_check_catches_a_loss_normalised_per_micro_batch(monkeypatch):
+    # each micro-batch's mean summed (num_items_in_batch dropped): the accumulation check fails
+    import varlen.check as vc
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"](), attn_implementation="varlen")
+    packed_loss = vc._packed_loss
+    monkeypatch.setattr(vc, "_packed_loss", lambda subject, model, batch, **kw: packed_loss(subject, model, batch))
+    report = check(model, max_len=24)
+    failed = [f.check for f in report.findings if not f.passed]
+    assert failed and all(c.startswith("loss over 2 micro-batches") for c in failed), failed

@@ -185,3 +185,15 @@ def test_pad_to_longest_study_batches_take_few_shapes():
         collate.length(1025)
     with pytest.raises(ValueError, match="bucket"):
         PadToLongestCollator(bucket="linear")
+
+
+def test_pack_rows_filler_stays_inside_the_samples_positions():
+    # a row's tail of filler is split into sequences no longer than the longest sample, so its
+    # position ids never pass a model's range (the decoder's learned positions)
+    from varlen.data import PackRowsCollator
+
+    samples = [(torch.arange(n), torch.arange(n)) for n in (50, 7, 30)]
+    batch = PackRowsCollator(row_len=400)(samples)
+    assert batch["position_ids"].max().item() == 49
+    info = batch["info"]
+    assert info.total_tokens == batch["input_ids"].numel() and max(info.lengths) == 50

@@ -43,6 +43,37 @@ def test_cross_attention_is_refused():
         varlen_attention_forward(m, *_qkv(), None)
 
 
+def _refused_families():
+    small = dict(num_attention_heads=4, vocab_size=97)
+    return {
+        # attention sinks (s_aux), on every layer
+        "gpt-oss": (lambda: transformers.AutoModelForCausalLM.from_config(transformers.GptOssConfig(
+            **small, num_hidden_layers=2, hidden_size=64, num_key_value_heads=2, intermediate_size=128, head_dim=16,
+            num_local_experts=4, num_experts_per_tok=2, sliding_window=8), attn_implementation="varlen"),
+            "attention sinks"),
+        # relative position bias added to the scores (an encoder-decoder)
+        "t5": (lambda: transformers.T5ForConditionalGeneration._from_config(transformers.T5Config(
+            num_heads=4, vocab_size=97, d_model=64, d_ff=128, num_layers=2, d_kv=16, dropout_rate=0.0),
+            attn_implementation="varlen"), "position-dependent attention bias"),
+    }
+
+
+@pytest.mark.parametrize("family", ["gpt-oss", "t5"])
+def test_families_with_a_refused_feature_fail_before_any_kernel(family, monkeypatch):
+    # a stock tiny model of each family whose feature varlen cannot honour: one clear ValueError
+    # naming the feature and the module, raised before a kernel runs
+    build, message = _refused_families()[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    ran = []
+    monkeypatch.setattr(varlen.hf, "attention", lambda *a, **kw: ran.append("a kernel"))
+    ids = torch.randint(0, 97, (1, 8))
+    kw = {"decoder_input_ids": ids} if family == "t5" else {}
+    with pytest.raises(ValueError, match=f"cannot honour (a )?{message}.*refusing rather than ignoring"):
+        model(input_ids=ids, **kw)
+    assert ran == []
+
+
 def test_harmless_and_absent_arguments_pass():
     q, k, v = _qkv()
     out, _ = varlen_attention_forward(Module(), q, k, v, None, use_cache=True, num_items_in_batch=5, s_aux=None,

@@ -264,11 +264,11 @@ def check(model, *, lengths: list[int] | None = None, max_len: int = 256, vocab_
 
     forms = subject.forms(samples)  # name -> (batch, each sample's positions); the first: the library's own
     tol = _logits_against_alone(report, subject, model, truth_model, base_model, samples, forms, device)
-    _loss_and_grads(report, subject, model, truth_model, base_model, samples, forms, device)
+    target_err = _loss_and_grads(report, subject, model, truth_model, base_model, samples, forms, device)
     _leakage(report, subject, model, samples, device, vocab, tol, g)
     _labels(report, subject, samples, forms)
     if len(samples) >= micro_batches:
-        _accumulation(report, subject, model, samples, forms, device, micro_batches)
+        _accumulation(report, subject, model, samples, forms, device, micro_batches, target_err)
     if compile:
         _compiled(report, subject, model, truth_model, device, vocab, max_len, compile_batches, g, tol)
     return report
@@ -299,21 +299,24 @@ def _logits_against_alone(report, subject, model, truth_model, base_model, sampl
     return tol
 
 
-def _loss_sum(logits: Tensor, ids: Tensor) -> Tensor:
-    """Summed next-token cross-entropy of one sample's logits [L, V] (float32 at least)."""
+def _token_losses(logits: Tensor, ids: Tensor) -> Tensor:
+    """Next-token cross-entropy of each position of one sample's logits [L, V] -> [L - 1]
+    (float32 at least)."""
     return F.cross_entropy(logits[:-1].to(torch.promote_types(logits.dtype, torch.float32)), ids[1:],
-                           reduction="sum")
+                           reduction="none")
 
 
-def _alone_loss_and_grads(subject, model, samples, device) -> tuple[float, dict]:
+def _alone_loss_and_grads(subject, model, samples, device) -> tuple[Tensor, dict]:
+    """Each sample run alone: every target's loss (float64, [targets]) and the gradients of their
+    token-weighted mean."""
     model.zero_grad(set_to_none=True)
     total = sum(len(s) - 1 for s in samples)
-    loss = 0.0
+    losses = []
     for s in samples:
-        part = _loss_sum(subject.alone(model, s.to(device)), s.to(device)) / total
-        part.backward()
-        loss += part.item()
-    return loss, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        part = _token_losses(subject.alone(model, s.to(device)), s.to(device))
+        (part.sum() / total).backward()
+        losses.append(part.detach().double().cpu())
+    return torch.cat(losses), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _packed_loss(subject, model, batch: dict, **kw) -> Tensor:
@@ -324,8 +327,9 @@ def _packed_loss(subject, model, batch: dict, **kw) -> Tensor:
     return lm_loss(forward_batch(model, batch, causal=True), batch["labels"])
 
 
-def _loss_and_grads(report, subject, model, truth_model, base_model, samples, forms, device) -> None:
-    """The loss of the first form (the library's own collator) and every parameter's gradient."""
+def _loss_and_grads(report, subject, model, truth_model, base_model, samples, forms, device) -> Tensor:
+    """The loss of the first form (the library's own collator) and every parameter's gradient.
+    Returns each target's loss error at the model's precision (float64, [targets])."""
     want, g_truth = _alone_loss_and_grads(subject, truth_model, samples, device)
     base, g_base = _alone_loss_and_grads(subject, base_model, samples, device)
     name, (batch, _) = next(iter(forms.items()))
@@ -334,7 +338,10 @@ def _loss_and_grads(report, subject, model, truth_model, base_model, samples, fo
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     dtype = next(model.parameters()).dtype
-    report.add(f"loss vs alone: {name}", abs(loss.item() - want), bound(abs(base - want), torch.float32, abs(want)))
+    # the mean's error is at most the mean of the targets' errors: twice that of the same losses
+    # at the model's precision bounds it (the mean's own baseline error can cancel to ~0 by chance)
+    tol = bound((base - want).abs().mean().item(), torch.float32, want.mean().abs().item())
+    report.add(f"loss vs alone: {name}", abs(loss.item() - want.mean().item()), tol)
     worst, worst_name, missing = 0.0, "", sorted(set(g_truth) - set(grads))
     for n, gt in g_truth.items():
         if n not in grads:
@@ -347,6 +354,7 @@ def _loss_and_grads(report, subject, model, truth_model, base_model, samples, fo
                worst if not missing else float("inf"), 1.0,
                f"worst: {worst_name}" if not missing else f"no gradient for {missing[0]}")
     model.zero_grad(set_to_none=True)
+    return base - want
 
 
 def _leakage(report, subject, model, samples, device, vocab, tol, g) -> None:
@@ -407,9 +415,11 @@ def _labels(report, subject, samples, forms) -> None:
         report.add(f"labels: in-sample targets missing ({name})", want - len(live & targets), 0)
 
 
-def _accumulation(report, subject, model, samples, forms, device, k: int) -> None:
+def _accumulation(report, subject, model, samples, forms, device, k: int, target_err: Tensor) -> None:
     """The loss over k micro-batches, each normalised by the whole step's targets, equals the
-    token-weighted mean over all samples (HF: ``num_items_in_batch``; decoder: varlen's train_step)."""
+    token-weighted mean over all samples (HF: ``num_items_in_batch``; decoder: varlen's train_step).
+    Batched differently, each target's loss moves by about its error at the model's precision
+    (``target_err``): the means then differ by ~sqrt(2 * sum(err^2)) / targets; 4 of those."""
     parts = [samples[i::k] for i in range(k)]
     first = lambda group: _to(next(iter(subject.forms(group).values()))[0], device)  # noqa: E731
     name, (whole, _) = next(iter(forms.items()))
@@ -423,8 +433,9 @@ def _accumulation(report, subject, model, samples, forms, device, k: int) -> Non
 
         got = float(train_step(model, [first(p) for p in parts], None, lambda m, b: subject.logits(m, b, False)).loss)
         model.zero_grad(set_to_none=True)
+    noise = 4 * (2 * target_err.square().sum()).sqrt().item() / max(target_err.numel(), 1)
     report.add(f"loss over {k} micro-batches vs one batch ({name})", abs(got - want),
-               bound(0.0, torch.float32, abs(want)) * len(samples))
+               bound(0.0, torch.float32, abs(want)) * len(samples) + noise)
 
 
 def _compiled(report, subject, model, truth_model, device, vocab, max_len, n, g, tol) -> None:

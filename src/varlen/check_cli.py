@@ -80,7 +80,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         usage_error("varlen check", "--device cuda but no CUDA device here")
     model, positions = load_model(args)
-    report = check(model, max_len=min(args.max_len, positions), seed=args.seed, compile=args.compile)
+    from .attention import BackendUnavailable
+
+    try:
+        report = check(model, max_len=min(args.max_len, positions), seed=args.seed, compile=args.compile)
+    except BackendUnavailable as e:  # a feature the kernel cannot honour is refused: say it in one line
+        print(f"varlen check: FAILED before any check could run: {e}", file=sys.stderr)
+        return 1
     print(report.table())
     if args.json:
         from .check import to_json

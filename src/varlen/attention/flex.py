@@ -150,8 +150,10 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def soft_cap_mod(softcap: float):
-    """A score_mod capping the (scaled) scores: softcap * tanh(score / softcap)."""
+def soft_cap_mod(softcap: Tensor):
+    """A score_mod capping the (scaled) scores: softcap * tanh(score / softcap). ``softcap`` is a
+    0-d tensor, not a float: compiled with ``dynamic=True``, a float closed over becomes a symbol
+    that Inductor's Flex lowering reads back (``LoweringException: unbacked_bindings``)."""
 
     def soft_cap(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
@@ -170,7 +172,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
     qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T_pad, D]
     kw = {"block_mask": mask, "scale": scale, "enable_gqa": k.shape[1] != q.shape[1]}
     if softcap:
-        kw["score_mod"] = soft_cap_mod(softcap)
+        cap = info.cached(("flex_softcap", float(softcap)),
+                          lambda: torch.tensor(float(softcap), dtype=torch.float32, device=q.device))
+        kw["score_mod"] = soft_cap_mod(cap)
     if q.device.type == "cuda" and not torch.compiler.is_compiling():
         out = _compiled_flex()(qf, kf, vf, **kw)
     elif q.device.type == "cuda":  # inside the caller's torch.compile: it fuses Flex itself
