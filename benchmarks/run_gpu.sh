@@ -6,6 +6,9 @@
 #                eager and compiled, at a small preset; exits non-zero on any failure. Run it after
 #                every change to a GPU path and commit what it prints.
 #   tests        GPU tests (pytest -m gpu)
+#   check        `varlen check --device cuda` with the flash backend on the decoder and small random
+#                Llama, Qwen2, Mistral (sliding window) and Gemma 2 (soft-capping) configs, and on
+#                transformers' own sdpa, which must report the leak (exit 1)
 #   eval-eager | train-eager | eval-compiled | train-compiled   one slice of the study
 #   profile      the study's padded and packed-flash cases, compiled, with --profile (where the time goes)
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
@@ -22,18 +25,42 @@ fi
 fa4=$(python3 -c "from varlen.attention.flash import impl_unavailable as u; print('' if u('fa4') else ',packed-flash:fa4')")
 case $part in
   smoke)
+         # the kernel tests and both benches at once: each is mostly compile time on the host's
+         # cores, and one after another they took over 5 minutes
          start=$SECONDS
          python3 -m varlen info >"$out/smoke_info.txt" 2>&1
-         python3 -m pytest -m gpu -q -p no:cacheprovider -rfs tests/test_gpu.py -k smoke >"$out/smoke_tests.txt" 2>&1; t=$?
+         python3 -m pytest -m gpu -q -p no:cacheprovider -rfs tests/test_gpu.py -k smoke >"$out/smoke_tests.txt" 2>&1 &
+         tests=$!
+         # packed-flash is auto's pick of the implementations below (its rule is tested): not run twice
+         python3 -m varlen bench --preset smoke --compile both --jobs 5 --strict --out "$out/smoke-decoder" \
+           --strategies padded,longest,nested,packed-flash:torch$fa4,packed-xformers,packed-flex,packed-sdpa \
+           >"$out/smoke_decoder.log" 2>&1 &
+         decoder=$!
+         python3 -m varlen bench --preset smoke --model hf-gpt2 --compile both --jobs 5 --strict --out "$out/smoke-hf" \
+           >"$out/smoke_hf.log" 2>&1 &
+         hf=$!
+         wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?
          tail -3 "$out/smoke_tests.txt"
-         python3 -m varlen bench --preset smoke --compile both --jobs 6 --strict --out "$out/smoke-decoder" \
-           --strategies padded,longest,nested,packed-flash,packed-flash:torch$fa4,packed-xformers,packed-flex,packed-sdpa \
-           >"$out/smoke_decoder.log" 2>&1; d=$?
-         python3 -m varlen bench --preset smoke --model hf-gpt2 --compile both --jobs 6 --strict --out "$out/smoke-hf" \
-           >"$out/smoke_hf.log" 2>&1; h=$?
          grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_decoder.log" "$out/smoke_hf.log"
          echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, $((SECONDS - start)) s"
          [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] ;;
+  check)
+         python3 - "$out/configs" <<'PY'
+import sys, transformers as t
+base = dict(num_hidden_layers=2, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+            intermediate_size=1024, vocab_size=1000, max_position_embeddings=4096)
+for name, cfg in {"llama": t.LlamaConfig(**base), "qwen2": t.Qwen2Config(**base),
+                  "mistral": t.MistralConfig(**base, sliding_window=128),
+                  "gemma2": t.Gemma2Config(**base, head_dim=64, sliding_window=128)}.items():
+    cfg.save_pretrained(f"{sys.argv[1]}/{name}")
+PY
+         run() { name=$1; shift; python3 -m varlen check --device cuda --max-len 1024 --json "$out/check-$name.json" "$@" \
+                   >"$out/check-$name.txt" 2>&1; echo "check $name: exit $?"; }
+         run decoder-small --preset small --backend flash
+         run decoder-small-compiled --preset small --backend flash --compile
+         for m in llama qwen2 mistral gemma2; do run "$m" --hf-config "$out/configs/$m" --random-init --backend flash; done
+         run gemma2-flex --hf-config "$out/configs/gemma2" --random-init --backend flex
+         run llama-hf-sdpa --hf-config "$out/configs/llama" --random-init --attn-implementation sdpa ;;
   tests) python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_gpu.py ${TEST_ARGS:-} >"$out/gpu_tests.txt" 2>&1
          tail -15 "$out/gpu_tests.txt" ;;
   profile)

@@ -74,7 +74,8 @@ PRESETS = {
     # docs/study.md: 32 samples of 1..1023 tokens, the 24-layer decoder, bf16 autocast
     "study": Workload(),
     # every strategy in seconds on a GPU: the GPU smoke (benchmarks/run_gpu.sh smoke)
-    "smoke": Workload(model="small", batch_size=8, max_len=255, steps=2, warmup=1, num_workers=1),
+    # (warm-up 2: a compiled graph behind a break, xFormers', recompiles once for dynamic shapes)
+    "smoke": Workload(model="smoke", batch_size=8, max_len=255, steps=2, warmup=2, num_workers=1),
     # fits 2 CPU cores in minutes
     "tiny": Workload(model="tiny", batch_size=8, max_len=127, steps=5, warmup=2, num_workers=1,
                      device="cpu", dtype="float32"),

@@ -58,6 +58,8 @@ PRESETS = {
     "study": DecoderConfig(),  # 24 x 1024, 16 heads of 64: the study's model
     "small": DecoderConfig(max_len=512, dim=256, n_layers=4, n_heads=4),
     "tiny": DecoderConfig(max_len=256, dim=64, n_layers=2, n_heads=4),  # CPU tests
+    # the GPU smoke: two layers (compile time) of heads of 64 (every GPU kernel takes them)
+    "smoke": DecoderConfig(max_len=256, dim=256, n_layers=2, n_heads=4),
 }
 
 
