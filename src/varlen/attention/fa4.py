@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..buckets import pow2_bucket
+
 
 def _window(left: int, right: int) -> tuple[int | None, int | None]:
     # varlen's -1 = unbounded is FA4's None
@@ -114,7 +116,7 @@ def bucket(max_seqlen: int) -> int:
     longest sample changes every step would compile every step (237 ms a step on the H100 where
     FA2 took 8). An upper bound is valid: the kernels read each sequence's length from
     ``cu_seqlens``."""
-    return max(128, 1 << (int(max_seqlen) - 1).bit_length())
+    return pow2_bucket(max_seqlen, 128)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *,

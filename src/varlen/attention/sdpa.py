@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..buckets import round_up
 from ..seqinfo import SeqInfo
 from .common import FLOATS, Capabilities, band, window_bounds
 
@@ -68,7 +69,7 @@ def padded_length(info: SeqInfo) -> int:
     them, a recompile per batch); eager, never the bound, which may be far longer than any sample
     (``varlen train --max-len 5000`` on 100-token samples padded each to 5000 and ran out of memory)."""
     longest = info.max_seqlen if torch.compiler.is_compiling() else min(info.max_seqlen, max(info.lengths))
-    return -(-longest // ALIGN) * ALIGN
+    return round_up(longest, ALIGN)
 
 
 def check_fits(info: SeqInfo, heads: int, length: int, device: torch.device | None = None) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..buckets import seqlen_bucket
+from ..buckets import pow2_bucket, round_up, seqlen_bucket
 from ..seqinfo import SeqInfo
 
 IGNORE_INDEX = -100
@@ -95,9 +95,8 @@ class PadToLongestCollator:
         if self.max_length is not None and longest > self.max_length:
             raise ValueError(f"a sample of length {longest} does not fit max_length={self.max_length}")
         if self.bucket == "pow2":
-            n = max(self.min_length, 1 << (longest - 1).bit_length())
-        else:
-            n = -(-longest // self.min_length) * self.min_length
+            return pow2_bucket(longest, self.min_length, self.max_length)
+        n = round_up(longest, self.min_length)
         return n if self.max_length is None else min(n, self.max_length)
 
     def __call__(self, samples):
@@ -139,7 +138,7 @@ class PackCollator:
             raise ValueError(f"batch has {total} tokens, more than pad_to={self.pad_to}")
         target = self.pad_to or total
         if self.pad_to_multiple_of:
-            target = -(-target // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            target = round_up(target, self.pad_to_multiple_of)
         max_seqlen = self.max_seqlen
         if self.bucket_max_seqlen and max_seqlen is not None and lengths:
             max_seqlen = seqlen_bucket(max(lengths), max_seqlen)
