@@ -41,9 +41,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="/tmp/varlen-trainer")
     args = p.parse_args(argv)
 
-    varlen.hf.use(args.backend)
     cfg = TINY[args.model]() if args.model in TINY else AutoConfig.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="varlen")
+    varlen.hf.use(args.backend, model)  # this model's kernel
     data = counting_samples(args.steps * args.batch_size, args.max_len, cfg.vocab_size)
     trainer = Trainer(
         model=model,

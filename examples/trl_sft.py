@@ -45,11 +45,11 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     vocab = 97
-    varlen.hf.use(args.backend)
     config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                       intermediate_size=128, vocab_size=vocab, max_position_embeddings=512,
                                       pad_token_id=0, eos_token_id=2, bos_token_id=None)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="varlen")
+    varlen.hf.use(args.backend, model)  # this model's kernel
     train = datasets.Dataset.from_dict({"input_ids": counting_rows(512, 64, vocab)})
     packing = dict(packing=True, packing_strategy="bfd", max_length=args.max_length) if args.packing else {"max_length": None}
     sft = SFTConfig(output_dir=args.out or tempfile.mkdtemp(), per_device_train_batch_size=8, max_steps=args.steps,

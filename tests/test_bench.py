@@ -31,7 +31,8 @@ def _count_matmul_flops(cfg: DecoderConfig, lengths, causal: bool) -> float:
 def test_flops_formula_matches_hand_count(train):
     cfg = DecoderConfig.from_name("tiny")
     lengths = [4, 8, 12]
-    got = step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train)
+    got = step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
+                     causal=train)
     hand = _count_matmul_flops(cfg, lengths, causal=False)
     if not train:
         assert got == pytest.approx(hand)
@@ -190,7 +191,7 @@ def report_columns():
     ("triton_poi_fused_add_native_layer_norm_3", "elementwise/norm"), ("aten::_fused_sgd_", "optimizer"),
 ])
 def test_profile_classifies_kernel_names(name, part):
-    from varlen.bench.profile import classify
+    from varlen.measure.profile import classify
 
     assert classify(name) == part
 
@@ -252,17 +253,17 @@ def test_cuda_graph_batches_have_one_shape(dist):
 
 def test_cuda_graphs_refused_where_they_cannot_run(tmp_path):
     from varlen.bench.cases import Case, Workload
-    from varlen.bench.worker import graphs
+    from varlen.bench.worker import cuda_graphed
 
     base = [sys.executable, "-m", "varlen.bench", "--preset", "tiny", "--cuda-graphs", "--num-workers", "0"]
     proc = subprocess.run(base + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "--cuda-graphs needs --tokens-per-batch" in proc.stderr
     w = Workload(model="tiny", max_len=100, tokens_per_batch=512, device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        graphs(Case("packed-sdpa", "train", True, w))
+        cuda_graphed(Case("packed-sdpa", "train", True, w))
     with pytest.raises(ValueError, match="packed strategies only"):
-        graphs(Case("padded", "train", True, w))
-    assert not graphs(Case("padded", "train", False, w))  # eager cases are not graphed
+        cuda_graphed(Case("padded", "train", True, w))
+    assert not cuda_graphed(Case("padded", "train", False, w))  # eager cases are not graphed
     out = tmp_path / "out"
     proc = subprocess.run(base + ["--strategies", "packed-sdpa", "--modes", "eval", "--compile", "on", "--steps", "1",
                                   "--warmup", "1", "--max-len", "100", "--tokens-per-batch", "512", "--out", str(out)],
@@ -273,7 +274,7 @@ def test_cuda_graphs_refused_where_they_cannot_run(tmp_path):
 
 
 def test_exposed_time_is_what_other_kernels_do_not_cover():
-    from varlen.bench.profile import _length, _overlap, _union
+    from varlen.measure.profile import _length, _overlap, _union
 
     comm = _union([(5, 8), (0, 2), (1, 3), (10, 12)])  # [0,3] [5,8] [10,12]
     assert comm == [(0, 3), (5, 8), (10, 12)]

@@ -151,6 +151,23 @@ def test_backend_choice(backend):
     varlen.hf.use(backend)
 
 
+def test_backend_choice_per_model(monkeypatch):
+    # two models in one process, each with its own kernel (kept in its config); others keep the default
+    a, b = _models("llama_gqa")[1], _models("qwen2_gqa")[1]
+    varlen.hf.use("reference", a)
+    varlen.hf.use("sdpa", b)
+    assert a.config.varlen_backend == "reference" and b.config.varlen_backend == "sdpa"
+    seen = []
+    real = varlen.hf.attention
+    monkeypatch.setattr(varlen.hf, "attention", lambda *x, backend, **kw: seen.append(backend) or real(*x, backend=backend, **kw))
+    batch = varlen.hf.VarlenCollator()([{"input_ids": s} for s in _samples()])
+    with torch.no_grad():
+        a(**batch)
+        b(**batch)
+        _models("llama_gqa")[1](**batch)
+    assert seen == ["reference"] * 2 + ["sdpa"] * 2 + ["auto"] * 2
+
+
 def test_generation_after_packed_prefill_shapes():
     _, vm = _models("llama_gqa")
     ids = _samples([6])[0][None]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from varlen.data import SyntheticDataset
-from varlen.models import Decoder, forward_batch
+from varlen.models import DECODER, Decoder
 from varlen.train import train_step
 from varlen.train import checkpoint
 from varlen.train.data import TrainCollator
@@ -35,7 +35,7 @@ def _log(path: Path) -> list[dict]:
 
 
 def _fwd(m, b):
-    return forward_batch(m, b, causal=True)
+    return DECODER.logits(m, b, causal=True)
 
 
 def test_accumulated_micro_steps_equal_one_step_over_their_union():
@@ -264,18 +264,15 @@ def test_efficiency_vs_alone_is_parallel_rate_over_the_ranks_alone():
 
 
 def test_measured_cost_fits_three_weights_or_says_why(monkeypatch):
-    from types import SimpleNamespace
-
     from varlen.data import CostModel
     from varlen.models import DecoderConfig
-    from varlen.train.cli import measure_cost
+    from varlen.train.cost import measure_cost
     from varlen.train.distributed import Dist
 
     cfg = DecoderConfig.from_name("tiny")
-    args = SimpleNamespace(model="decoder", backend="auto")
     d = Dist(0, 1, 0, torch.device("cpu"))
     model = Decoder(cfg)
-    cost = measure_cost(model, args, cfg, d, None)
+    cost = measure_cost(model, DECODER, cfg, d, None)
     assert cost.per_token == 1.0 and cost.per_token_sq >= 0 and cost.per_seq >= 0
     assert all(p.grad is None for p in model.parameters()), "measuring leaves no gradients behind"
 
@@ -284,7 +281,7 @@ def test_measured_cost_fits_three_weights_or_says_why(monkeypatch):
 
     monkeypatch.setattr(CostModel, "fit", staticmethod(refuse))
     with pytest.raises(SystemExit, match="could not fit.*made up.*--cost flops"):
-        measure_cost(model, args, cfg, d, None)
+        measure_cost(model, DECODER, cfg, d, None)
 
 
 def test_cost_check_scores_the_model_against_the_times():

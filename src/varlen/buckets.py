@@ -4,6 +4,11 @@ on their fast, aligned paths. This module imports nothing else of varlen."""
 from __future__ import annotations
 
 
+def ceil_div(n: int, d: int) -> int:
+    """``n / d`` rounded up."""
+    return -(-n // d)
+
+
 def round_up(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple``."""
     return -(-n // multiple) * multiple

@@ -54,7 +54,7 @@ def load_model(args):
 
     from . import hf
 
-    hf.use(args.backend)
+    hf.register()
     path = args.hf_config
     if not path.exists():
         usage_error("varlen check", f"--hf-config {path}: no such file or folder (this machine reads local paths)")
@@ -69,6 +69,7 @@ def load_model(args):
         if not (path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))):
             usage_error("varlen check", f"--hf-config {path}: no weights there; pass --random-init")
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    hf.use(args.backend, model)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
     return model.to(args.device, dtype), positions
 

@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"info": "varlen.info", "bench": "varlen.bench", "train": "varlen.train.cli", "check": "varlen.check_cli"}
+    commands = {"info": "varlen.environment", "bench": "varlen.bench.cli", "train": "varlen.train.cli", "check": "varlen.check_cli"}
     usage = "usage: varlen {info,bench,train,check} [options]   (varlen COMMAND --help for each)"
     if argv and argv[0] in ("-h", "--help"):
         print(usage)

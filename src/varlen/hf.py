@@ -40,11 +40,23 @@ _STATE = {"backend": "auto"}
 _LAST: dict[str, Any] = {"tensor": None, "version": None, "value": None}
 
 
-def use(backend: str = "auto") -> None:
-    """Choose the kernel behind ``attn_implementation="varlen"``."""
+def use(backend: str = "auto", model: torch.nn.Module | None = None) -> None:
+    """Choose the kernel behind ``attn_implementation="varlen"``: for ``model`` alone (kept in its
+    config as ``varlen_backend``, so it is saved with it), or the default of every model that has
+    no choice of its own."""
     if backend != "auto" and split_backend(backend)[0] not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}, 'flash:<impl>' or 'auto'")
-    _STATE["backend"] = backend
+    if model is None:
+        _STATE["backend"] = backend
+        return
+    # every config the model's modules hold: a composite model's text config is another object
+    for config in {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}.values():
+        config.varlen_backend = backend
+
+
+def backend_of(module: torch.nn.Module) -> str:
+    """The kernel an attention module runs: its model's choice, else the process default."""
+    return getattr(getattr(module, "config", None), "varlen_backend", None) or _STATE["backend"]
 
 
 def _once_per_batch(tensor: Tensor, build):
@@ -120,9 +132,8 @@ def _check_positions(pos: Tensor | None, info: SeqInfo, rows: int) -> None:
 def _check_positions_once(pos: Tensor | None, info: SeqInfo, rows: int) -> None:
     if torch.compiler.is_compiling():  # an async device check, fused into the graph
         return _check_positions(pos, info, rows)
-    if info._cache.get("positions_checked", ()) is not pos:  # every layer gets the same tensor
-        _check_positions(pos, info, rows)
-        info._cache["positions_checked"] = pos
+    # every layer gets the same tensor, alive for the whole forward: checked by the first layer
+    info.cached(("positions_checked", id(pos)), lambda: _check_positions(pos, info, rows) or True)
 
 
 def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kwargs: dict) -> tuple[SeqInfo, Tensor | None]:
@@ -233,7 +244,7 @@ def varlen_attention_forward(
         q, k, v = q[indices], k[indices], v[indices]
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
     out = attention(q, k, v, info, causal=causal, scale=scaling, window_size=window, softcap=softcap or 0.0,
-                    backend=_STATE["backend"])
+                    backend=backend_of(module))
     if indices is not None:
         out = out.new_zeros(b * length, h, d).index_copy(0, indices, out)
     return out.view(b, length, h, d), None

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from varlen.data import SyntheticDataset, split_across_ranks
-from varlen.models import Decoder, forward_batch
+from varlen.models import DECODER, Decoder
 from varlen.train import train_step
 from varlen.train.data import TrainCollator
 from varlen.train.distributed import setup, teardown, wrap
@@ -28,7 +28,7 @@ for step in range(3):
     share = split_across_ranks(batch, ds.lengths, d.world_size, "balanced", lambda n: n)[d.rank]
     cut = max(1, len(share) // 3)  # two micro-batches of different sizes (one: static_graph can't accumulate)
     micro = [collate([ds[i] for i in part]) for part in ([share] if variant == "static" else (share[:cut], share[cut:]))]
-    stats = train_step(wrapped, micro, opt, lambda m, b: forward_batch(m, b, causal=True))
+    stats = train_step(wrapped, micro, opt, DECODER.logits)
     losses.append(float(stats.loss))
 params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
 if d.rank == 0:

@@ -14,6 +14,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ..buckets import ceil_div, round_up
 from ..seqinfo import SeqInfo
 from .common import FLOATS, Capabilities, window_bounds
 
@@ -83,7 +84,7 @@ def padded_tokens(info: SeqInfo) -> int:
     partial last block. Filler tokens form a document of their own and are sliced off.
     """
     t = info.total_tokens
-    return -(-t // BLOCK) * BLOCK if info.device.type == "cuda" else t
+    return round_up(t, BLOCK) if info.device.type == "cuda" else t
 
 
 def block_mask(info: SeqInfo, causal: bool, window_size: tuple[int, int]):
@@ -108,7 +109,7 @@ def doc_block_mask(info: SeqInfo, t: int, left: int, right: int, mask_mod):
     from torch.nn.attention.flex_attention import BlockMask
 
     dev = info.device
-    nb = -(-t // BLOCK)
+    nb = ceil_div(t, BLOCK)
     starts = torch.arange(nb, device=dev) * BLOCK  # first token of each block
     ends = (starts + BLOCK - 1).clamp_max(t - 1)  # last token
     # document of every token, filler (past the real tokens) as one more document

@@ -1,7 +1,7 @@
-"""``varlen bench``: the variable-length study, every strategy side by side."""
+"""``varlen bench``: the variable-length study, every strategy side by side (the command itself is
+``varlen.bench.cli``)."""
 
-from .cases import PRESETS, STRATEGIES, Case, Result, Workload, grid
-from .cli import main
-from .flops import attention_flops, linear_flops, step_flops
+from ..measure.flops import attention_flops, linear_flops, step_flops
+from .cases import STRATEGIES, WORKLOADS, Case, Result, Workload, grid
 
-__all__ = ["PRESETS", "STRATEGIES", "Case", "Result", "Workload", "attention_flops", "grid", "linear_flops", "main", "step_flops"]
+__all__ = ["STRATEGIES", "WORKLOADS", "Case", "Result", "Workload", "attention_flops", "grid", "linear_flops", "step_flops"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from ..buckets import round_up
+
 # strategy -> how batches are made and which attention runs
 STRATEGIES = {
     "padded": "pad every sample to max_len + 1, SDPA with one padding/causal mask (the baseline)",
@@ -15,8 +17,14 @@ STRATEGIES = {
     "packed-sdpa": "one packed row, unpacked to padding for SDPA inside attention",
 }
 BASELINE = "padded"
-from .hf_models import HF_STRATEGIES  # noqa: E402
-
+# the study's HuggingFace part (docs/study.md): a stock GPT2 of the study's size
+HF_STRATEGIES = {
+    "hf-padded": "GPT2, padded to max_len + 1, HF sdpa with the padding mask (the HF baseline)",
+    "hf-packed-sdpa": "GPT2, one packed row + position_ids on HF's own sdpa path",
+    "hf-varlen-flash": "GPT2, one packed row through attn_implementation='varlen', FlashAttention varlen",
+    "hf-varlen-flex": "GPT2, one packed row through attn_implementation='varlen', FlexAttention",
+    "hf-varlen-sdpa": "GPT2, one packed row through attn_implementation='varlen', SDPA inside",
+}
 STRATEGIES.update(HF_STRATEGIES)
 DECODER_STRATEGIES = [s for s in STRATEGIES if not s.startswith("hf-")]
 
@@ -41,6 +49,12 @@ def order_key(strategy: str) -> tuple[int, str]:
 def case_name(strategy: str, mode: str, compile: bool) -> str:
     """``packed-flash/train/compiled``: how tables and logs name a case."""
     return f"{strategy}/{mode}/{'compiled' if compile else 'eager'}"
+
+
+def padded_length(max_len: int) -> int:
+    """The padded baseline's row: the longest sample (``max_len``) plus one, rounded up to a multiple
+    of 8 (SDPA with a mask keeps to its fast kernels on aligned lengths)."""
+    return round_up(max_len + 1, 8)
 
 
 def baseline_of(strategy: str) -> str:
@@ -70,7 +84,7 @@ class Workload:
     cuda_graphs: bool = False
 
 
-PRESETS = {
+WORKLOADS = {  # --preset NAME: the study and its smaller versions
     # docs/study.md: 32 samples of 1..1023 tokens, the 24-layer decoder, bf16 autocast
     "study": Workload(),
     # every strategy in seconds on a GPU: the GPU smoke (benchmarks/run_gpu.sh smoke)

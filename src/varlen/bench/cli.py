@@ -15,16 +15,15 @@ import torch
 
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..data.synthetic import sample_lengths
-from ..info import environment
-from .cases import DECODER_STRATEGIES, PRESETS, STRATEGIES, case_name, grid, order_key
-from .hf_models import HF_STRATEGIES
+from ..environment import environment
+from .cases import DECODER_STRATEGIES, HF_STRATEGIES, STRATEGIES, WORKLOADS, case_name, grid, order_key
 from .report import add_comparisons, add_mfu, print_table, save
 from .runner import measure_peak, result_dicts, run_all
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="varlen bench", description=__doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    p.add_argument("--preset", choices=sorted(WORKLOADS), default=None,
                    help="workload preset (default: study on a GPU, tiny on a CPU)")
     p.add_argument("--model", choices=["decoder", "hf-gpt2"], default="decoder",
                    help="the study's reference decoder, or a stock HF GPT2LMHeadModel of the same size")
@@ -88,7 +87,7 @@ def merge(dirs: list[Path], out: Path) -> dict:
 
 def workload_from(args):
     preset = args.preset or ("study" if torch.cuda.is_available() else "tiny")
-    w = PRESETS[preset]
+    w = WORKLOADS[preset]
     overrides = {k: getattr(args, k) for k in ("batch_size", "max_len", "length_dist", "steps", "warmup", "seed",
                                                "num_workers", "device", "tokens_per_batch")
                  if getattr(args, k) is not None}

@@ -7,31 +7,17 @@ across a sample boundary and all strategies train on the same predictions.
 
 from __future__ import annotations
 
+from ..data.collate import IGNORE_INDEX, as_pairs, pad_pairs
+from ..models import HF_GPT2, DecoderConfig
+from .cases import padded_length
 
-from ..data.collate import IGNORE_INDEX, _pad, _pairs
-from ..models import DecoderConfig
-
-HF_STRATEGIES = {
-    "hf-padded": "GPT2, padded to max_len + 1, HF sdpa with the padding mask (the HF baseline)",
-    "hf-packed-sdpa": "GPT2, one packed row + position_ids on HF's own sdpa path",
-    "hf-varlen-flash": "GPT2, one packed row through attn_implementation='varlen', FlashAttention varlen",
-    "hf-varlen-flex": "GPT2, one packed row through attn_implementation='varlen', FlexAttention",
-    "hf-varlen-sdpa": "GPT2, one packed row through attn_implementation='varlen', SDPA inside",
-}
 
 
 def gpt2(cfg: DecoderConfig, strategy: str):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    if strategy.startswith("hf-varlen-"):
-        import varlen.hf
-
-        varlen.hf.use(strategy.removeprefix("hf-varlen-"))
-    config = GPT2Config(n_layer=cfg.n_layers, n_embd=cfg.dim, n_head=cfg.n_heads, vocab_size=cfg.vocab_size,
-                        n_positions=cfg.max_len, n_inner=cfg.mlp_ratio * cfg.dim, attn_pdrop=0.0, resid_pdrop=0.0,
-                        embd_pdrop=0.0, bos_token_id=1, eos_token_id=1, use_cache=False)
-    impl = "varlen" if strategy.startswith("hf-varlen-") else "sdpa"
-    return GPT2LMHeadModel._from_config(config, attn_implementation=impl)
+    """The strategy's GPT2: through varlen's kernel (``hf-varlen-<backend>``) or HF's own sdpa."""
+    varlen = strategy.startswith("hf-varlen-")
+    backend = strategy.removeprefix("hf-varlen-") if varlen else "auto"
+    return HF_GPT2.build(cfg, backend, attn_implementation="varlen" if varlen else "sdpa")
 
 
 class HFPadCollator:
@@ -40,7 +26,7 @@ class HFPadCollator:
 
     def __call__(self, samples):
         # HF shifts labels inside its loss: labels are the inputs themselves
-        batch = _pad([(x, x) for x, _ in _pairs(samples)], self.length, 0, IGNORE_INDEX)
+        batch = pad_pairs([(x, x) for x, _ in as_pairs(samples)], self.length, 0, IGNORE_INDEX)
         batch["labels"][:, 0] = IGNORE_INDEX
         return batch
 
@@ -52,7 +38,7 @@ class HFPackCollator:
     def __call__(self, samples):
         from ..hf import VarlenCollator
 
-        batch = VarlenCollator(max_seqlen=self.max_seqlen)([{"input_ids": x} for x, _ in _pairs(samples)])
+        batch = VarlenCollator(max_seqlen=self.max_seqlen)([{"input_ids": x} for x, _ in as_pairs(samples)])
         if not self.with_info:
             batch.pop("varlen_info")
         return batch
@@ -60,7 +46,7 @@ class HFPackCollator:
 
 def collator(strategy: str, max_len: int, compiled: bool):
     if strategy == "hf-padded":
-        return HFPadCollator(-(-(max_len + 1) // 8) * 8)
+        return HFPadCollator(padded_length(max_len))
     return HFPackCollator(with_info=strategy.startswith("hf-varlen-"), max_seqlen=max_len if compiled else None)
 
 

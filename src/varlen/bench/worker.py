@@ -11,31 +11,32 @@ import json
 import resource
 import statistics
 import sys
-import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..attention import pads_to_max_seqlen
+from ..buckets import round_up
 from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
-from ..models import Decoder, DecoderConfig, forward_batch, lm_loss
-from .cases import Case, Result
-from .flops import step_flops
-from .profile import breakdown, gemm_floor_ms
+from ..measure import compile_counter, graph_count, since, start, time_calls
+from ..measure.profile import breakdown, gemm_floor_ms
+from ..models import DECODER, HF_GPT2, DecoderConfig, lm_loss
+from . import hf_models
+from .cases import Case, Result, padded_length
 
 
 def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
     w = case.workload
     match case.strategy:
         case "padded":
-            return PadCollator(length=-(-(w.max_len + 1) // 8) * 8)
+            return PadCollator(length=padded_length(w.max_len))
         case "longest":  # powers of two from 64 up to the padded baseline's length
-            return PadToLongestCollator(max_length=-(-(w.max_len + 1) // 8) * 8)
+            return PadToLongestCollator(max_length=padded_length(w.max_len))
         case "nested":
             return NestedCollator(max_seqlen=w.max_len if case.compile else None)
-        case _ if graphs(case):
+        case _ if cuda_graphed(case):
             return PackCollator(max_seqlen=w.max_len, **static_shape(w, batches))
         case _:
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
@@ -44,7 +45,7 @@ def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
                                 bucket_max_seqlen=pads_to_max_seqlen(case.backend, w.device))
 
 
-def graphs(case: Case) -> bool:
+def cuda_graphed(case: Case) -> bool:
     """Does this case run as CUDA graphs (``--cuda-graphs``)? Raises for a strategy that cannot."""
     if not (case.workload.cuda_graphs and case.compile):
         return False
@@ -60,7 +61,7 @@ def static_shape(w, batches: list[list[int]]) -> dict:
     ``extra`` filler sequences, enough that the filler of a half-full batch stays <= max_len each."""
     extra = w.tokens_per_batch // w.max_len + 2
     num_seqs = max(len(b) for b in batches) + extra
-    return {"pad_to": -(-(w.tokens_per_batch + num_seqs) // 128) * 128, "num_seqs": num_seqs}
+    return {"pad_to": round_up(w.tokens_per_batch + num_seqs, 128), "num_seqs": num_seqs}
 
 
 def sample_batches(w, count: int) -> list[list[int]]:
@@ -80,44 +81,38 @@ def sample_batches(w, count: int) -> list[list[int]]:
     return full[:count]
 
 
-def _counter(group: str, name: str) -> int:
-    """A torch.compile counter: ("stats", "unique_graphs"), ("inductor", "cudagraph_skips")."""
-    from torch._dynamo.utils import counters
-
-    return int(counters[group][name])
-
-
-def _graphs() -> int:
-    return _counter("stats", "unique_graphs")
-
-
 def run_case(case: Case) -> Result:
     w = case.workload
     device = torch.device(w.device)
-    on_gpu = device.type == "cuda"
     train = case.mode == "train"
     torch.manual_seed(w.seed)
     base = DecoderConfig.from_name(w.model)
     # positions for every padded slot: padding rounds max_len + 1 up to a multiple of 8
-    cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, -(-(w.max_len + 1) // 8) * 8))
-    hf = case.strategy.startswith("hf-")
-    if hf:
-        from . import hf_models
-
-        model = hf_models.gpt2(cfg, case.strategy).to(device).train(train)
-        collate = hf_models.collator(case.strategy, w.max_len, case.compile)
-    else:
-        model = Decoder(cfg, backend=case.backend).to(device).train(train)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
-    n = w.warmup + w.steps
+    cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, padded_length(w.max_len)))
+    fam = HF_GPT2 if case.strategy.startswith("hf-") else DECODER  # the family, chosen once
+    model = (hf_models.gpt2(cfg, case.strategy) if fam.hf else fam.build(cfg, case.backend)).to(device).train(train)
     n_profile = 3 if w.profile else 0
-    batches = sample_batches(w, n + n_profile + (n_profile > 0))  # breakdown runs one unrecorded step first
-    if not hf:
-        collate = _collator(case, cfg, batches)
+    batches = sample_batches(w, w.warmup + w.steps + n_profile + (n_profile > 0))  # breakdown: one unrecorded step first
+    collate = hf_models.collator(case.strategy, w.max_len, case.compile) if fam.hf else _collator(case, cfg, batches)
     ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, vocab_size=w.vocab_size,
                           length_dist=w.length_dist, seed=w.seed)
-    loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=w.num_workers, pin_memory=on_gpu)
-    static = not hf and graphs(case)
+    loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=w.num_workers,
+                        pin_memory=device.type == "cuda")
+    static = not fam.hf and cuda_graphed(case)
+    step = _step_fn(case, model, fam, static)
+    it = iter(loader)
+    tally = _timed_steps(case, step, it, [[ds.lengths[j] for j in b] for b in batches], cfg, fam, static)
+    profile = None
+    if n_profile:
+        profile = breakdown(lambda: step(move_batch(next(it), device, non_blocking=True)), n_profile, device.type)
+    return _result(case, cfg, tally, profile)
+
+
+def _step_fn(case: Case, model, fam, static: bool):
+    """One step of the case on a batch already on the device -> its loss (detached)."""
+    w, train = case.workload, case.mode == "train"
+    on_gpu = w.device == "cuda"
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
     # CUDA graphs: one static shape, so nothing is marked dynamic and the graph replays every step
     fwd = torch.compile(model, mode="reduce-overhead" if static else None) if case.compile else model
     autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
@@ -125,21 +120,37 @@ def run_case(case: Case) -> Result:
 
     def step(batch):
         with grad, autocast:
-            if hf:
+            if fam.hf:
                 loss = hf_models.loss(fwd, batch)
             else:
-                loss = lm_loss(forward_batch(fwd, batch, causal=train), batch["labels"])
+                loss = lm_loss(fam.logits(fwd, batch, causal=train), batch["labels"])
         if train:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    times, losses, flops, real, computed = [], [], 0.0, 0, 0
-    graphs_after_warmup = 0
-    it = iter(loader)
-    for i in range(n):
-        t0 = time.perf_counter()
+    return step
+
+
+@dataclass
+class Tally:
+    """What the timed steps of a case add up to."""
+
+    times: list = field(default_factory=list)  # seconds a step
+    losses: list = field(default_factory=list)
+    flops: float = 0.0
+    real: int = 0  # the samples' tokens
+    computed: int = 0  # tokens the model computed on: padded rows, or a packed row with its filler
+    compiled_after_warmup: int = 0
+    last_batch: dict | None = None  # the last host batch (the kernel that ran is read from it)
+
+
+def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, static: bool) -> Tally:
+    w, device = case.workload, torch.device(case.workload.device)
+    tally = Tally()
+    for i in range(w.warmup + w.steps):
+        t0 = start()  # the last step ended synchronised
         host = next(it)
         batch = move_batch(host, device, non_blocking=True)
         if case.compile and not static:
@@ -147,30 +158,29 @@ def run_case(case: Case) -> Result:
         loss = step(batch)
         if static:  # a graph's outputs are overwritten by its next replay
             loss = loss.clone()
-        if on_gpu:
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt = since(t0, device)
         if i == w.warmup - 1:
-            graphs_after_warmup = _graphs()
-            if static and _counter("inductor", "cudagraph_skips"):
+            tally.compiled_after_warmup = graph_count()
+            if static and compile_counter("inductor", "cudagraph_skips"):
                 raise RuntimeError("--cuda-graphs: Inductor ran the graph without CUDA graphs (see its "
                                    "'skipping cudagraphs' log line); refusing to report it as graphed")
         if i < w.warmup:
             continue
-        lengths = [ds.lengths[j] for j in batches[i]]
-        times.append(dt)
-        losses.append(loss)
-        flops += step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
-                            mlp_ratio=cfg.mlp_ratio, causal=True if hf else None)  # GPT2 is always causal
-        real += sum(lengths)
-        # tokens the model computed on: padded rows, or a packed row with its filler sequences
-        computed += (host["attention_mask"].numel() if "attention_mask" in host
-                     else host["info"].total_tokens if "info" in host else sum(lengths))
-    total = sum(times)
-    profile = None
-    if n_profile:
-        profile = breakdown(lambda: step(move_batch(next(it), device, non_blocking=True)), n_profile, device.type)
-    floor = gemm_floor_ms(round(real / len(times)), dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
+        tally.times.append(dt)
+        tally.losses.append(loss)
+        tally.flops += fam.flops(lengths[i], cfg, train=case.mode == "train")
+        tally.real += sum(lengths[i])
+        tally.computed += (host["attention_mask"].numel() if "attention_mask" in host
+                           else host["info"].total_tokens if "info" in host else sum(lengths[i]))
+        tally.last_batch = host
+    return tally
+
+
+def _result(case: Case, cfg, tally: Tally, profile: dict | None) -> Result:
+    w, device, train = case.workload, torch.device(case.workload.device), case.mode == "train"
+    on_gpu = device.type == "cuda"
+    total, times, host = sum(tally.times), tally.times, tally.last_batch
+    floor = gemm_floor_ms(round(tally.real / len(times)), dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
                           mlp_ratio=cfg.mlp_ratio, train=train, device=device.type,
                           dtype=getattr(torch, w.dtype) if on_gpu else torch.float32)
     kernel = _kernel(case, cfg, host, device) if "info" in host or "varlen_info" in host else None
@@ -183,13 +193,13 @@ def run_case(case: Case) -> Result:
         step_ms_mean=1e3 * total / len(times),
         step_ms_median=1e3 * statistics.median(times),
         step_ms_min=1e3 * min(times),
-        tokens_per_s=real / total,
-        tflops=flops / total / 1e12,
-        padding_frac=1 - real / computed,
+        tokens_per_s=tally.real / total,
+        tflops=tally.flops / total / 1e12,
+        padding_frac=1 - tally.real / tally.computed,
         peak_mem_gib=peak,
-        recompiles=(_graphs() - graphs_after_warmup) if case.compile else 0,
-        graphs=_graphs() if case.compile else 0,
-        loss=float(torch.stack(losses).float().mean()),
+        recompiles=(graph_count() - tally.compiled_after_warmup) if case.compile else 0,
+        graphs=graph_count() if case.compile else 0,
+        loss=float(torch.stack(tally.losses).float().mean()),
         steps=len(times),
         gemm_floor_ms=floor,
         profile=profile,
@@ -216,16 +226,7 @@ def matmul_peak(device: str) -> float:
     else:
         n, dtype = 1024, torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    times = []
-    for i in range(13):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
+    times = time_calls(lambda: a @ b, device, 10, warmup=3)
     return 2 * n**3 / statistics.median(times) / 1e12
 
 

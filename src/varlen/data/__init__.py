@@ -11,7 +11,9 @@ from .collate import (
     mark_dynamic,
     move_batch,
 )
-from .sampler import CostModel, TokenBudgetSampler, best_fit_decreasing, split_across_ranks
+from .batch import PackedBatch
+from .binpack import best_fit_decreasing
+from .sampler import CostModel, TokenBudgetSampler, split_across_ranks
 from .synthetic import LENGTH_DISTS, SyntheticDataset, sample_lengths
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "NestedCollator",
     "CostModel",
     "PackCollator",
+    "PackedBatch",
     "PackRowsCollator",
     "PadCollator",
     "PadToLongestCollator",

@@ -13,13 +13,17 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..buckets import pow2_bucket, round_up, seqlen_bucket
+from ..buckets import ceil_div, pow2_bucket, round_up, seqlen_bucket
 from ..seqinfo import SeqInfo
+from .batch import PackedBatch
+from .binpack import best_fit_decreasing
 
 IGNORE_INDEX = -100
 
 
-def _pairs(samples: Sequence[Any]) -> list[tuple[Tensor, Tensor]]:
+def as_pairs(samples: Sequence[Any]) -> list[tuple[Tensor, Tensor]]:
+    """Samples as ``(input_ids, labels)`` pairs of 1-D int64 tensors: each sample a mapping with
+    those keys or a pair; a malformed one is named by its index."""
     if not samples:
         raise ValueError("empty batch: no samples")
     out = []
@@ -40,7 +44,8 @@ def _pairs(samples: Sequence[Any]) -> list[tuple[Tensor, Tensor]]:
     return out
 
 
-def _pad(pairs, length: int, pad_id: int, ignore_index: int) -> dict[str, Tensor]:
+def pad_pairs(pairs, length: int, pad_id: int, ignore_index: int) -> dict[str, Tensor]:
+    """Pairs right-padded into ``input_ids``/``labels``/``attention_mask`` ``[B, length]``."""
     longest = max(len(i) for i, _ in pairs)
     if longest > length:
         raise ValueError(f"a sample of length {longest} does not fit the padded length {length}")
@@ -63,7 +68,7 @@ class PadCollator:
     ignore_index: int = IGNORE_INDEX
 
     def __call__(self, samples):
-        return _pad(_pairs(samples), self.length, self.pad_id, self.ignore_index)
+        return pad_pairs(as_pairs(samples), self.length, self.pad_id, self.ignore_index)
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,8 @@ class PadToLongestCollator:
         return n if self.max_length is None else min(n, self.max_length)
 
     def __call__(self, samples):
-        pairs = _pairs(samples)
-        return _pad(pairs, self.length(max(len(i) for i, _ in pairs)), self.pad_id, self.ignore_index)
+        pairs = as_pairs(samples)
+        return pad_pairs(pairs, self.length(max(len(i) for i, _ in pairs)), self.pad_id, self.ignore_index)
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,7 @@ class PackCollator:
     ignore_index: int = IGNORE_INDEX
 
     def __call__(self, samples):
-        pairs = _pairs(samples)
+        pairs = as_pairs(samples)
         lengths = [len(i) for i, _ in pairs]
         total = sum(lengths)
         if self.pad_to is not None and total > self.pad_to:
@@ -169,7 +174,7 @@ def split_filler(tokens: int, samples: int, num_seqs: int, cap: int) -> list[int
     if tokens < count:
         raise ValueError(f"{count} filler sequences to reach num_seqs={num_seqs} need at least {count} filler "
                          f"tokens, the row has {tokens} left: raise pad_to (budget + num_seqs always fits)")
-    if count and -(-tokens // count) > cap:
+    if count and ceil_div(tokens, count) > cap:
         raise ValueError(f"{tokens} filler tokens in {count} sequences exceed {cap} tokens each: raise num_seqs")
     q, r = divmod(tokens, count) if count else (0, 0)
     return [q + 1] * r + [q] * (count - r)
@@ -207,9 +212,7 @@ class PackRowsCollator:
     ignore_starts: bool | None = None
 
     def __call__(self, samples):
-        from .sampler import best_fit_decreasing
-
-        pairs = _pairs(samples)
+        pairs = as_pairs(samples)
         lengths = [len(i) for i, _ in pairs]
         if max(lengths) > self.row_len:
             raise ValueError(f"a sample has {max(lengths)} tokens, more than row_len={self.row_len}")
@@ -250,7 +253,7 @@ class NestedCollator:
     max_seqlen: int | None = None
 
     def __call__(self, samples):
-        pairs = _pairs(samples)
+        pairs = as_pairs(samples)
         info = SeqInfo.from_lengths([len(i) for i, _ in pairs], max_seqlen=self.max_seqlen)
         return {
             "input_ids": info.nested(torch.cat([i for i, _ in pairs])),
@@ -260,8 +263,8 @@ class NestedCollator:
 
 
 def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
-    """Move every tensor and SeqInfo of a batch (dict, list, tuple) to ``device``."""
-    if isinstance(batch, (Tensor, SeqInfo)):
+    """Move every tensor and SeqInfo of a batch (dict, list, tuple, PackedBatch) to ``device``."""
+    if isinstance(batch, (Tensor, SeqInfo, PackedBatch)):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, Mapping):
         return {k: move_batch(v, device, non_blocking) for k, v in batch.items()}
@@ -279,9 +282,11 @@ COLLATORS = {
 }
 
 
-def mark_dynamic(batch: dict) -> None:
+def mark_dynamic(batch: dict | PackedBatch) -> None:
     """Tell ``torch.compile`` that the token count changes every batch, instead of letting it
     recompile to learn so."""
+    if isinstance(batch, PackedBatch):
+        return batch.mark_dynamic()
     mark = torch._dynamo.maybe_mark_dynamic
     if "position_ids" in batch and not batch["input_ids"].is_nested:  # HF packed row [1, T]
         for t in (batch["input_ids"], batch["labels"], batch["position_ids"]):

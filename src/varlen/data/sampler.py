@@ -22,6 +22,10 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from ..measure.flops import attention_flops, linear_flops
+from .binpack import best_fit_decreasing
+from .collate import PackCollator, PackRowsCollator
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -41,8 +45,8 @@ class CostModel:
         """FLOPs of the decoder (linear layers ~ 24 dim^2 a token a layer, attention ~ 4 dim n^2 a
         layer, halved when causal), attention weighted ``attention_slowdown`` times slower per FLOP
         than the GEMMs (FlashAttention reaches about half the GEMM rate at the study's lengths)."""
-        linear = 2 * (12 * dim * dim * n_layers + dim * vocab_size)
-        attn = 4 * dim * n_layers * (0.5 if causal else 1.0) * attention_slowdown
+        linear = linear_flops(1, dim, n_layers, vocab_size)  # a token
+        attn = attention_flops([1], dim, n_layers, causal) * attention_slowdown  # per squared length
         return cls(1.0, attn / linear)
 
     @classmethod
@@ -77,25 +81,6 @@ class CostModel:
     def share(self, lengths: Sequence[int]) -> float:
         """Cost of a share: the sum over its samples."""
         return sum(self(n) for n in lengths)
-
-
-def best_fit_decreasing(lengths: Sequence[int], order: Sequence[int], capacity: int) -> list[list[int]]:
-    """Pack the samples ``order`` (indices into ``lengths``) into bins of ``capacity`` tokens."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(order, key=lambda i: -lengths[i]):
-        n = lengths[i]
-        best = -1
-        for b, r in enumerate(room):  # the fullest bin that still fits (bins are few per window)
-            if n <= r and (best < 0 or r < room[best]):
-                best = b
-        if best < 0:
-            bins.append([i])
-            room.append(capacity - n)
-        else:
-            bins[best].append(i)
-            room[best] -= n
-    return bins
 
 
 def split_across_ranks(samples: Sequence[int], lengths: Sequence[int], world_size: int, how: str,
@@ -276,8 +261,6 @@ class TokenBudgetSampler(Sampler[list[int]]):
     def collator(self, **kw):
         """The packing collator that matches: one row, or ``[B, row_len]`` rows; with ``static=True``
         every batch has the same shape (filler tokens / rows at the tail, ignored by the loss)."""
-        from .collate import PackCollator, PackRowsCollator
-
         if self.row_len:
             return PackRowsCollator(self.row_len, rows=self.rows_per_batch if self.static else None, **kw)
         return PackCollator(pad_to=self.max_tokens if self.static else None, **kw)

@@ -24,9 +24,9 @@ from torch import Tensor
 from ..attention import attention
 from ..attention.nested import nested_sdpa
 from ..attention.sdpa import padded_attention, padded_mask
+from ..data.collate import IGNORE_INDEX
 from ..seqinfo import SeqInfo
 
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

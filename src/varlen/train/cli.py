@@ -15,19 +15,19 @@ import math
 import os
 import shutil
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import NoReturn
 
 import torch
-import torch.distributed as dist
 
-from ..attention import pads_to_max_seqlen
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
+from ..attention import pads_to_max_seqlen
+from ..buckets import ceil_div, round_up
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
-from ..models import Decoder, DecoderConfig, forward_batch
+from ..measure import since, start
+from ..models import DecoderConfig, family
 from . import checkpoint
+from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
 from .distributed import Dist, per_rank, run_then_teardown, setup, wrap
 from .step import GarbageCollection, train_step
@@ -118,78 +118,6 @@ def fail(message: str) -> NoReturn:
     if int(os.environ.get("RANK", "0")) == 0:
         usage_error("varlen train", message)
     raise SystemExit(2)
-
-
-def build_model(args, cfg: DecoderConfig):
-    if args.model == "decoder":
-        return Decoder(cfg, backend=args.backend)
-    import transformers
-
-    import varlen.hf
-
-    varlen.hf.use(args.backend)
-    common = dict(vocab_size=cfg.vocab_size, bos_token_id=1, eos_token_id=1, use_cache=False)
-    if args.model == "hf-gpt2":
-        config = transformers.GPT2Config(n_layer=cfg.n_layers, n_embd=cfg.dim, n_head=cfg.n_heads,
-                                         n_positions=cfg.max_len, n_inner=cfg.mlp_ratio * cfg.dim,
-                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, **common)
-    else:
-        config = transformers.LlamaConfig(num_hidden_layers=cfg.n_layers, hidden_size=cfg.dim,
-                                          num_attention_heads=cfg.n_heads, num_key_value_heads=max(1, cfg.n_heads // 2),
-                                          intermediate_size=cfg.mlp_ratio * cfg.dim,
-                                          max_position_embeddings=cfg.max_len, **common)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="varlen")
-
-
-def forward_fn(args):
-    if args.model == "decoder":
-        return lambda model, batch: forward_batch(model, batch, causal=True)
-    keys = ("input_ids", "position_ids", "varlen_info")
-    return lambda model, batch: model(**{k: batch[k] for k in keys}, use_cache=False).logits
-
-
-def measure_cost(model, args, cfg, d: Dist, autocast) -> CostModel:
-    """Time forward+backward of the same token count cut into sequences of 8 tokens up to the longest,
-    and fit the cost model to it: per sequence, per token and per squared length, in this model on
-    this device. Rank 0 measures; every rank gets its weights, so that all split alike."""
-    fwd = forward_fn(args)
-    coll = TrainCollator(hf=args.model != "decoder")
-    n = min(1024, cfg.max_len - 1)
-    tokens = (16 if d.device.type == "cuda" else 4) * n  # a GPU needs a real batch to be busy
-    g = torch.Generator().manual_seed(0)
-
-    def timed(lengths):
-        samples = [(torch.randint(1, cfg.vocab_size, (L,), generator=g),) * 2 for L in lengths]
-        batch = move_batch(coll(samples), d.device)
-        ts = []
-        for _ in range(4):
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with autocast or nullcontext():
-                fwd(model, batch).float().sum().backward()
-            if d.device.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-        return min(ts[1:])
-
-    shares = [[L] * (tokens // L) for L in sorted({min(L, n) for L in (8, 32, 128, n // 2, n)})]
-    shares.append([n] * (tokens // n // 2))  # half the tokens: the per-token weight is not only an intercept
-    w = torch.full((2,), float("nan"), dtype=torch.float64)
-    why = ""
-    if d.rank == 0:  # rank 0's weights for every rank, so that all split alike
-        try:
-            fitted = CostModel.fit(shares, [timed(s) for s in shares])
-            w = torch.tensor([fitted.per_token_sq, fitted.per_seq], dtype=torch.float64)
-        except ValueError as e:
-            why = f" ({e})"
-    if dist.is_initialized():
-        w = w.to(d.device)
-        dist.broadcast(w, 0)
-    if w.isnan().any():  # on every rank, not only where the fit failed: none is left waiting
-        raise SystemExit(f"varlen train: --cost measure could not fit rank 0's timings{why}; use --cost flops")
-    return CostModel(1.0, float(w[0]), float(w[1]))
 
 
 def make_plot(log: list[dict], path: Path) -> None:
@@ -305,9 +233,10 @@ def run(args, d: Dist) -> int:
     ds, max_len, too_long = load_data(args, cfg, micro_budget, report)
     config = run_config(args, d, budget, parallel, dtype, max_len, too_long)
     resume_from = resume_point(args, d, config)
-    model = build_model(args, cfg).to(d.device)
+    fam = family(args.model)
+    model = fam.build(cfg, args.backend).to(d.device)
     if args.cost == "measure":
-        cost = measure_cost(model, args, cfg, d, autocast)
+        cost = measure_cost(model, fam, cfg, d, autocast)
     else:
         cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
@@ -315,8 +244,8 @@ def run(args, d: Dist) -> int:
     pad_to = None
     if args.static:  # the busiest rank's share bounds every rank's row
         pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
-        pad_to = -(-pad_to // 128) * 128
-    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, hf=args.model != "decoder",
+        pad_to = round_up(pad_to, 128)
+    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len,
                             bucket_max_seqlen=pads_to_max_seqlen(args.backend, d.device.type))
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
@@ -334,7 +263,7 @@ def run(args, d: Dist) -> int:
         batches_done = extra["sampler"]["batches_done"]
     if d.main:
         info = {"world_size": d.world_size, "parallel": parallel, "split": args.split, "max_tokens": budget,
-                "grad_accum": args.grad_accum, "per_rank_budget": -(-micro_budget // d.world_size), "data": args.data,
+                "grad_accum": args.grad_accum, "per_rank_budget": ceil_div(micro_budget, d.world_size), "data": args.data,
                 "model": args.model, "preset": args.preset, "packing_efficiency": round(sampler.efficiency(), 4),
                 "cost_per_token_sq": cost.per_token_sq, "cost_per_seq": cost.per_seq, "resumed_at": step,
                 "data_report": vars(report)}
@@ -352,7 +281,7 @@ class Loop:
     def __init__(self, args, d: Dist, wrapped, opt, sampler, ds, collate, config: dict, autocast):
         self.args, self.d, self.wrapped, self.opt, self.sampler = args, d, wrapped, opt, sampler
         self.ds, self.collate, self.config, self.autocast = ds, collate, config, autocast
-        self.fwd = forward_fn(args)
+        self.fwd = family(args.model).logits
         self.log_path = args.out / "train_log.jsonl" if args.out else None
         self.step = 0
         self.batches_done = 0
@@ -385,7 +314,7 @@ class Loop:
 
     def one_step(self) -> dict:
         args, d = self.args, self.d
-        t0 = time.perf_counter()
+        t0 = start()  # the last step ended synchronised
         micro = []
         for _ in range(args.grad_accum):
             b = move_batch(next(self.it), d.device, non_blocking=True)
@@ -393,9 +322,7 @@ class Loop:
                 mark_dynamic(b)
             micro.append(b)
         stats = train_step(self.wrapped, micro, self.opt, self.fwd, autocast=self.autocast)
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        step_ms = 1e3 * (time.perf_counter() - t0)
+        step_ms = 1e3 * since(t0, d.device)
         rank_tokens = per_rank(stats.local_tokens, d, torch.int64)
         self.step += 1
         row = {"step": self.step, "loss": float(stats.loss), "tokens": int(rank_tokens.sum()),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from ..data import IGNORE_INDEX, PackCollator, SyntheticDataset
+from ..data import IGNORE_INDEX, PackCollator, PackedBatch, SyntheticDataset
 from ..data.collate import filler_lengths
 from ..seqinfo import SeqInfo
 
@@ -159,27 +159,18 @@ def fingerprint(spec: str) -> str:
 
 
 class TrainCollator:
-    """A rank's share of a step -> one packed row; an empty share -> one ignored filler token, so
-    the rank still runs forward/backward and its collectives match the others'."""
+    """A rank's share of a step -> one :class:`PackedBatch`; an empty share -> one ignored filler
+    token, so the rank still runs forward/backward and its collectives match the others'."""
 
-    def __init__(self, pad_to: int | None = None, max_seqlen: int | None = None, hf: bool = False,
-                 bucket_max_seqlen: bool = False):
+    def __init__(self, pad_to: int | None = None, max_seqlen: int | None = None, bucket_max_seqlen: bool = False):
         self.pack = PackCollator(max_seqlen=max_seqlen, pad_to=pad_to, bucket_max_seqlen=bucket_max_seqlen)
-        self.pad_to, self.hf = pad_to, hf
+        self.pad_to = pad_to
 
-    def __call__(self, samples):
+    def __call__(self, samples) -> PackedBatch:
         if samples:
             batch = self.pack(samples)
-            batch["num_tokens"] = sum(len(s[0]) for s in samples)
-        else:
-            n = self.pad_to or 1
-            batch = {"input_ids": torch.zeros(n, dtype=torch.long), "labels": torch.full((n,), IGNORE_INDEX),
-                     "info": SeqInfo.from_lengths(filler_lengths(n, self.pack.max_seqlen),
-                                                  max_seqlen=self.pack.max_seqlen),
-                     "num_tokens": 0}
-        if self.hf:  # HF models take [1, T] rows, position_ids, and varlen's metadata by name
-            info = batch.pop("info")
-            batch = {"input_ids": batch["input_ids"][None], "labels": batch["labels"][None],
-                     "position_ids": info.position_ids[None], "varlen_info": info, "num_tokens": batch["num_tokens"]}
-        return batch
+            return PackedBatch(batch["input_ids"], batch["labels"], batch["info"], sum(len(s[0]) for s in samples))
+        n = self.pad_to or 1
+        info = SeqInfo.from_lengths(filler_lengths(n, self.pack.max_seqlen), max_seqlen=self.pack.max_seqlen)
+        return PackedBatch(torch.zeros(n, dtype=torch.long), torch.full((n,), IGNORE_INDEX), info, 0)
 

@@ -16,17 +16,16 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..bench.profile import breakdown
-from ..bench.worker import _graphs
-from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
-from ..models import DecoderConfig
-from .cli import build_model, forward_fn, measure_cost
+from ..data import CostModel, PackedBatch, TokenBudgetSampler, mark_dynamic, move_batch
+from ..measure import graph_count, since, start
+from ..measure.profile import breakdown
+from ..models import DecoderConfig, family
+from .cost import measure_cost
 from .data import TrainCollator, load
 from .distributed import per_rank, run_then_teardown, setup, wrap
 from .step import GarbageCollection, train_step
@@ -68,134 +67,160 @@ def parse(argv):
 def sweep(args) -> None:
     """Every (length distribution, split) on one model. Timing only: with ``--alone`` each replica
     also steps on its own, so the replicas' weights drift apart (nothing reads another's)."""
-    d = setup(args.device)
-    cuda = d.device.type == "cuda"
-    torch.manual_seed(0)
-    cfg = DecoderConfig.from_name(args.preset)
-    max_len = cfg.max_len - 1
-    args.dtype, args.max_len = "bf16", max_len
-    model = build_model(args, cfg).to(d.device)
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cuda else None
-    if args.cost == "measure":  # before wrapping: no collectives inside the timing
-        cost = measure_cost(model, args, cfg, d, autocast)
-    else:
-        cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
-    # DDP leaves the module it wraps usable on its own: called directly, its gradients stay local (the
-    # reducer ignores a backward its forward did not prepare). That is each GPU's single-GPU baseline.
-    local = model if args.parallel == "ddp" and args.alone else None
-    alone = dist.new_subgroups(1)[0] if local is not None and dist.is_initialized() else None
-    wrapped = wrap(model, args.parallel, d, compile=args.compile, bucket_mb=args.bucket_mb,
-                   reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
-                   param_dtype=torch.bfloat16 if cuda else None, static_graph=args.static_graph,
-                   reshard_after_forward=args.reshard_after_forward)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=cuda and args.parallel == "ddp")
-    fwd = forward_fn(args)
-    collate = TrainCollator(max_seqlen=max_len if args.compile else None, hf=args.model != "decoder")
-    budget = args.tokens_per_rank * d.world_size
-    n_samples = (args.warmup + args.steps + args.profile_steps + 8) * budget // 50  # samples average >= 50 tokens
-    if d.main and args.out:
-        from ..info import environment
-
-        args.out.mkdir(parents=True, exist_ok=True)
-        env = environment()
-        env["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        (args.out / "env.json").write_text(json.dumps(env))
-    collector = GarbageCollection(args.gc_every)
+    s = Sweep(args)
     configs = [(dn, sp) for dn in args.dists.split(",") for sp in args.splits.split(",")]
-    datasets = {dn: load(dn, num_samples=n_samples, max_len=max_len, vocab_size=cfg.vocab_size, seed=0)
-                for dn in args.dists.split(",")}
     # an untimed pass through every config first: whatever compiles or recompiles for a new shape
     # does so there, not in the first timed config
     for timed_pass, (dist_name, split) in [(False, c) for c in configs] + [(True, c) for c in configs]:
-        ds = datasets[dist_name]
-        sampler = TokenBudgetSampler(ds.lengths, budget, world_size=d.world_size, rank=d.rank, split=split,
-                                     cost=cost, seed=0)
+        run = s.run(dist_name, split, timed_pass)
+        if run is not None and s.d.main:
+            print(json.dumps(run), flush=True)
+            if args.out:
+                with open(args.out / "runs.jsonl", "a") as f:
+                    f.write(json.dumps(run) + "\n")
+    s.collector.close()
+
+
+class Sweep:
+    """One model built, wrapped and compiled once; :meth:`run` times it on one configuration."""
+
+    def __init__(self, args):
+        self.args, self.d = args, setup(args.device)
+        d, cuda = self.d, self.d.device.type == "cuda"
+        torch.manual_seed(0)
+        self.cfg = cfg = DecoderConfig.from_name(args.preset)
+        self.fam = family(args.model)
+        model = self.fam.build(cfg, args.backend).to(d.device)
+        self.autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cuda else None
+        if args.cost == "measure":  # before wrapping: no collectives inside the timing
+            self.cost = measure_cost(model, self.fam, cfg, d, self.autocast)
+        else:
+            self.cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
+        # DDP leaves the module it wraps usable on its own: called directly, its gradients stay local (the
+        # reducer ignores a backward its forward did not prepare). That is each GPU's single-GPU baseline.
+        self.local = model if args.parallel == "ddp" and args.alone else None
+        self.alone = dist.new_subgroups(1)[0] if self.local is not None and dist.is_initialized() else None
+        self.wrapped = wrap(model, args.parallel, d, compile=args.compile, bucket_mb=args.bucket_mb,
+                            reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
+                            param_dtype=torch.bfloat16 if cuda else None, static_graph=args.static_graph,
+                            reshard_after_forward=args.reshard_after_forward)
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=cuda and args.parallel == "ddp")
+        max_len = cfg.max_len - 1
+        self.collate = TrainCollator(max_seqlen=max_len if args.compile else None)
+        self.budget = args.tokens_per_rank * d.world_size
+        n_samples = (args.warmup + args.steps + args.profile_steps + 8) * self.budget // 50  # >= 50 tokens a sample
+        self.datasets = {dn: load(dn, num_samples=n_samples, max_len=max_len, vocab_size=cfg.vocab_size, seed=0)
+                         for dn in args.dists.split(",")}
+        self.collector = GarbageCollection(args.gc_every)
+        if d.main and args.out:
+            self._write_env(args.out)
+
+    @staticmethod
+    def _write_env(out: Path) -> None:
+        from ..environment import environment
+
+        out.mkdir(parents=True, exist_ok=True)
+        env = environment()
+        env["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        (out / "env.json").write_text(json.dumps(env))
+
+    def run(self, dist_name: str, split: str, timed_pass: bool) -> dict | None:
+        """Warm-up steps, then (``timed_pass``) the timed ones and a profile: the run's record."""
+        args, d = self.args, self.d
+        ds = self.datasets[dist_name]
+        sampler = TokenBudgetSampler(ds.lengths, self.budget, world_size=d.world_size, rank=d.rank, split=split,
+                                     cost=self.cost, seed=0)
         for b in sampler.global_batches():  # the split is host work: do it before the clock runs
             sampler.shares(b)
         steps = args.warmup + args.steps if timed_pass else args.warmup
         if len(sampler) < steps + args.profile_steps + 1:
             raise SystemExit(f"{dist_name}: {len(sampler)} batches, fewer than the {steps + args.profile_steps + 1} "
                              "steps to run: fewer --steps, or a larger dataset")
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
+        cuda = d.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate,
                                              num_workers=2 if cuda else 0, pin_memory=cuda)
-        it = iter(loader)
-        times, tokens, spreads = [], [], []
-        alone_ms: list[list[float]] = []  # [step][rank]: each rank's time alone
-        alone_shares: list[list[list[int]]] = []  # [step][rank]: the lengths of each rank's samples
+        self.it = iter(loader)
         torch.cuda.reset_peak_memory_stats(d.device) if cuda else None
+        t = self._steps(steps)
+        if timed_pass and not t["times"]:
+            raise SystemExit(f"{dist_name}/{split}: every timed step compiled something; more --warmup")
+        prof = breakdown(self._step, args.profile_steps, d.device.type) if timed_pass and args.profile_steps else None
+        del self.it, loader  # shut a half-read loader's workers down now, not at interpreter exit
+        if not (d.main and timed_pass):
+            return None
+        return self._record(dist_name, split, t, prof, sampler.efficiency())
 
-        def timed(fn, b):
-            if d.world_size > 1:
-                dist.barrier()
-            t0 = time.perf_counter()
-            stats = fn(b)
-            if cuda:
-                torch.cuda.synchronize()
-            return stats, per_rank(time.perf_counter() - t0, d)
+    def _next_batch(self):
+        b = move_batch(next(self.it), self.d.device, non_blocking=True)
+        if self.args.compile:
+            mark_dynamic(b)
+        return b
 
-        def step(b=None):
-            b = b if b is not None else next_batch()
-            return train_step(wrapped, [b], opt, fwd, autocast=autocast)
+    def _step(self, b=None):
+        b = b if b is not None else self._next_batch()
+        return train_step(self.wrapped, [b], self.opt, self.fam.logits, autocast=self.autocast)
 
-        def next_batch():
-            b = move_batch(next(it), d.device, non_blocking=True)
-            if args.compile:
-                mark_dynamic(b)
-            return b
+    def _timed(self, fn, b):
+        """``fn(b)`` and each rank's seconds, the ranks started together."""
+        if self.d.world_size > 1:
+            dist.barrier()
+        t0 = start()
+        stats = fn(b)
+        return stats, per_rank(since(t0, self.d.device), self.d)
 
-        dropped = 0  # timed steps in which some rank compiled: not steady state, left out of both timings
+    def _alone_step(self, b):
+        return train_step(self.local, [b], self.opt, self.fam.logits, autocast=self.autocast, group=self.alone)
+
+    def _steps(self, steps: int) -> dict:
+        d, args = self.d, self.args
+        t = {"times": [], "tokens": [], "spreads": [], "alone_ms": [], "alone_shares": [], "dropped": 0, "stats": None}
         for i in range(steps):
-            collector.step()
-            b = next_batch()
-            graphs = _graphs()
-            t_alone = None
-            if local is not None:  # the same share, alone on this GPU, just before
-                _, t_alone = timed(lambda b: train_step(local, [b], opt, fwd, autocast=autocast, group=alone), b)
-            stats, t = timed(step, b)
+            self.collector.step()
+            b = self._next_batch()
+            graphs = graph_count()
+            t_alone = self._timed(self._alone_step, b)[1] if self.local is not None else None  # same share, alone
+            stats, took = self._timed(self._step, b)
+            t["stats"] = stats
             mine = per_rank(stats.local_tokens, d)
             if i < args.warmup:
                 continue
-            if per_rank(_graphs() - graphs, d).max() > 0:
-                dropped += 1
+            if per_rank(graph_count() - graphs, d).max() > 0:  # some rank compiled: not steady state
+                t["dropped"] += 1
                 continue
-            times.append(float(t.max()))  # the step ends when the slowest rank ends
-            tokens.append(float(mine.sum()))
-            spreads.append(float(mine.max() / mine.mean()))
+            t["times"].append(float(took.max()))  # the step ends when the slowest rank ends
+            t["tokens"].append(float(mine.sum()))
+            t["spreads"].append(float(mine.max() / mine.mean()))
             if t_alone is not None:
-                alone_ms.append([round(1e3 * float(x), 3) for x in t_alone])
-                alone_shares.append(_gather_lengths(b, d))
-        if timed_pass and not times:
-            raise SystemExit(f"{dist_name}/{split}: every timed step compiled something; more --warmup")
-        prof = breakdown(step, args.profile_steps, d.device.type) if timed_pass and args.profile_steps else None
-        del it, loader  # shut a half-read loader's workers down now, not at interpreter exit
-        if d.main and timed_pass:
-            run = {"world_size": d.world_size, "parallel": args.parallel, "split": split, "label": args.label,
-                   "length_dist": dist_name, "compile": args.compile, "reduce_dtype": args.reduce_dtype,
-                   "bucket_mb": args.bucket_mb if args.parallel == "ddp" else None, "tokens_per_rank_budget": args.tokens_per_rank,
-                   "tokens_per_s": sum(tokens) / sum(times), "step_ms_mean": 1e3 * statistics.mean(times),
-                   "step_ms_median": 1e3 * statistics.median(times),
-                   "static_graph": args.static_graph, "reshard_after_forward": args.reshard_after_forward,
-                   "cost": args.cost, "cost_per_token_sq": cost.per_token_sq,
-                   "rank_token_spread": statistics.mean(spreads) if d.world_size > 1 else 1.0,
-                   # against every rank's own step without communication, interleaved step by step with
-                   # the timed ones (same GPUs, same batches, same clocks): what data parallelism costs
-                   "step_ms_alone_mean": statistics.mean(statistics.mean(a) for a in alone_ms) if alone_ms else None,
-                   # the real imbalance of a split: busiest rank's time alone over the mean, per step
-                   "alone_rank_spread": statistics.mean(max(a) / statistics.mean(a) for a in alone_ms)
-                   if alone_ms else None,
-                   "alone_ms_by_rank": alone_ms,
-                   **_cost_check(cost, alone_shares, alone_ms),
-                   "efficiency_vs_alone": _vs_alone(sum(tokens) / sum(times), alone_shares, alone_ms),
-                   "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if cuda else None,
-                   "step_ms": [round(1e3 * t, 2) for t in times], "gc_every": args.gc_every,
-                   "steps_dropped_for_compiling": dropped,
-                   "loss": float(stats.loss), "packing_efficiency": sampler.efficiency(), "profile": prof}
-            print(json.dumps(run), flush=True)
-            if args.out:
-                args.out.mkdir(parents=True, exist_ok=True)
-                with open(args.out / "runs.jsonl", "a") as f:
-                    f.write(json.dumps(run) + "\n")
-    collector.close()
+                t["alone_ms"].append([round(1e3 * float(x), 3) for x in t_alone])  # [step][rank]
+                t["alone_shares"].append(_gather_lengths(b, d))  # [step][rank]: each rank's sample lengths
+        return t
+
+    def _record(self, dist_name: str, split: str, t: dict, prof: dict | None, packing: float) -> dict:
+        args, d, cost = self.args, self.d, self.cost
+        times, alone_ms, alone_shares = t["times"], t["alone_ms"], t["alone_shares"]
+        tokens_per_s = sum(t["tokens"]) / sum(times)
+        return {"world_size": d.world_size, "parallel": args.parallel, "split": split, "label": args.label,
+                "length_dist": dist_name, "compile": args.compile, "reduce_dtype": args.reduce_dtype,
+                "bucket_mb": args.bucket_mb if args.parallel == "ddp" else None,
+                "tokens_per_rank_budget": args.tokens_per_rank,
+                "tokens_per_s": tokens_per_s, "step_ms_mean": 1e3 * statistics.mean(times),
+                "step_ms_median": 1e3 * statistics.median(times),
+                "static_graph": args.static_graph, "reshard_after_forward": args.reshard_after_forward,
+                "cost": args.cost, "cost_per_token_sq": cost.per_token_sq,
+                "rank_token_spread": statistics.mean(t["spreads"]) if d.world_size > 1 else 1.0,
+                # against every rank's own step without communication, interleaved step by step with
+                # the timed ones (same GPUs, same batches, same clocks): what data parallelism costs
+                "step_ms_alone_mean": statistics.mean(statistics.mean(a) for a in alone_ms) if alone_ms else None,
+                # the real imbalance of a split: busiest rank's time alone over the mean, per step
+                "alone_rank_spread": statistics.mean(max(a) / statistics.mean(a) for a in alone_ms)
+                if alone_ms else None,
+                "alone_ms_by_rank": alone_ms,
+                **_cost_check(cost, alone_shares, alone_ms),
+                "efficiency_vs_alone": _vs_alone(tokens_per_s, alone_shares, alone_ms),
+                "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else None,
+                "step_ms": [round(1e3 * x, 2) for x in times], "gc_every": args.gc_every,
+                "steps_dropped_for_compiling": t["dropped"],
+                "loss": float(t["stats"].loss), "packing_efficiency": packing, "profile": prof}
 
 
 def _vs_alone(tokens_per_s: float, shares: list[list[list[int]]], ms: list[list[float]]) -> float | None:
@@ -207,9 +232,9 @@ def _vs_alone(tokens_per_s: float, shares: list[list[list[int]]], ms: list[list[
     return tokens_per_s / alone
 
 
-def _gather_lengths(batch: dict, d) -> list[list[int]]:
+def _gather_lengths(batch: PackedBatch, d) -> list[list[int]]:
     """Every rank's sample lengths of this step (host lists; outside anything timed)."""
-    mine = list((batch.get("info") or batch.get("varlen_info")).lengths)
+    mine = list(batch.info.lengths)
     if d.world_size == 1:
         return [mine]
     out: list = [None] * d.world_size

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..data.batch import PackedBatch
 from ..data.collate import IGNORE_INDEX
 
 
@@ -35,20 +36,26 @@ def _world(group) -> int:
 
 def count_targets(micro_batches: Sequence[dict], group=None, device=None) -> Tensor:
     """Target tokens of all micro-batches of this step, summed over the data-parallel group."""
-    device = device or micro_batches[0]["labels"].device
+    device = device or _labels(micro_batches[0]).device
     n = torch.zeros((), dtype=torch.int64, device=device)
     for b in micro_batches:
-        n += (b["labels"] != IGNORE_INDEX).sum()
+        n += (_labels(b) != IGNORE_INDEX).sum()
     if _world(group) > 1:
         dist.all_reduce(n, group=group)
     return n
 
 
-def train_step(model: torch.nn.Module, micro_batches: Sequence[dict], optimizer: torch.optim.Optimizer | None,
-               forward: Callable[[torch.nn.Module, dict], Tensor], *, group=None, autocast=None) -> StepStats:
+def _labels(batch: PackedBatch | dict) -> Tensor:
+    return batch.labels if isinstance(batch, PackedBatch) else batch["labels"]
+
+
+def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dict],
+               optimizer: torch.optim.Optimizer | None, forward: Callable[[torch.nn.Module, PackedBatch | dict], Tensor],
+               *, group=None, autocast=None) -> StepStats:
     """Forward/backward every micro-batch, then one optimizer step (skipped when ``optimizer`` is None).
 
-    ``forward(model, batch)`` returns logits aligned with ``batch["labels"]``. ``model`` may be
+    ``forward(model, batch)`` returns logits aligned with the batch's labels (a collator's dict
+    or a :class:`PackedBatch`). ``model`` may be
     DDP-wrapped (gradient sync only on the last micro-batch) or FSDP2-sharded; both average
     gradients over ranks, which the ``world`` factor undoes so that the sum over ranks divided by
     the global target count is what remains.
@@ -72,11 +79,11 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[dict], optimizer:
                 logits = forward(model, batch)
                 if logits.dtype != torch.float64:  # the loss in float32 at least, also under bf16
                     logits = logits.float()
-                ce = F.cross_entropy(logits.flatten(0, -2), batch["labels"].flatten(),
+                ce = F.cross_entropy(logits.flatten(0, -2), _labels(batch).flatten(),
                                      ignore_index=IGNORE_INDEX, reduction="sum")
             (ce * (world / n.to(ce.dtype))).backward()
         total += ce.detach()
-        tokens += int(batch.get("num_tokens", batch["labels"].numel()))
+        tokens += batch.tokens if isinstance(batch, PackedBatch) else int(batch["labels"].numel())
     if world > 1:
         dist.all_reduce(total, group=group)
     if optimizer is not None:

@@ -2,7 +2,8 @@
 
 Per token and layer: qkv (3 d^2), proj (d^2), fc1 and fc2 (2 * 4 d^2) = 12 d^2 multiply-adds,
 plus the output layer (d * V). Attention: QK^T and PV, 2 * L^2 * d multiply-adds per sequence
-and layer, half of it when causal. A training step is 3x the forward (backward = 2x).
+and layer, half of it when causal. A training step is 3x the forward (backward = 2x). The study's decoder trains causal and
+evaluates bidirectional; HF causal LMs are causal either way: the caller says which.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ def attention_flops(lengths: Sequence[int], dim: int, n_layers: int, causal: boo
     return full / 2 if causal else full
 
 
-def step_flops(lengths: Sequence[int], *, dim: int, n_layers: int, vocab_size: int, train: bool,
-               mlp_ratio: int = 4, causal: bool | None = None) -> float:
-    causal = train if causal is None else causal  # the study's decoder trains causal, evaluates non-causal
+def step_flops(lengths: Sequence[int], *, dim: int, n_layers: int, vocab_size: int, train: bool, causal: bool,
+               mlp_ratio: int = 4) -> float:
+    """One step's matmul FLOPs: the forward, and 3x that when training (backward = 2x)."""
     fwd = linear_flops(sum(lengths), dim, n_layers, vocab_size, mlp_ratio) + attention_flops(lengths, dim, n_layers, causal)
     return 3 * fwd if train else fwd

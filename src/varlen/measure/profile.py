@@ -8,11 +8,12 @@ their real shapes (the mean packed token count), with cuBLAS: no attention, no e
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import Callable
 
 import torch
+
+from .timing import since, start, synchronize, time_calls
 
 CATEGORIES = (
     # order matters: the first match wins ("flash" kernels are attention even if they say gemm)
@@ -45,15 +46,12 @@ def breakdown(step: Callable[[], None], steps: int, device: str) -> dict:
     # one unrecorded step first: the profiler's start-up (CUPTI) lands in it, not in the timed steps
     with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=1, repeat=1)) as prof:
         step()
-        if cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         prof.step()
-        t0 = time.perf_counter()
+        t0 = start()
         for _ in range(steps):
             step()
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+        wall_ms = 1e3 * since(t0, device) / steps
     busy: Counter[str] = Counter()
     kernels: Counter[str] = Counter()  # per name: what a part is made of
     spans: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # GPU time ranges: communication or not
@@ -154,13 +152,4 @@ def gemm_floor_ms(tokens: int, *, dim: int, n_layers: int, vocab_size: int, mlp_
             for _ in range(count):
                 torch.mm(a, b)
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    run()
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * min(times)
+    return 1e3 * min(time_calls(run, device, reps, warmup=1))

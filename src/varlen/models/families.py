@@ -1,0 +1,99 @@
+"""Model families as objects, chosen once from a name and used alike by ``varlen bench``,
+``varlen train`` and ``varlen check``: how to build one of a decoder config's size, run a packed
+batch through it, and count its FLOPs. Nothing else branches on a model's name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch import Tensor, nn
+
+from ..data.batch import PackedBatch
+from ..measure.flops import step_flops
+from .decoder import Decoder, DecoderConfig, forward_batch
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """varlen's reference decoder: packed batches carry ``info`` (a SeqInfo); eval is bidirectional
+    and training causal, as in the study."""
+
+    name: str = "decoder"
+    hf: bool = False  # HF models take [1, T] rows, position_ids and ``varlen_info`` (PackedBatch.hf_kwargs)
+
+    def build(self, cfg: DecoderConfig, backend: str = "auto") -> nn.Module:
+        return Decoder(cfg, backend=backend)
+
+    def logits(self, model: nn.Module, batch: PackedBatch | dict, causal: bool = True) -> Tensor:
+        if isinstance(batch, PackedBatch):
+            return model(batch.input_ids, info=batch.info, causal=causal)
+        return forward_batch(model, batch, causal=causal)
+
+    def flops(self, lengths: Sequence[int], cfg: DecoderConfig, train: bool) -> float:
+        return step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
+                          causal=train, mlp_ratio=cfg.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class HFFamily(ModelFamily):
+    """A stock transformers causal LM of the decoder config's size, its attention through
+    ``attn_implementation="varlen"`` with this model's own kernel choice (``varlen.hf.use``)."""
+
+    config: Callable[[DecoderConfig], object] | None = None  # DecoderConfig -> transformers config
+    hf: bool = True
+
+    def build(self, cfg: DecoderConfig, backend: str = "auto", attn_implementation: str = "varlen") -> nn.Module:
+        import transformers
+
+        from .. import hf
+
+        hf.register()
+        model = transformers.AutoModelForCausalLM.from_config(self.config(cfg), attn_implementation=attn_implementation)
+        hf.use(backend, model)
+        return model
+
+    def logits(self, model: nn.Module, batch: PackedBatch | dict, causal: bool = True) -> Tensor:
+        # HF causal LMs are causal whatever asked; labels stay out (the caller's loss reads them)
+        if isinstance(batch, PackedBatch):
+            return model(**batch.hf_kwargs(), use_cache=False).logits
+        keys = ("input_ids", "position_ids", "varlen_info")
+        return model(**{k: batch[k] for k in keys if k in batch}, use_cache=False).logits
+
+    def flops(self, lengths: Sequence[int], cfg: DecoderConfig, train: bool) -> float:
+        return step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
+                          causal=True, mlp_ratio=cfg.mlp_ratio)
+
+
+_HF_COMMON = dict(bos_token_id=1, eos_token_id=1, use_cache=False)
+
+
+def gpt2_config(cfg: DecoderConfig):
+    """GPT2 of the decoder's shape (learned positions, GELU MLP, LayerNorm), without dropout."""
+    from transformers import GPT2Config
+
+    return GPT2Config(n_layer=cfg.n_layers, n_embd=cfg.dim, n_head=cfg.n_heads, vocab_size=cfg.vocab_size,
+                      n_positions=cfg.max_len, n_inner=cfg.mlp_ratio * cfg.dim, attn_pdrop=0.0, resid_pdrop=0.0,
+                      embd_pdrop=0.0, **_HF_COMMON)
+
+
+def llama_config(cfg: DecoderConfig):
+    """Llama of the decoder's width and depth, with grouped-query attention (half the heads for k/v)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=cfg.n_layers, hidden_size=cfg.dim, num_attention_heads=cfg.n_heads,
+                       num_key_value_heads=max(1, cfg.n_heads // 2), intermediate_size=cfg.mlp_ratio * cfg.dim,
+                       vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_len, **_HF_COMMON)
+
+
+DECODER = ModelFamily()
+HF_GPT2 = HFFamily("hf-gpt2", config=gpt2_config)
+HF_LLAMA = HFFamily("hf-llama", config=llama_config)
+FAMILIES = {f.name: f for f in (DECODER, HF_GPT2, HF_LLAMA)}
+
+
+def family(name: str) -> ModelFamily:
+    """The family of a name: ``decoder``, ``hf-gpt2``, ``hf-llama``."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(FAMILIES)}")
+    return FAMILIES[name]
