@@ -309,7 +309,9 @@ def test_sdpa_pads_to_the_batch_not_to_the_bound():
     from varlen.attention import sdpa
 
     info = SeqInfo.from_lengths([100, 37, 5], max_seqlen=5000)
-    assert sdpa.padded_length(info) == 104
+    assert sdpa.padded_length(info) == 128  # a power of two, not the bound
+    assert sdpa.padded_length(SeqInfo.from_lengths([3, 1], max_seqlen=5000)) == 64
+    assert sdpa.padded_length(SeqInfo.from_lengths([1000], max_seqlen=1023)) == 1024  # the bound, aligned
     huge = SeqInfo.from_lengths([60000] * 64, max_seqlen=60000)
     with pytest.raises(MemoryError, match="64 sequences padded to 60000 tokens need"):
         sdpa.check_fits(huge, 16, sdpa.padded_length(huge))

@@ -1,8 +1,8 @@
 """PyTorch SDPA on padded batches: unpack to ``[B, H, L, D]``, one boolean mask, repack.
 
 SDPA refuses ``is_causal=True`` together with ``attn_mask``, so padding, causality and the window
-go into one mask. ``L`` is the batch's longest sample rounded up to a multiple of 8: with an
-unaligned boolean mask SDPA leaves its fast kernels.
+go into one mask. ``L`` is the batch's longest sample rounded up to a power of two
+(:func:`padded_length`): with an unaligned boolean mask SDPA leaves its fast kernels.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..buckets import round_up
+from ..buckets import pow2_bucket, round_up
 from ..seqinfo import SeqInfo
 from .common import FLOATS, Capabilities, band, window_bounds
 
@@ -23,7 +23,7 @@ CAPS = Capabilities(
     head_dim_ok=lambda d: d >= 1,
     window=True,
     pads_to_max_seqlen=True,
-    notes="pads to the longest sample (multiple of 8) and masks; memory grows with B * L^2",
+    notes="pads to the longest sample (a power of two) and masks; memory grows with B * L^2",
 )
 
 ALIGN = 8
@@ -64,12 +64,16 @@ def padded_attention(
 
 
 def padded_length(info: SeqInfo) -> int:
-    """The length sequences are padded to: the batch's longest, rounded up to ALIGN. Compiled, the
-    SeqInfo's ``max_seqlen`` bound instead (reading the host lengths would make the graph guard on
-    them, a recompile per batch); eager, never the bound, which may be far longer than any sample
-    (``varlen train --max-len 5000`` on 100-token samples padded each to 5000 and ran out of memory)."""
-    longest = info.max_seqlen if torch.compiler.is_compiling() else min(info.max_seqlen, max(info.lengths))
-    return round_up(longest, ALIGN)
+    """The length sequences are padded to. Eager: the batch's longest as a power of two (at least
+    64; at most the ``max_seqlen`` bound, which may be far longer than any sample: ``varlen train
+    --max-len 5000`` on 100-token samples padded each to 5000 and ran out of memory). SDPA with a
+    mask leaves its fast kernels at lengths off multiples of 16 (a 248-token batch took 30x a
+    256-token one on the H100), and rounding to 8 made eager steps swing by 1.25x. Compiled: the
+    ``max_seqlen`` bound itself (reading the host lengths would guard on them, a recompile per
+    batch; collators bucket it per batch for this backend). Either way a multiple of ``ALIGN``."""
+    if torch.compiler.is_compiling():
+        return round_up(info.max_seqlen, ALIGN)
+    return round_up(pow2_bucket(max(info.lengths), 64, info.max_seqlen), ALIGN)
 
 
 def check_fits(info: SeqInfo, heads: int, length: int, device: torch.device | None = None) -> None:
