@@ -18,6 +18,9 @@ class PackedBatch:
     labels: Tensor  # [T] int64, each token's target; IGNORE_INDEX where there is none
     info: SeqInfo  # the sequences' boundaries (cu_seqlens, max_seqlen, position_ids)
     num_tokens: int | None = None  # the samples' tokens, filler excluded (None: all T)
+    # context parallelism: this rank holds a slice of the row (varlen.parallel.ContextShard), the
+    # info above stays the whole row's; None: the whole row is here
+    context: object = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         return replace(self, input_ids=self.input_ids.to(device, non_blocking=non_blocking),

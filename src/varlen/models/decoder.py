@@ -25,6 +25,7 @@ from ..attention import attention
 from ..attention.nested import nested_sdpa
 from ..attention.sdpa import padded_attention, padded_mask
 from ..data.collate import IGNORE_INDEX
+from ..parallel.context import ContextShard, ulysses_attention
 from ..seqinfo import SeqInfo
 
 
@@ -66,11 +67,12 @@ PRESETS = {
 class _Ctx(NamedTuple):
     """What every layer needs about the batch; built once per forward."""
 
-    layout: str  # "packed" | "padded" | "nested"
+    layout: str  # "packed" | "padded" | "nested" | "context" (a slice of a packed row)
     causal: bool
     backend: str
-    info: SeqInfo | None
+    info: SeqInfo | None  # the whole row's, also for a slice
     mask: Tensor | None  # [B, 1, L, L] for padded
+    context: ContextShard | None = None
 
 
 class SelfAttention(nn.Module):
@@ -86,6 +88,9 @@ class SelfAttention(nn.Module):
             case "packed":  # x: [T, C]
                 q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)) for t in (q, k, v))  # [T, H, D]
                 y = attention(q, k, v, ctx.info, causal=ctx.causal, backend=ctx.backend)
+            case "context":  # x: [T/N, C], this rank's slice of the row
+                q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)) for t in (q, k, v))
+                y = ulysses_attention(q, k, v, ctx.info, ctx.context, causal=ctx.causal, backend=ctx.backend)
             case "padded":  # x: [B, L, C]
                 q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
                 y = padded_attention(q, k, v, ctx.mask).transpose(1, 2)  # [B, L, H, D]
@@ -129,11 +134,14 @@ class Decoder(nn.Module):
         position_ids: Tensor | None = None,
         causal: bool | None = None,
         backend: str | None = None,
+        context: ContextShard | None = None,
     ) -> Tensor:
         """Logits in the layout of ``input_ids``.
 
         Packed ``[T]`` (or rows ``[B, L]``, flattened; logits ``[B * L, V]``) needs ``info``; padded ``[B, L]`` needs ``attention_mask``;
-        nested ``[B, j]`` takes ``position_ids`` (nested) or restarts positions itself.
+        nested ``[B, j]`` takes ``position_ids`` (nested) or restarts positions itself. With
+        ``context`` (context parallelism), ``input_ids`` ``[T/N]`` are this rank's slice of the row
+        ``info`` describes.
         ``causal`` defaults to ``self.training``: the study trains causal and evaluates non-causal.
         """
         causal = self.training if causal is None else causal
@@ -142,6 +150,12 @@ class Decoder(nn.Module):
             if position_ids is None:
                 raise ValueError("nested input_ids need nested position_ids (NestedCollator makes them)")
             ctx = _Ctx("nested", causal, backend, None, None)
+        elif context is not None:
+            if info is None or input_ids.dim() != 1 or input_ids.shape[0] * context.size != info.total_tokens:
+                raise ValueError(f"a context slice needs info of its whole row and input_ids [T/{context.size}], got "
+                                 f"{tuple(input_ids.shape)} of {info.total_tokens if info is not None else '?'}")
+            position_ids = info.position_ids[context.slice(info.total_tokens)]
+            ctx = _Ctx("context", causal, backend, info, None, context)
         elif info is not None:
             if input_ids.dim() == 2:  # one row [1, T], or packed rows [B, L] flattened
                 input_ids = input_ids.flatten()
