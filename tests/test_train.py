@@ -111,6 +111,32 @@ def test_cli_loss_column_does_not_depend_on_process_count(tmp_path, parallel):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
 
 
+def test_context_parallel_cli_equals_one_process(tmp_path):
+    # --cp 2 on 2 processes (each row split in two) and dp 2 x cp 2 on 4: the loss of every step and
+    # the tokens as in one process
+    common = ["-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--steps", "5", "--max-tokens", "4096",
+              "--seed", "0", "--lr", "0.05", "--no-progress"]
+    _torchrun(1, *common, "--out", tmp_path / "one")
+    one = _log(tmp_path / "one")
+    for n, cp in ((2, 2), (4, 2)):
+        _torchrun(n, *common, "--cp", str(cp), "--out", tmp_path / f"{n}x{cp}")
+        got = _log(tmp_path / f"{n}x{cp}")
+        assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+        for a, b in zip(one, got):
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-4) and b["tokens"] == a["tokens"]
+    assert one[0]["loss"] != pytest.approx(one[-1]["loss"], abs=1e-3), "the steps must move the weights"
+
+
+def test_context_parallel_cli_refusals(capsys):
+    from varlen.train.cli import main
+
+    for argv, message in ((["--cp", "3"], "splits the heads, and preset tiny has 4"),
+                          (["--cp", "2", "--model", "hf-llama"], "varlen's decoder only")):
+        with pytest.raises(SystemExit) as e:
+            main(["--preset", "tiny", "--device", "cpu", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_empty_share_on_a_rank_still_steps(tmp_path):
     # 3 samples a global batch on 4 ranks: one rank gets nothing and must still join the collectives
     data = tmp_path / "tiny.jsonl"

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+import torch.distributed as dist
 
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..attention import pads_to_max_seqlen
@@ -26,6 +27,7 @@ from ..buckets import ceil_div, round_up
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..measure import since, start
 from ..models import DecoderConfig, family
+from ..parallel import ContextShard, shard_batch
 from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
@@ -56,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="longest sample (default and most: the preset's positions - 1)")
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp2"], default=None, help="default: ddp on several processes")
+    p.add_argument("--cp", type=positive_int, default=1,
+                   help="context parallelism: N ranks share each packed row, a slice each (Ulysses; decoder only)")
     p.add_argument("--split", choices=["balanced", "naive"], default="balanced",
                    help="how a global batch is split over ranks: by a cost model, or by sample count")
     p.add_argument("--cost", choices=["flops", "measure"], default="flops",
@@ -100,6 +104,10 @@ def parse_args(argv):
         cfg = DecoderConfig.from_name(args.preset)
     except ValueError as e:
         p.error(str(e))
+    if args.cp > 1 and args.model != "decoder":
+        p.error(f"--cp {args.cp}: context parallelism runs varlen's decoder only, not --model {args.model}")
+    if cfg.n_heads % args.cp:
+        p.error(f"--cp {args.cp}: context parallelism splits the heads, and preset {args.preset} has {cfg.n_heads}")
     if args.max_len is not None and args.max_len >= cfg.max_len:
         p.error(f"--max-len {args.max_len}: preset {args.preset} has {cfg.max_len} positions, so samples of at most "
                 f"{cfg.max_len - 1} tokens; choose a larger preset or a shorter --max-len")
@@ -109,7 +117,7 @@ def parse_args(argv):
 # The settings a checkpoint is tied to: resuming with another value changes what the run computes.
 CONFIG_FIELDS = ("model", "preset", "backend", "data", "data_fingerprint", "num_samples", "max_len", "too_long",
                  "max_tokens", "grad_accum", "split", "cost", "window", "static", "optimizer", "lr", "seed",
-                 "world_size", "parallel", "dtype", "reduce_dtype")
+                 "world_size", "parallel", "cp", "dtype", "reduce_dtype")
 
 
 def fail(message: str) -> NoReturn:
@@ -171,7 +179,7 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             "data_fingerprint": data_fp, "num_samples": args.num_samples, "max_len": max_len, "too_long": too_long,
             "max_tokens": budget, "grad_accum": args.grad_accum, "split": args.split, "cost": args.cost,
             "window": args.window, "static": args.static, "optimizer": args.optimizer, "lr": args.lr,
-            "seed": args.seed, "world_size": d.world_size, "parallel": parallel, "dtype": dtype,
+            "seed": args.seed, "world_size": d.world_size, "parallel": parallel, "cp": args.cp, "dtype": dtype,
             "reduce_dtype": args.reduce_dtype}
 
 
@@ -222,6 +230,10 @@ def run(args, d: Dist) -> int:
     micro_budget = budget // args.grad_accum
     if micro_budget < 1:
         fail(f"--max-tokens {budget} over --grad-accum {args.grad_accum} micro-steps leaves no token per micro-step")
+    if d.world_size % args.cp:
+        fail(f"--cp {args.cp} does not divide the {d.world_size} processes into context groups")
+    dp = d.world_size // args.cp  # data-parallel groups, each sharing its rows over --cp ranks
+    shard = ContextShard(d.rank % args.cp, args.cp, dist.new_subgroups(args.cp)[0]) if args.cp > 1 else None
     parallel = args.parallel or ("ddp" if d.world_size > 1 else "none")
     if parallel == "none" and d.world_size > 1:
         fail("--parallel none with several processes: choose ddp or fsdp2")
@@ -240,12 +252,12 @@ def run(args, d: Dist) -> int:
     else:
         cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
-                                 world_size=d.world_size, rank=d.rank, split=args.split, cost=cost)
+                                 world_size=dp, rank=d.rank // args.cp, split=args.split, cost=cost)
     pad_to = None
     if args.static:  # the busiest rank's share bounds every rank's row
         pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
-        pad_to = round_up(pad_to, 128)
-    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len,
+        pad_to = round_up(pad_to, math.lcm(128, args.cp))
+    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, multiple_of=args.cp,
                             bucket_max_seqlen=pads_to_max_seqlen(args.backend, d.device.type))
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
@@ -262,13 +274,13 @@ def run(args, d: Dist) -> int:
         sampler.load_state_dict(extra["sampler"])
         batches_done = extra["sampler"]["batches_done"]
     if d.main:
-        info = {"world_size": d.world_size, "parallel": parallel, "split": args.split, "max_tokens": budget,
+        info = {"world_size": d.world_size, "parallel": parallel, "cp": args.cp, "split": args.split, "max_tokens": budget,
                 "grad_accum": args.grad_accum, "per_rank_budget": ceil_div(micro_budget, d.world_size), "data": args.data,
                 "model": args.model, "preset": args.preset, "packing_efficiency": round(sampler.efficiency(), 4),
                 "cost_per_token_sq": cost.per_token_sq, "cost_per_seq": cost.per_seq, "resumed_at": step,
                 "data_report": vars(report)}
         print("varlen train:", json.dumps(info), flush=True)
-    loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast)
+    loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast, shard)
     log = loop.run(step, batches_done)
     if d.main:
         write_summary(args, d, log, loop.step, parallel, budget, sampler, report)
@@ -278,8 +290,9 @@ def run(args, d: Dist) -> int:
 class Loop:
     """The training loop: steps, the log, progress and checkpoints."""
 
-    def __init__(self, args, d: Dist, wrapped, opt, sampler, ds, collate, config: dict, autocast):
+    def __init__(self, args, d: Dist, wrapped, opt, sampler, ds, collate, config: dict, autocast, shard=None):
         self.args, self.d, self.wrapped, self.opt, self.sampler = args, d, wrapped, opt, sampler
+        self.shard = shard  # context parallelism: this rank's slice of each row
         self.ds, self.collate, self.config, self.autocast = ds, collate, config, autocast
         self.fwd = family(args.model).logits
         self.log_path = args.out / "train_log.jsonl" if args.out else None
@@ -317,7 +330,10 @@ class Loop:
         t0 = start()  # the last step ended synchronised
         micro = []
         for _ in range(args.grad_accum):
-            b = move_batch(next(self.it), d.device, non_blocking=True)
+            b = next(self.it)
+            if self.shard is not None:
+                b = shard_batch(b, self.shard)
+            b = move_batch(b, d.device, non_blocking=True)
             if args.compile:
                 mark_dynamic(b)
             micro.append(b)

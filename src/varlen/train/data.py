@@ -162,15 +162,18 @@ class TrainCollator:
     """A rank's share of a step -> one :class:`PackedBatch`; an empty share -> one ignored filler
     token, so the rank still runs forward/backward and its collectives match the others'."""
 
-    def __init__(self, pad_to: int | None = None, max_seqlen: int | None = None, bucket_max_seqlen: bool = False):
-        self.pack = PackCollator(max_seqlen=max_seqlen, pad_to=pad_to, bucket_max_seqlen=bucket_max_seqlen)
-        self.pad_to = pad_to
+    def __init__(self, pad_to: int | None = None, max_seqlen: int | None = None, bucket_max_seqlen: bool = False,
+                 multiple_of: int = 1):
+        # multiple_of: rows split evenly over a context group (filler tokens make up the rest)
+        self.pack = PackCollator(max_seqlen=max_seqlen, pad_to=pad_to, bucket_max_seqlen=bucket_max_seqlen,
+                                 pad_to_multiple_of=multiple_of if multiple_of > 1 else None)
+        self.pad_to, self.multiple_of = pad_to, multiple_of
 
     def __call__(self, samples) -> PackedBatch:
         if samples:
             batch = self.pack(samples)
             return PackedBatch(batch["input_ids"], batch["labels"], batch["info"], sum(len(s[0]) for s in samples))
-        n = self.pad_to or 1
+        n = self.pad_to or self.multiple_of
         info = SeqInfo.from_lengths(filler_lengths(n, self.pack.max_seqlen), max_seqlen=self.pack.max_seqlen)
         return PackedBatch(torch.zeros(n, dtype=torch.long), torch.full((n,), IGNORE_INDEX), info, 0)
 
