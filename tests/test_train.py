@@ -127,6 +127,20 @@ def test_context_parallel_cli_equals_one_process(tmp_path):
     assert one[0]["loss"] != pytest.approx(one[-1]["loss"], abs=1e-3), "the steps must move the weights"
 
 
+def test_scaling_sweep_with_context_parallelism(tmp_path):
+    from varlen.train.scaling import report
+
+    common = ["-m", "varlen.train.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "2",
+              "--warmup", "1", "--tokens-per-rank", "512", "--dists", "fixed", "--splits", "balanced", "--max-len", "1023"]
+    _torchrun(1, *common, "--tokens-per-rank", "1024", "--out", tmp_path / "one")
+    _torchrun(2, *common, "--cp", "2", "--out", tmp_path / "cp2")
+    runs = report([tmp_path / "one", tmp_path / "cp2"], tmp_path / "rep")["runs"]
+    cp2 = [r for r in runs if r["cp"] == 2][0]
+    # one 1023-token document a row, longer than the 512 tokens each rank holds
+    assert cp2["max_doc_tokens"] == 1023 and cp2["world_size"] == 2 and cp2["tflops_per_gpu"] > 0
+    assert cp2["tflops_vs_one_gpu"] > 0 and cp2["step_ms_alone_mean"] is None
+
+
 def test_context_parallel_cli_refusals(capsys):
     from varlen.train.cli import main
 

@@ -25,6 +25,7 @@ from ..data import CostModel, PackedBatch, TokenBudgetSampler, mark_dynamic, mov
 from ..measure import graph_count, since, start
 from ..measure.profile import breakdown
 from ..models import DecoderConfig, family
+from ..parallel import ContextShard, shard_batch
 from .cost import measure_cost
 from .data import TrainCollator, load
 from .distributed import per_rank, run_then_teardown, setup, wrap
@@ -41,6 +42,9 @@ def parse(argv):
     p.add_argument("--dists", default="uniform,lognormal")
     p.add_argument("--splits", default="balanced,naive")
     p.add_argument("--tokens-per-rank", type=int, default=16384)
+    p.add_argument("--cp", type=int, default=1, help="context parallelism: ranks sharing each packed row (decoder)")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="longest document (default the preset's positions - 1; more enlarges the model's positions)")
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
@@ -88,7 +92,12 @@ class Sweep:
         self.args, self.d = args, setup(args.device)
         d, cuda = self.d, self.d.device.type == "cuda"
         torch.manual_seed(0)
-        self.cfg = cfg = DecoderConfig.from_name(args.preset)
+        max_len = args.max_len or DecoderConfig.from_name(args.preset).max_len - 1
+        self.cfg = cfg = DecoderConfig.from_name(args.preset, max_len=max_len + 1)
+        if d.world_size % args.cp:
+            raise SystemExit(f"--cp {args.cp} does not divide the {d.world_size} processes")
+        self.cp, self.dp = args.cp, d.world_size // args.cp
+        self.shard = ContextShard(d.rank % args.cp, args.cp, dist.new_subgroups(args.cp)[0]) if args.cp > 1 else None
         self.fam = family(args.model)
         model = self.fam.build(cfg, args.backend).to(d.device)
         self.autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cuda else None
@@ -98,15 +107,15 @@ class Sweep:
             self.cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
         # DDP leaves the module it wraps usable on its own: called directly, its gradients stay local (the
         # reducer ignores a backward its forward did not prepare). That is each GPU's single-GPU baseline.
-        self.local = model if args.parallel == "ddp" and args.alone else None
+        # (with context parallelism no rank can step alone: its attention needs the group)
+        self.local = model if args.parallel == "ddp" and args.alone and args.cp == 1 else None
         self.alone = dist.new_subgroups(1)[0] if self.local is not None and dist.is_initialized() else None
         self.wrapped = wrap(model, args.parallel, d, compile=args.compile, bucket_mb=args.bucket_mb,
                             reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                             param_dtype=torch.bfloat16 if cuda else None, static_graph=args.static_graph,
                             reshard_after_forward=args.reshard_after_forward)
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=cuda and args.parallel == "ddp")
-        max_len = cfg.max_len - 1
-        self.collate = TrainCollator(max_seqlen=max_len if args.compile else None)
+        self.collate = TrainCollator(max_seqlen=max_len if args.compile else None, multiple_of=args.cp)
         self.budget = args.tokens_per_rank * d.world_size
         n_samples = (args.warmup + args.steps + args.profile_steps + 8) * self.budget // 50  # >= 50 tokens a sample
         self.datasets = {dn: load(dn, num_samples=n_samples, max_len=max_len, vocab_size=cfg.vocab_size, seed=0)
@@ -128,7 +137,7 @@ class Sweep:
         """Warm-up steps, then (``timed_pass``) the timed ones and a profile: the run's record."""
         args, d = self.args, self.d
         ds = self.datasets[dist_name]
-        sampler = TokenBudgetSampler(ds.lengths, self.budget, world_size=d.world_size, rank=d.rank, split=split,
+        sampler = TokenBudgetSampler(ds.lengths, self.budget, world_size=self.dp, rank=d.rank // self.cp, split=split,
                                      cost=self.cost, seed=0)
         for b in sampler.global_batches():  # the split is host work: do it before the clock runs
             sampler.shares(b)
@@ -146,12 +155,17 @@ class Sweep:
             raise SystemExit(f"{dist_name}/{split}: every timed step compiled something; more --warmup")
         prof = breakdown(self._step, args.profile_steps, d.device.type) if timed_pass and args.profile_steps else None
         del self.it, loader  # shut a half-read loader's workers down now, not at interpreter exit
+        t["longest"] = int(per_rank(t["longest"], d).max())  # on every rank: a collective
         if not (d.main and timed_pass):
             return None
         return self._record(dist_name, split, t, prof, sampler.efficiency())
 
     def _next_batch(self):
-        b = move_batch(next(self.it), self.d.device, non_blocking=True)
+        b = next(self.it)
+        self.row_lengths = real_lengths(b)  # this group's documents (before a context slice is cut)
+        if self.shard is not None:
+            b = shard_batch(b, self.shard)
+        b = move_batch(b, self.d.device, non_blocking=True)
         if self.args.compile:
             mark_dynamic(b)
         return b
@@ -173,7 +187,8 @@ class Sweep:
 
     def _steps(self, steps: int) -> dict:
         d, args = self.d, self.args
-        t = {"times": [], "tokens": [], "spreads": [], "alone_ms": [], "alone_shares": [], "dropped": 0, "stats": None}
+        t = {"times": [], "tokens": [], "spreads": [], "alone_ms": [], "alone_shares": [], "dropped": 0, "stats": None,
+             "flops": [], "longest": 0}
         for i in range(steps):
             self.collector.step()
             b = self._next_batch()
@@ -190,6 +205,10 @@ class Sweep:
             t["times"].append(float(took.max()))  # the step ends when the slowest rank ends
             t["tokens"].append(float(mine.sum()))
             t["spreads"].append(float(mine.max() / mine.mean()))
+            # the step's FLOPs: each context group's row once (its ranks share it)
+            share = self.fam.flops(self.row_lengths, self.cfg, train=True) / self.cp
+            t["flops"].append(float(per_rank(share, d).sum()))
+            t["longest"] = max(t["longest"], max(self.row_lengths, default=0))
             if t_alone is not None:
                 t["alone_ms"].append([round(1e3 * float(x), 3) for x in t_alone])  # [step][rank]
                 t["alone_shares"].append(_gather_lengths(b, d))  # [step][rank]: each rank's sample lengths
@@ -202,7 +221,9 @@ class Sweep:
         return {"world_size": d.world_size, "parallel": args.parallel, "split": split, "label": args.label,
                 "length_dist": dist_name, "compile": args.compile, "reduce_dtype": args.reduce_dtype,
                 "bucket_mb": args.bucket_mb if args.parallel == "ddp" else None,
-                "tokens_per_rank_budget": args.tokens_per_rank,
+                "tokens_per_rank_budget": args.tokens_per_rank, "cp": self.cp,
+                "max_doc_tokens": t["longest"],
+                "tflops_per_gpu": sum(t["flops"]) / sum(times) / d.world_size / 1e12,
                 "tokens_per_s": tokens_per_s, "step_ms_mean": 1e3 * statistics.mean(times),
                 "step_ms_median": 1e3 * statistics.median(times),
                 "static_graph": args.static_graph, "reshard_after_forward": args.reshard_after_forward,
@@ -221,6 +242,17 @@ class Sweep:
                 "step_ms": [round(1e3 * x, 2) for x in times], "gc_every": args.gc_every,
                 "steps_dropped_for_compiling": t["dropped"],
                 "loss": float(t["stats"].loss), "packing_efficiency": packing, "profile": prof}
+
+
+def real_lengths(batch: PackedBatch) -> list[int]:
+    """The lengths of a packed row's samples, its filler sequences (after the samples) left out."""
+    out, left = [], batch.tokens
+    for n in batch.info.lengths:
+        if left <= 0:
+            break
+        out.append(min(n, left))
+        left -= n
+    return out
 
 
 def _vs_alone(tokens_per_s: float, shares: list[list[list[int]]], ms: list[list[float]]) -> float | None:
@@ -271,7 +303,8 @@ def _cost_check(cost: CostModel, shares: list[list[list[int]]], ms: list[list[fl
 
 def report(dirs: list[Path], out: Path) -> dict:
     runs = [json.loads(x) for d in dirs for x in (d / "runs.jsonl").read_text().splitlines() if x]
-    key = lambda r: (r.get("label", ""), r["parallel"], r.get("reduce_dtype") or "fp32", r["split"], r["length_dist"])  # noqa: E731
+    key = lambda r: (r.get("label", ""), r["parallel"], r.get("reduce_dtype") or "fp32", r["split"], r["length_dist"],  # noqa: E731
+                     r.get("cp", 1))
     # a step that recompiles (seconds) moves the mean a lot: report the median step's rate too
     for r in runs:
         r["tokens_per_s_median"] = r["tokens_per_s"] * r["step_ms_mean"] / r["step_ms_median"]
@@ -281,6 +314,9 @@ def report(dirs: list[Path], out: Path) -> dict:
         r["efficiency"] = r["tokens_per_s"] / (r["world_size"] * one["tokens_per_s"]) if one else None
         r["efficiency_median"] = (r["tokens_per_s_median"] / (r["world_size"] * one["tokens_per_s_median"])
                                   if one else None)
+    one_gpu = [r["tflops_per_gpu"] for r in runs if r["world_size"] == 1 and r.get("tflops_per_gpu")]
+    for r in runs:  # context parallelism's measure: each GPU's rate against the best single GPU's
+        r["tflops_vs_one_gpu"] = r["tflops_per_gpu"] / max(one_gpu) if one_gpu and r.get("tflops_per_gpu") else None
     envs = [json.loads((d / "env.json").read_text()) for d in dirs if (d / "env.json").exists()]
     if len({e.get("gpu") for e in envs}) > 1:
         raise SystemExit(f"runs come from different devices: {sorted({e.get('gpu') for e in envs})}")
