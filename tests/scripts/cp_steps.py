@@ -1,6 +1,7 @@
 """Run under torchrun: a few SGD steps of the tiny decoder on two packed rows a step, with context
 parallelism of size CP (the rest of the ranks data-parallel: 4 ranks and CP 2 is 2 x 2). One
-process runs both rows whole. Rank 0 saves the losses and the parameters. Usage: cp_steps.py CP OUT.pt"""
+process runs both rows whole. Rank 0 saves the losses and the parameters.
+Usage: cp_steps.py CP OUT.pt [ddp|fsdp2] (fsdp2: parameters sharded over all ranks, data x context)"""
 
 import sys
 
@@ -14,13 +15,14 @@ from varlen.train import train_step
 from varlen.train.distributed import setup, teardown, wrap
 
 cp, out = int(sys.argv[1]), sys.argv[2]
+parallel = sys.argv[3] if len(sys.argv) > 3 else "ddp"
 d = setup("cpu")
 dp = d.world_size // cp
 group = dist.new_subgroups(cp)[0] if d.world_size > 1 else None  # ranks 0..cp-1, cp..2cp-1, ...
 shard = ContextShard(d.rank % cp, cp, group)
 torch.manual_seed(0)
 model = Decoder("tiny").double()
-wrapped = wrap(model, "ddp" if d.world_size > 1 else "none", d)
+wrapped = wrap(model, parallel if d.world_size > 1 else "none", d)
 opt = torch.optim.SGD(model.parameters(), lr=0.5)
 ds = SyntheticDataset(60, max_len=100, seed=1)
 collate = PackCollator(pad_to_multiple_of=4)  # rows that split over 1, 2 or 4 ranks
@@ -38,7 +40,8 @@ for step in range(3):
     micro = [shard_batch(r, shard) if cp > 1 else r for r in mine]
     stats = train_step(wrapped, micro, opt, DECODER.logits)
     losses.append(float(stats.loss))
+params = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
 if d.rank == 0:
-    torch.save({"losses": losses, "params": {k: v.detach().clone() for k, v in model.state_dict().items()}}, out)
+    torch.save({"losses": losses, "params": params}, out)
 del wrapped, model, opt
 teardown()
