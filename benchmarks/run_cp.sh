@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Context parallelism on one 4-GPU host: the study model with a 131,072-token document a step
+# (--dists fixed) and a long-tailed mix up to that length (--dists lognormal), --cp 4, against one GPU
+# on the study's lengths at 32K tokens. Usage: benchmarks/run_cp.sh OUT_DIR; then
+#   python -m varlen.train.scaling --report OUT_DIR/runs --out RESULTS_DIR   (tflops_vs_one_gpu per run)
+# CP_ARGS adds flags to every launch; LAUNCH_TIMEOUT bounds each (seconds).
+set -uo pipefail
+out=$1; mkdir -p "$out/runs"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+common="--preset study --splits balanced --steps 10 --warmup 3 --out $out/runs ${CP_ARGS:-}"
+launch() {
+  echo "== $*, $(date -u +%T)" | tee -a "$out/cp.log"
+  timeout "${LAUNCH_TIMEOUT:-420}" torchrun --standalone "$@" >> "$out/cp.log" 2>&1 || echo "   exit $?" | tee -a "$out/cp.log"
+  grep '^{' "$out/cp.log" | tail -2 | cut -c1-300
+}
+launch --nproc-per-node 1 -m varlen.train.scaling $common --tokens-per-rank 32768 --dists uniform --label one-gpu
+launch --nproc-per-node 4 -m varlen.train.scaling $common --tokens-per-rank 32768 --max-len 131072 --cp 4 \
+  --dists fixed,lognormal --label cp4
