@@ -41,10 +41,10 @@ def test_heads_that_do_not_divide_are_refused_before_any_collective():
         ulysses_attention(q, q, q, info, ContextShard(0, 3))
 
 
-def _steps(tmp_path, ranks: int, cp: int, parallel: str = "ddp") -> dict:
-    out = tmp_path / f"{ranks}x{cp}-{parallel}.pt"
+def _steps(tmp_path, ranks: int, cp: int, parallel: str = "ddp", model: str = "decoder") -> dict:
+    out = tmp_path / f"{ranks}x{cp}-{parallel}-{model}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           str(SCRIPTS / "cp_steps.py"), str(cp), str(out), parallel]
+           str(SCRIPTS / "cp_steps.py"), str(cp), str(out), parallel, model]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out, weights_only=True)
@@ -63,3 +63,14 @@ def test_training_with_context_parallelism_equals_one_process(tmp_path):
         assert got["losses"] == pytest.approx(one["losses"], abs=1e-10), (ranks, cp, parallel)
         for k, v in one["params"].items():
             torch.testing.assert_close(got["params"][k], v, rtol=1e-8, atol=1e-9, msg=f"{ranks}x{cp} {parallel} {k}")
+
+
+def test_hf_llama_with_context_parallelism_equals_one_process(tmp_path):
+    # a stock HF Llama (RoPE, GQA 4/2) through attn_implementation="varlen": cp 2 trains like one process
+    pytest.importorskip("transformers")
+    one = _steps(tmp_path, 1, 1, model="hf-llama")
+    got = _steps(tmp_path, 2, 2, model="hf-llama")
+    assert one["losses"][0] != pytest.approx(one["losses"][-1], abs=1e-3)
+    assert got["losses"] == pytest.approx(one["losses"], abs=1e-10)
+    for k, v in one["params"].items():
+        torch.testing.assert_close(got["params"][k], v, rtol=1e-8, atol=1e-9, msg=k)

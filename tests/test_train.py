@@ -145,7 +145,7 @@ def test_context_parallel_cli_refusals(capsys):
     from varlen.train.cli import main
 
     for argv, message in ((["--cp", "3"], "splits the heads, and preset tiny has 4"),
-                          (["--cp", "2", "--model", "hf-llama"], "varlen's decoder only")):
+                          (["--cp", "8", "--model", "hf-llama"], "splits the heads, and preset tiny has 4")):
         with pytest.raises(SystemExit) as e:
             main(["--preset", "tiny", "--device", "cpu", *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err

@@ -31,6 +31,7 @@ from .attention import BACKENDS, attention
 from .attention.api import split_backend
 from .attention.common import band, soft_cap, window_bounds
 from .data.collate import IGNORE_INDEX
+from .parallel.context import ulysses_attention
 from .seqinfo import SeqInfo
 
 NAME = "varlen"
@@ -191,7 +192,7 @@ def _decode_step(query, key, value, attention_mask, scaling, causal, window, sof
 # the model's business. Refused when set: features varlen cannot honour; any other argument with a
 # value is refused too, by name, rather than ignored.
 METADATA = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "varlen_info",
-            "seq_idx")  # seq_idx: TRL's sequence index per token, for linear-attention layers
+            "varlen_context", "seq_idx")  # seq_idx: TRL's sequence index per token, for linear-attention layers
 HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch")
 REFUSED = {
     "s_aux": "attention sinks (auxiliary logits, GPT-OSS)",
@@ -238,16 +239,37 @@ def varlen_attention_forward(
     if key.shape[2] != length:
         window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
         return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap), None
+    window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
+    if kwargs.get("varlen_context") is not None:  # this rank's slice of a packed row (context parallelism)
+        out = _context_attention(query, key, value, kwargs, causal=causal, scale=scaling, window_size=window,
+                                 softcap=softcap or 0.0, backend=backend_of(module))
+        return out, None
     info, indices = batch_info(b, length, query.device, attention_mask, kwargs)
     q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d) for x in (query, key, value))  # [B*L, H, D]
     if indices is not None:
         q, k, v = q[indices], k[indices], v[indices]
-    window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
     out = attention(q, k, v, info, causal=causal, scale=scaling, window_size=window, softcap=softcap or 0.0,
                     backend=backend_of(module))
     if indices is not None:
         out = out.new_zeros(b * length, h, d).index_copy(0, indices, out)
     return out.view(b, length, h, d), None
+
+
+def _context_attention(query: Tensor, key: Tensor, value: Tensor, kwargs: dict, **kw) -> Tensor:
+    """``[1, H, T/N, D]`` of one rank's slice -> ``[1, T/N, H, D]`` through Ulysses over the whole row
+    (``varlen_info``), its positions checked against the row's."""
+    context, info = kwargs["varlen_context"], kwargs.get("varlen_info")
+    b, _, length, d = query.shape
+    if info is None or b != 1 or length * context.size != info.total_tokens:
+        raise ValueError(f"varlen: a context slice needs one row [1, T/{context.size}] and the whole row's "
+                         f"varlen_info, got [{b}, {length}] and {info.total_tokens if info is not None else 'none'}")
+    info = info.to(query.device, non_blocking=True) if info.device != query.device else info
+    pos = kwargs.get("position_ids")
+    if pos is not None and not torch.compiler.is_compiling() and pos.device.type == "cpu":
+        if not torch.equal(pos.reshape(-1).long(), info.position_ids[context.slice(info.total_tokens)].to(pos.device)):
+            raise ValueError("varlen: position_ids of a context slice must be the row's positions of that slice")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T/N, H, D]
+    return ulysses_attention(q, k, v, info, context, **kw)[None]
 
 
 def register() -> None:

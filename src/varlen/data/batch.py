@@ -45,5 +45,9 @@ class PackedBatch:
     def hf_kwargs(self) -> dict:
         """What an HF causal LM with ``attn_implementation="varlen"`` takes: ``[1, T]`` rows, the
         restarting ``position_ids`` and the metadata as ``varlen_info``."""
-        return {"input_ids": self.input_ids[None], "position_ids": self.info.position_ids[None],
-                "varlen_info": self.info}
+        if self.context is None:
+            return {"input_ids": self.input_ids[None], "position_ids": self.info.position_ids[None],
+                    "varlen_info": self.info}
+        mine = self.context.slice(self.info.total_tokens)  # this rank's slice of the row
+        return {"input_ids": self.input_ids[None], "position_ids": self.info.position_ids[mine][None],
+                "varlen_info": self.info, "varlen_context": self.context}

@@ -56,8 +56,6 @@ class HFFamily(ModelFamily):
     def logits(self, model: nn.Module, batch: PackedBatch | dict, causal: bool = True) -> Tensor:
         # HF causal LMs are causal whatever asked; labels stay out (the caller's loss reads them)
         if isinstance(batch, PackedBatch):
-            if batch.context is not None:
-                raise ValueError(f"{self.name}: context parallelism runs varlen's decoder only (HF models: not yet)")
             return model(**batch.hf_kwargs(), use_cache=False).logits
         keys = ("input_ids", "position_ids", "varlen_info")
         return model(**{k: batch[k] for k in keys if k in batch}, use_cache=False).logits

@@ -59,7 +59,7 @@ def parse_args(argv):
                    help="longest sample (default and most: the preset's positions - 1)")
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp2"], default=None, help="default: ddp on several processes")
     p.add_argument("--cp", type=positive_int, default=1,
-                   help="context parallelism: N ranks share each packed row, a slice each (Ulysses; decoder only)")
+                   help="context parallelism: N ranks share each packed row, a slice each (Ulysses)")
     p.add_argument("--split", choices=["balanced", "naive"], default="balanced",
                    help="how a global batch is split over ranks: by a cost model, or by sample count")
     p.add_argument("--cost", choices=["flops", "measure"], default="flops",
@@ -104,8 +104,6 @@ def parse_args(argv):
         cfg = DecoderConfig.from_name(args.preset)
     except ValueError as e:
         p.error(str(e))
-    if args.cp > 1 and args.model != "decoder":
-        p.error(f"--cp {args.cp}: context parallelism runs varlen's decoder only, not --model {args.model}")
     if cfg.n_heads % args.cp:
         p.error(f"--cp {args.cp}: context parallelism splits the heads, and preset {args.preset} has {cfg.n_heads}")
     if args.max_len is not None and args.max_len >= cfg.max_len:
