@@ -133,6 +133,7 @@ class Result:
     step_ms_mean: float | None = None
     step_ms_median: float | None = None
     step_ms_min: float | None = None
+    step_ms: list | None = None  # each timed step in order: where a mean strays from its median
     tokens_per_s: float | None = None
     tflops: float | None = None
     mfu: float | None = None  # fraction of the bf16 matmul peak measured in the same run

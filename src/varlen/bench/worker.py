@@ -193,6 +193,7 @@ def _result(case: Case, cfg, tally: Tally, profile: dict | None) -> Result:
         step_ms_mean=1e3 * total / len(times),
         step_ms_median=1e3 * statistics.median(times),
         step_ms_min=1e3 * min(times),
+        step_ms=[round(1e3 * t, 3) for t in times],
         tokens_per_s=tally.real / total,
         tflops=tally.flops / total / 1e12,
         padding_frac=1 - tally.real / tally.computed,
