@@ -312,8 +312,13 @@ def test_sdpa_pads_to_the_batch_not_to_the_bound():
     assert sdpa.padded_length(info) == 128  # a power of two, not the bound
     assert sdpa.padded_length(SeqInfo.from_lengths([3, 1], max_seqlen=5000)) == 64
     assert sdpa.padded_length(SeqInfo.from_lengths([1000], max_seqlen=1023)) == 1024  # the bound, aligned
+    # a collator's max_seqlen that is the batch's own longest: still 1024, never 1000 or 1008
+    # (the H100's SDPA took 2.4x as long at those)
+    assert sdpa.padded_length(SeqInfo.from_lengths([1000, 3], max_seqlen=1000)) == 1024
+    assert sdpa.padded_length(SeqInfo.from_lengths([200], max_seqlen=200)) == 256
+    assert sdpa.padded_length(SeqInfo.from_lengths([5000], max_seqlen=5000)) == 5056  # the bound, aligned to 64
     huge = SeqInfo.from_lengths([60000] * 64, max_seqlen=60000)
-    with pytest.raises(MemoryError, match="64 sequences padded to 60000 tokens need"):
+    with pytest.raises(MemoryError, match="64 sequences padded to 60032 tokens need"):
         sdpa.check_fits(huge, 16, sdpa.padded_length(huge))
 
 

@@ -13,20 +13,16 @@ from torch import Tensor
 
 from ..buckets import pow2_bucket, round_up
 from ..seqinfo import SeqInfo
-from .common import FLOATS, Capabilities, band, window_bounds
+from .common import Capabilities, band, window_bounds
 
 CAPS = Capabilities(
     name="sdpa",
-    devices=frozenset({"cpu", "cuda"}),
-    dtypes=FLOATS,
-    head_dims="any",
-    head_dim_ok=lambda d: d >= 1,
     window=True,
     pads_to_max_seqlen=True,
     notes="pads to the longest sample (a power of two) and masks; memory grows with B * L^2",
 )
 
-ALIGN = 8
+ALIGN = 64  # SDPA with a mask keeps its fast kernels at multiples of 64 (16 at the least)
 
 
 def unavailable() -> str | None:
@@ -64,16 +60,19 @@ def padded_attention(
 
 
 def padded_length(info: SeqInfo) -> int:
-    """The length sequences are padded to. Eager: the batch's longest as a power of two (at least
-    64; at most the ``max_seqlen`` bound, which may be far longer than any sample: ``varlen train
-    --max-len 5000`` on 100-token samples padded each to 5000 and ran out of memory). SDPA with a
-    mask leaves its fast kernels at lengths off multiples of 16 (a 248-token batch took 30x a
-    256-token one on the H100), and rounding to 8 made eager steps swing by 1.25x. Compiled: the
-    ``max_seqlen`` bound itself (reading the host lengths would guard on them, a recompile per
-    batch; collators bucket it per batch for this backend). Either way a multiple of ``ALIGN``."""
+    """The length sequences are padded to, a multiple of ``ALIGN``. Eager: the batch's longest as a
+    power of two (at least 64), or ``max_seqlen`` rounded up to ``ALIGN`` where that is shorter
+    (``max_seqlen`` may be far longer than any sample: ``varlen train --max-len 5000`` on 100-token
+    samples once padded each to 5000 and ran out of memory). SDPA with a mask leaves its fast
+    kernels at lengths off multiples of 16: a 248-token batch took 30x a 256-token one on the H100,
+    and capping the power of two at a collator's ``max_seqlen`` of 1000 (padding to 1000, not 1024)
+    made a third of the study's eager steps 2.4x slower. Compiled: ``max_seqlen`` itself, aligned
+    (reading the host lengths would guard on them, a recompile per batch; collators bucket it per
+    batch for this backend)."""
+    aligned_bound = round_up(info.max_seqlen, ALIGN)
     if torch.compiler.is_compiling():
-        return round_up(info.max_seqlen, ALIGN)
-    return round_up(pow2_bucket(max(info.lengths), 64, info.max_seqlen), ALIGN)
+        return aligned_bound
+    return min(pow2_bucket(max(info.lengths), 64), aligned_bound)
 
 
 def check_fits(info: SeqInfo, heads: int, length: int, device: torch.device | None = None) -> None:
