@@ -20,11 +20,14 @@ HALF = frozenset({torch.float16, torch.bfloat16})
 
 @dataclass(frozen=True)
 class Capabilities:
+    """What a backend supports; the defaults are what torch's own kernels take (CPU and CUDA, every
+    float dtype, any head size), so a backend states only where it differs."""
+
     name: str
-    devices: frozenset[str]
-    dtypes: frozenset[torch.dtype]
-    head_dims: str  # human-readable rule, checked by ``head_dim_ok``
-    head_dim_ok: Callable[[int], bool]
+    devices: frozenset[str] = frozenset({"cpu", "cuda"})
+    dtypes: frozenset[torch.dtype] = FLOATS
+    head_dims: str = "any"  # human-readable rule, checked by ``head_dim_ok``
+    head_dim_ok: Callable[[int], bool] = lambda d: d >= 1
     causal: bool = True
     window: bool = False
     softcap: bool = False  # logit soft-capping, softcap * tanh(score / softcap) (Gemma 2)

@@ -16,14 +16,11 @@ from torch import Tensor
 
 from ..buckets import ceil_div, round_up
 from ..seqinfo import SeqInfo
-from .common import FLOATS, Capabilities, window_bounds
+from .common import Capabilities, window_bounds
 
 CAPS = Capabilities(
     name="flex",
-    devices=frozenset({"cpu", "cuda"}),
-    dtypes=FLOATS,
     head_dims="any on CPU; a power of two >= 16 on CUDA",
-    head_dim_ok=lambda d: d >= 1,
     window=True,
     softcap=True,
     notes="document BlockMask built once per batch; compiled on CUDA; forward-only on CPU",

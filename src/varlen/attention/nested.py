@@ -11,15 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..seqinfo import SeqInfo
-from .common import FLOATS, Capabilities, repeat_kv
+from .common import Capabilities, repeat_kv
 
 CAPS = Capabilities(
     name="nested",
-    devices=frozenset({"cpu", "cuda"}),
-    dtypes=FLOATS,
-    head_dims="any",
-    head_dim_ok=lambda d: d >= 1,
-    window=False,
     notes="jagged NJT + SDPA; causal needs CUDA",
 )
 

@@ -10,14 +10,10 @@ import torch
 from torch import Tensor
 
 from ..seqinfo import SeqInfo
-from .common import FLOATS, Capabilities, band, repeat_kv, soft_cap, window_bounds
+from .common import Capabilities, band, repeat_kv, soft_cap, window_bounds
 
 CAPS = Capabilities(
     name="reference",
-    devices=frozenset({"cpu", "cuda"}),
-    dtypes=FLOATS,
-    head_dims="any",
-    head_dim_ok=lambda d: d >= 1,
     window=True,
     softcap=True,
     notes="float32 math per sequence; defines correctness",

@@ -27,7 +27,6 @@ CAPS = Capabilities(
     dtypes=HALF | {torch.float32},
     head_dims="at most 256",
     head_dim_ok=lambda d: d <= 256,
-    window=False,
     notes="BlockDiagonalMask (make_causal() to train); behind a graph break when compiled",
 )
 
