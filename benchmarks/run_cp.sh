@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Context parallelism on one 4-GPU host: the study model with a 131,072-token document a step
-# (--dists fixed) and a long-tailed mix up to that length (--dists lognormal), --cp 4, against one GPU
-# on the study's lengths at 32K tokens. Usage: benchmarks/run_cp.sh OUT_DIR; then
+# Context parallelism on one host of N GPUs (default 4): the study model with an N x 32,768-token
+# document a step (--dists fixed; 131,072 tokens at 4) and a long-tailed mix up to that length
+# (--dists lognormal), --cp N, against one GPU on the study's lengths at 32K tokens.
+# Usage: benchmarks/run_cp.sh OUT_DIR [N]; then
 #   python -m varlen.train.scaling --report OUT_DIR/runs --out RESULTS_DIR   (tflops_vs_one_gpu per run)
 # CP_ARGS adds flags to every launch; LAUNCH_TIMEOUT bounds each (seconds).
 set -uo pipefail
-out=$1; mkdir -p "$out/runs"
+out=$1; n=${2:-4}; mkdir -p "$out/runs"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 common="--preset study --splits balanced --steps 10 --warmup 3 --out $out/runs ${CP_ARGS:-}"
 launch() {
@@ -14,5 +15,5 @@ launch() {
   grep '^{' "$out/cp.log" | tail -2 | cut -c1-300
 }
 launch --nproc-per-node 1 -m varlen.train.scaling $common --tokens-per-rank 32768 --dists uniform --label one-gpu
-launch --nproc-per-node 4 -m varlen.train.scaling $common --tokens-per-rank 32768 --max-len 131072 --cp 4 \
-  --dists fixed,lognormal --label cp4
+launch --nproc-per-node "$n" -m varlen.train.scaling $common --tokens-per-rank 32768 --max-len $((n * 32768)) \
+  --cp "$n" --dists fixed,lognormal --label "cp$n"
