@@ -139,6 +139,12 @@ def test_scaling_sweep_with_context_parallelism(tmp_path):
     # one 1023-token document a row, longer than the 512 tokens each rank holds
     assert cp2["max_doc_tokens"] == 1023 and cp2["world_size"] == 2 and cp2["tflops_per_gpu"] > 0
     assert cp2["tflops_vs_one_gpu"] > 0 and cp2["step_ms_alone_mean"] is None
+    # the one-GPU run trained the same 1023-token documents: the cost of splitting the row alone
+    one = [r for r in runs if r["cp"] == 1][0]
+    assert cp2["tflops_vs_same_document"] == pytest.approx(cp2["tflops_per_gpu"] / one["tflops_per_gpu"])
+    assert cp2["speedup_vs_same_document"] == pytest.approx(one["step_ms_mean"] / cp2["step_ms_mean"])
+    table = (tmp_path / "rep" / "scaling.md").read_text()
+    assert "| - | 2 | 2 | fixed | 1,023 |" in table and f"{100 * cp2['tflops_vs_same_document']:.1f}%" in table
 
 
 def test_context_parallel_cli_refusals(capsys):

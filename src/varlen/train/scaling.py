@@ -301,6 +301,43 @@ def _cost_check(cost: CostModel, shares: list[list[list[int]]], ms: list[list[fl
     return out
 
 
+def _same_document(r: dict) -> tuple:
+    return r["length_dist"], r.get("max_doc_tokens")
+
+
+def _against_same_document(runs: list[dict]) -> None:
+    """A context-parallel run's rate per GPU against one GPU training the same documents alone
+    (same distribution and longest document), where such a run exists: the cost of splitting the
+    row, apart from how fast attention runs at that length."""
+    alone = {_same_document(r): r for r in runs if r["world_size"] == 1 and r.get("cp", 1) == 1}
+    for r in runs:
+        one = alone.get(_same_document(r)) if r.get("cp", 1) > 1 else None
+        r["tflops_vs_same_document"] = r["tflops_per_gpu"] / one["tflops_per_gpu"] if one else None
+        r["speedup_vs_same_document"] = one["step_ms_mean"] / r["step_ms_mean"] if one else None
+
+
+def _context_table(runs: list[dict]) -> list[str]:
+    """Context parallelism: each GPU's TFLOP/s against the best single GPU's and against one GPU
+    on the same documents, and the memory that let the document fit."""
+    shown = [r for r in runs if r.get("cp", 1) > 1 or (r["world_size"] == 1 and r.get("tflops_per_gpu"))]
+    if not any(r.get("cp", 1) > 1 for r in shown):
+        return []
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    lines = ["", "Context parallelism: TFLOP/s per GPU (model FLOPs, attention's included), against the best "
+             "single GPU of these runs and against one GPU training the same documents.", "",
+             "| variant | GPUs | cp | lengths | longest document | tokens/s | step ms | TFLOP/s per GPU | "
+             "vs best one GPU | vs one GPU, same documents (step speed-up) | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(shown, key=lambda r: (r.get("cp", 1), r["world_size"], r["length_dist"])):
+        speedup = f" ({r['speedup_vs_same_document']:.2f}x)" if r.get("speedup_vs_same_document") else ""
+        mem = f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") else "-"
+        doc = f"{r['max_doc_tokens']:,}" if r.get("max_doc_tokens") else "-"
+        lines.append(f"| {r.get('label') or '-'} | {r['world_size']} | {r.get('cp', 1)} | {r['length_dist']} | {doc} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['step_ms_mean']:.1f} | {r['tflops_per_gpu']:.1f} | "
+                     f"{pct(r.get('tflops_vs_one_gpu'))} | {pct(r.get('tflops_vs_same_document'))}{speedup} | {mem} |")
+    return lines
+
+
 def report(dirs: list[Path], out: Path) -> dict:
     runs = [json.loads(x) for d in dirs for x in (d / "runs.jsonl").read_text().splitlines() if x]
     key = lambda r: (r.get("label", ""), r["parallel"], r.get("reduce_dtype") or "fp32", r["split"], r["length_dist"],  # noqa: E731
@@ -317,6 +354,7 @@ def report(dirs: list[Path], out: Path) -> dict:
     one_gpu = [r["tflops_per_gpu"] for r in runs if r["world_size"] == 1 and r.get("tflops_per_gpu")]
     for r in runs:  # context parallelism's measure: each GPU's rate against the best single GPU's
         r["tflops_vs_one_gpu"] = r["tflops_per_gpu"] / max(one_gpu) if one_gpu and r.get("tflops_per_gpu") else None
+    _against_same_document(runs)
     envs = [json.loads((d / "env.json").read_text()) for d in dirs if (d / "env.json").exists()]
     if len({e.get("gpu") for e in envs}) > 1:
         raise SystemExit(f"runs come from different devices: {sorted({e.get('gpu') for e in envs})}")
@@ -338,6 +376,7 @@ def report(dirs: list[Path], out: Path) -> dict:
                      f"{r['split']} | {r['length_dist']} | {r['tokens_per_s']:,.0f} | "
                      f"{r['step_ms_mean']:.1f} / {r['step_ms_median']:.1f} | {eff} | {alone} | {r['rank_token_spread']:.3f} | "
                      f"{spread} | {'-' if comm is None else f'{comm:.1f}'} | {mem} |")
+    lines += _context_table(runs)
     profiled = [r for r in runs if r.get("profile")]
     if profiled:  # where rank 0's step went: what the GPU computed, what communication nothing hid
         parts = ("gemm", "attention", "elementwise/norm", "optimizer")
