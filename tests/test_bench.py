@@ -55,12 +55,12 @@ def test_grid_rejects_unknown_strategy():
 
 def test_failing_case_is_reported_and_rest_go_on(tmp_path):
     cases = [
-        Case("packed-nope", "eval", False, TINY),  # unknown backend
+        Case("packed-nope", "eval", False, TINY),  # no such strategy (grid() refuses it; run_all reports it)
         Case("nested", "train", False, TINY),  # refused inside the worker process on a CPU
         Case("packed-sdpa", "eval", False, TINY),
     ]
     results = run_all(cases, timeout_s=300, workdir=tmp_path)
-    assert "unknown attention backend 'nope'" in results[0].error
+    assert "unknown strategy 'packed-nope'" in results[0].error
     assert "causal nested SDPA needs CUDA" in results[1].error
     assert results[2].error is None and results[2].steps == 2 and results[2].step_ms_mean > 0
 
@@ -305,3 +305,20 @@ def test_cases_a_cpu_cannot_run_are_not_applicable():
     assert "no CUDA device" in precheck(Case("packed-flash", "eval", False, w))
     for ok in (Case("packed-flex", "eval", False, w), Case("nested", "eval", True, w), Case("padded", "train", True, w)):
         assert precheck(ok) is None, ok
+
+
+def test_strategies_are_objects_chosen_once_by_name():
+    from varlen.bench.cases import STRATEGIES, Case, strategies_of, strategy
+
+    assert strategy("packed-flash:fa4").backend == "flash:fa4" and strategy("packed-flash").backend == "flash"
+    assert strategy("hf-varlen-flash:torch").backend == "flash:torch" and strategy("hf-varlen-flash:torch").packed
+    assert Case("packed-flash:torch", "eval", False).backend == "flash:torch"
+    for bad in ("padded:fa4", "packed-sdpa:torch", "packed-flash:nope", "packed-nope"):
+        with pytest.raises(ValueError, match="unknown strategy"):
+            strategy(bad)
+    decoder, hf = strategies_of("decoder"), strategies_of("hf-gpt2")
+    assert decoder[0] == "padded" and hf[0] == "hf-padded" and set(decoder) | set(hf) == set(STRATEGIES)
+    assert {strategy(s).baseline for s in decoder} == {"padded"} and {strategy(s).baseline for s in hf} == {"hf-padded"}
+    # HF causal LMs are causal in eval too; the study's decoder only when it trains
+    assert all(strategy(s).causal_lm for s in hf) and not any(strategy(s).causal_lm for s in decoder)
+    assert [s for s in decoder if strategy(s).packed] == ["packed-flash", "packed-xformers", "packed-flex", "packed-sdpa"]

@@ -2,41 +2,87 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from ..buckets import round_up
 
-# strategy -> how batches are made and which attention runs
-STRATEGIES = {
-    "padded": "pad every sample to max_len + 1, SDPA with one padding/causal mask (the baseline)",
-    "longest": "pad to the longest sample (power-of-two buckets), SDPA with a mask",
-    "nested": "jagged nested tensors, SDPA on nested q/k/v",
-    "packed-flash": "one packed row, FlashAttention varlen",
-    "packed-xformers": "one packed row, xFormers BlockDiagonalMask",
-    "packed-flex": "one packed row, FlexAttention document mask",
-    "packed-sdpa": "one packed row, unpacked to padding for SDPA inside attention",
-}
+@dataclass(frozen=True)
+class Strategy:
+    """How one of the study's cases makes its batches and which attention runs: chosen once by
+    name, then asked, never re-parsed from the name."""
+
+    name: str
+    family: str  # the model family (varlen.models.family): "decoder" or "hf-gpt2"
+    layout: str  # the batch: "padded", "longest", "nested", "packed" (one row + SeqInfo), "hf-padded",
+    #              "hf-packed" (one row + position_ids for HF's own sdpa), "hf-varlen" (one row + varlen_info)
+    backend: str  # the varlen attention backend it runs ("sdpa" for HF's own paths)
+    baseline: str  # what its speed-up is measured against: padding, in the same family
+    description: str
+
+    @property
+    def packed(self) -> bool:
+        """One packed row with varlen's SeqInfo (may run as CUDA graphs, takes a flash implementation)."""
+        return self.layout in ("packed", "hf-varlen")
+
+    @property
+    def causal_lm(self) -> bool:
+        """HF causal LMs mask causally in eval too; the decoder only when it trains."""
+        return self.family != "decoder"
+
+
+def _decoder(name: str, layout: str, backend: str, description: str) -> Strategy:
+    return Strategy(name, "decoder", layout, backend, "padded", description)
+
+
+def _gpt2(name: str, layout: str, backend: str, description: str) -> Strategy:
+    return Strategy(name, "hf-gpt2", layout, backend, "hf-padded", "GPT2, " + description)
+
+
+STRATEGIES = {s.name: s for s in (
+    _decoder("padded", "padded", "sdpa", "pad every sample to max_len + 1, SDPA with one padding/causal mask (the baseline)"),
+    _decoder("longest", "longest", "sdpa", "pad to the longest sample (power-of-two buckets), SDPA with a mask"),
+    _decoder("nested", "nested", "nested", "jagged nested tensors, SDPA on nested q/k/v"),
+    _decoder("packed-flash", "packed", "flash", "one packed row, FlashAttention varlen"),
+    _decoder("packed-xformers", "packed", "xformers", "one packed row, xFormers BlockDiagonalMask"),
+    _decoder("packed-flex", "packed", "flex", "one packed row, FlexAttention document mask"),
+    _decoder("packed-sdpa", "packed", "sdpa", "one packed row, unpacked to padding for SDPA inside attention"),
+    # the study's HuggingFace part (docs/study.md): a stock GPT2 of the study's size
+    _gpt2("hf-padded", "hf-padded", "sdpa", "padded to max_len + 1, HF sdpa with the padding mask (the HF baseline)"),
+    _gpt2("hf-packed-sdpa", "hf-packed", "sdpa", "one packed row + position_ids on HF's own sdpa path"),
+    _gpt2("hf-varlen-flash", "hf-varlen", "flash", "one packed row through attn_implementation='varlen', FlashAttention varlen"),
+    _gpt2("hf-varlen-flex", "hf-varlen", "flex", "one packed row through attn_implementation='varlen', FlexAttention"),
+    _gpt2("hf-varlen-sdpa", "hf-varlen", "sdpa", "one packed row through attn_implementation='varlen', SDPA inside"),
+)}
 BASELINE = "padded"
-# the study's HuggingFace part (docs/study.md): a stock GPT2 of the study's size
-HF_STRATEGIES = {
-    "hf-padded": "GPT2, padded to max_len + 1, HF sdpa with the padding mask (the HF baseline)",
-    "hf-packed-sdpa": "GPT2, one packed row + position_ids on HF's own sdpa path",
-    "hf-varlen-flash": "GPT2, one packed row through attn_implementation='varlen', FlashAttention varlen",
-    "hf-varlen-flex": "GPT2, one packed row through attn_implementation='varlen', FlexAttention",
-    "hf-varlen-sdpa": "GPT2, one packed row through attn_implementation='varlen', SDPA inside",
-}
-STRATEGIES.update(HF_STRATEGIES)
-DECODER_STRATEGIES = [s for s in STRATEGIES if not s.startswith("hf-")]
 
 
-def known(strategy: str) -> bool:
-    """A strategy, or a flash one with an implementation: ``packed-flash:fa4``, ``hf-varlen-flash:torch``."""
-    base, sep, impl = strategy.partition(":")
+def strategies_of(family: str) -> list[str]:
+    """The strategies of one model family, in the study's order."""
+    return [name for name, s in STRATEGIES.items() if s.family == family]
+
+
+def strategy(name: str) -> Strategy:
+    """The strategy a case names; ``packed-flash:fa4`` is ``packed-flash`` running ``flash:fa4``."""
+    base, sep, impl = name.partition(":")
+    if base not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {list(STRATEGIES)}")
+    s = STRATEGIES[base]
     if not sep:
-        return base in STRATEGIES
+        return s
     from ..attention.flash import IMPLS
 
-    return base in ("packed-flash", "hf-varlen-flash") and impl in IMPLS
+    if s.backend != "flash" or not s.packed or impl not in IMPLS:
+        raise ValueError(f"unknown strategy {name!r}: only a flash strategy names an implementation ({', '.join(IMPLS)})")
+    return replace(s, backend=f"flash:{impl}")
+
+
+def known(name: str) -> bool:
+    """A strategy, or a flash one with an implementation: ``packed-flash:fa4``, ``hf-varlen-flash:torch``."""
+    try:
+        strategy(name)
+    except ValueError:
+        return False
+    return True
 
 
 def order_key(strategy: str) -> tuple[int, str]:
@@ -57,9 +103,9 @@ def padded_length(max_len: int) -> int:
     return round_up(max_len + 1, 8)
 
 
-def baseline_of(strategy: str) -> str:
+def baseline_of(name: str) -> str:
     """What a strategy's speed-up is measured against: padding, in the same model family."""
-    return "hf-padded" if strategy.startswith("hf-") else BASELINE
+    return strategy(name).baseline
 
 
 @dataclass(frozen=True)
@@ -104,11 +150,12 @@ class Case:
     workload: Workload = field(default_factory=Workload)
 
     @property
+    def spec(self) -> Strategy:
+        return strategy(self.strategy)
+
+    @property
     def backend(self) -> str:
-        for prefix in ("packed-", "hf-varlen-"):
-            if self.strategy.startswith(prefix):
-                return self.strategy.removeprefix(prefix)
-        return "nested" if self.strategy == "nested" else "sdpa"
+        return self.spec.backend
 
     @property
     def name(self) -> str:
@@ -127,7 +174,7 @@ class Result:
     """One case's measurement; a case that failed has ``error`` set and no numbers."""
 
     strategy: str
-    backend: str
+    backend: str | None
     mode: str
     compile: bool
     step_ms_mean: float | None = None
@@ -152,8 +199,8 @@ class Result:
 
     @classmethod
     def failed(cls, case: Case, error: str, wall_s: float | None = None, applicable: bool = True) -> "Result":
-        return cls(case.strategy, case.backend, case.mode, case.compile, error=error, wall_s=wall_s,
-                   applicable=applicable)
+        backend = case.backend if known(case.strategy) else None  # a case of no known strategy fails too
+        return cls(case.strategy, backend, case.mode, case.compile, error=error, wall_s=wall_s, applicable=applicable)
 
 
 def grid(strategies, modes, compile_modes, workload: Workload) -> list[Case]:

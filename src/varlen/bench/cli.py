@@ -16,7 +16,7 @@ import torch
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..data.synthetic import sample_lengths
 from ..environment import environment
-from .cases import DECODER_STRATEGIES, HF_STRATEGIES, STRATEGIES, WORKLOADS, case_name, grid, order_key
+from .cases import STRATEGIES, WORKLOADS, case_name, grid, order_key, strategies_of
 from .report import add_comparisons, add_mfu, print_table, save
 from .runner import measure_peak, result_dicts, run_all
 
@@ -112,7 +112,7 @@ def workload_from(args):
 
 def cases_from(args, w) -> list:
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
-    family = list(HF_STRATEGIES) if args.model == "hf-gpt2" else DECODER_STRATEGIES
+    family = strategies_of(args.model)
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else family
     wrong = [s for s in strategies if s.partition(":")[0] not in family]
     if wrong:

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from ..data.collate import IGNORE_INDEX, as_pairs, pad_pairs
 from ..models import HF_GPT2, DecoderConfig
-from .cases import padded_length
+from .cases import Strategy, padded_length
 
 
 
-def gpt2(cfg: DecoderConfig, strategy: str):
+def gpt2(cfg: DecoderConfig, strategy: Strategy):
     """The strategy's GPT2: through varlen's kernel (``hf-varlen-<backend>``) or HF's own sdpa."""
-    varlen = strategy.startswith("hf-varlen-")
-    backend = strategy.removeprefix("hf-varlen-") if varlen else "auto"
-    return HF_GPT2.build(cfg, backend, attn_implementation="varlen" if varlen else "sdpa")
+    if strategy.layout == "hf-varlen":
+        return HF_GPT2.build(cfg, strategy.backend, attn_implementation="varlen")
+    return HF_GPT2.build(cfg, "auto", attn_implementation="sdpa")
 
 
 class HFPadCollator:
@@ -44,10 +44,10 @@ class HFPackCollator:
         return batch
 
 
-def collator(strategy: str, max_len: int, compiled: bool):
-    if strategy == "hf-padded":
+def collator(strategy: Strategy, max_len: int, compiled: bool):
+    if strategy.layout == "hf-padded":
         return HFPadCollator(padded_length(max_len))
-    return HFPackCollator(with_info=strategy.startswith("hf-varlen-"), max_seqlen=max_len if compiled else None)
+    return HFPackCollator(with_info=strategy.layout == "hf-varlen", max_seqlen=max_len if compiled else None)
 
 
 def loss(model, batch):

@@ -48,7 +48,7 @@ def precheck(case: Case) -> str | None:
         return "--cuda-graphs needs a CUDA device"
     if case.compile and case.backend == "flex":
         return "compiled FlexAttention does not build on the CPU (Inductor's C++ code generation fails, torch 2.13)"
-    if case.strategy in ("padded", "longest", "hf-padded"):
+    if case.spec.layout in ("padded", "longest", "hf-padded"):
         return None
     import torch
 
@@ -59,7 +59,7 @@ def precheck(case: Case) -> str | None:
     cfg, train = DecoderConfig.from_name(case.workload.model), case.mode == "train"
     with torch.set_grad_enabled(train):
         q = torch.empty(1, cfg.n_heads, cfg.head_dim, requires_grad=train)
-        causal = train or case.strategy.startswith("hf-")
+        causal = train or case.spec.causal_lm
         return "; ".join(backend_reasons(case.backend, q, q, q, SeqInfo.from_lengths([1]), causal, (-1, -1))) or None
 
 

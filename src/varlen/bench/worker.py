@@ -22,14 +22,14 @@ from ..buckets import round_up
 from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
 from ..measure import compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
-from ..models import DECODER, HF_GPT2, DecoderConfig, lm_loss
+from ..models import DecoderConfig, family, lm_loss
 from . import hf_models
 from .cases import Case, Result, padded_length
 
 
 def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
     w = case.workload
-    match case.strategy:
+    match case.spec.layout:
         case "padded":
             return PadCollator(length=padded_length(w.max_len))
         case "longest":  # powers of two from 64 up to the padded baseline's length
@@ -49,7 +49,7 @@ def cuda_graphed(case: Case) -> bool:
     """Does this case run as CUDA graphs (``--cuda-graphs``)? Raises for a strategy that cannot."""
     if not (case.workload.cuda_graphs and case.compile):
         return False
-    if not case.strategy.startswith("packed-"):
+    if case.spec.layout != "packed":
         raise ValueError(f"--cuda-graphs: {case.strategy} has no static-shape batches (packed strategies only)")
     if case.workload.device != "cuda":
         raise ValueError("--cuda-graphs needs a CUDA device")
@@ -89,11 +89,11 @@ def run_case(case: Case) -> Result:
     base = DecoderConfig.from_name(w.model)
     # positions for every padded slot: padding rounds max_len + 1 up to a multiple of 8
     cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, padded_length(w.max_len)))
-    fam = HF_GPT2 if case.strategy.startswith("hf-") else DECODER  # the family, chosen once
-    model = (hf_models.gpt2(cfg, case.strategy) if fam.hf else fam.build(cfg, case.backend)).to(device).train(train)
+    fam = family(case.spec.family)
+    model = (hf_models.gpt2(cfg, case.spec) if fam.hf else fam.build(cfg, case.backend)).to(device).train(train)
     n_profile = 3 if w.profile else 0
     batches = sample_batches(w, w.warmup + w.steps + n_profile + (n_profile > 0))  # breakdown: one unrecorded step first
-    collate = hf_models.collator(case.strategy, w.max_len, case.compile) if fam.hf else _collator(case, cfg, batches)
+    collate = hf_models.collator(case.spec, w.max_len, case.compile) if fam.hf else _collator(case, cfg, batches)
     ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, vocab_size=w.vocab_size,
                           length_dist=w.length_dist, seed=w.seed)
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=w.num_workers,
@@ -217,7 +217,7 @@ def _kernel(case: Case, cfg: DecoderConfig, host: dict, device: torch.device) ->
     train = case.mode == "train"
     with torch.set_grad_enabled(train):
         q = torch.empty(info.total_tokens, cfg.n_heads, cfg.head_dim, device=device, dtype=dtype, requires_grad=train)
-        return kernel_name(case.backend, q, q, q, info, causal=train or case.strategy.startswith("hf-"))
+        return kernel_name(case.backend, q, q, q, info, causal=train or case.spec.causal_lm)
 
 
 def matmul_peak(device: str) -> float:
