@@ -38,21 +38,22 @@ def _gpt2(name: str, layout: str, backend: str, description: str) -> Strategy:
     return Strategy(name, "hf-gpt2", layout, backend, "hf-padded", "GPT2, " + description)
 
 
-STRATEGIES = {s.name: s for s in (
+_DECODER_STRATEGIES = (
     _decoder("padded", "padded", "sdpa", "pad every sample to max_len + 1, SDPA with one padding/causal mask (the baseline)"),
     _decoder("longest", "longest", "sdpa", "pad to the longest sample (power-of-two buckets), SDPA with a mask"),
     _decoder("nested", "nested", "nested", "jagged nested tensors, SDPA on nested q/k/v"),
-    _decoder("packed-flash", "packed", "flash", "one packed row, FlashAttention varlen"),
-    _decoder("packed-xformers", "packed", "xformers", "one packed row, xFormers BlockDiagonalMask"),
-    _decoder("packed-flex", "packed", "flex", "one packed row, FlexAttention document mask"),
-    _decoder("packed-sdpa", "packed", "sdpa", "one packed row, unpacked to padding for SDPA inside attention"),
-    # the study's HuggingFace part (docs/study.md): a stock GPT2 of the study's size
+    *(_decoder(f"packed-{backend}", "packed", backend, f"one packed row, {how}") for backend, how in (
+        ("flash", "FlashAttention varlen"), ("xformers", "xFormers BlockDiagonalMask"),
+        ("flex", "FlexAttention document mask"), ("sdpa", "unpacked to padding for SDPA inside attention"))),
+)
+# the study's HuggingFace part (docs/study.md): a stock GPT2 of the study's size
+_GPT2_STRATEGIES = (
     _gpt2("hf-padded", "hf-padded", "sdpa", "padded to max_len + 1, HF sdpa with the padding mask (the HF baseline)"),
     _gpt2("hf-packed-sdpa", "hf-packed", "sdpa", "one packed row + position_ids on HF's own sdpa path"),
-    _gpt2("hf-varlen-flash", "hf-varlen", "flash", "one packed row through attn_implementation='varlen', FlashAttention varlen"),
-    _gpt2("hf-varlen-flex", "hf-varlen", "flex", "one packed row through attn_implementation='varlen', FlexAttention"),
-    _gpt2("hf-varlen-sdpa", "hf-varlen", "sdpa", "one packed row through attn_implementation='varlen', SDPA inside"),
-)}
+    *(_gpt2(f"hf-varlen-{backend}", "hf-varlen", backend, f"one packed row through attn_implementation='varlen', {how}")
+      for backend, how in (("flash", "FlashAttention varlen"), ("flex", "FlexAttention"), ("sdpa", "SDPA inside"))),
+)
+STRATEGIES = {s.name: s for s in _DECODER_STRATEGIES + _GPT2_STRATEGIES}
 BASELINE = "padded"
 
 
