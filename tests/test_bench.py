@@ -322,3 +322,21 @@ def test_strategies_are_objects_chosen_once_by_name():
     # HF causal LMs are causal in eval too; the study's decoder only when it trains
     assert all(strategy(s).causal_lm for s in hf) and not any(strategy(s).causal_lm for s in decoder)
     assert [s for s in decoder if strategy(s).packed] == ["packed-flash", "packed-xformers", "packed-flex", "packed-sdpa"]
+
+
+def test_gpu_smoke_runs_every_strategy():
+    # benchmarks/run_gpu.sh smoke names its decoder strategies (packed-flash by implementation) and
+    # runs the HF bench whole: a strategy added without the smoke would land untested on the GPU
+    import re
+    from pathlib import Path
+
+    from varlen.bench.cases import strategies_of
+
+    script = (Path(__file__).parent.parent / "benchmarks" / "run_gpu.sh").read_text()
+    smoke = script[script.index("  smoke)"):script.index(";;", script.index("  smoke)"))]
+    decoder_run = re.search(r"--strategies (\S+) \\\n", smoke)
+    listed = {s.split(":")[0].removesuffix("$fa4") for s in decoder_run.group(1).split(",")}
+    assert listed == set(strategies_of("decoder")), listed ^ set(strategies_of("decoder"))
+    hf_run = next(line for line in smoke.splitlines() if "--model hf-gpt2" in line)
+    assert "--strategies" not in hf_run  # every HF strategy, the default
+    assert "--compile both" in hf_run and smoke.count("--compile both") == 2
