@@ -11,6 +11,7 @@
 #                transformers' own sdpa, which must report the leak (exit 1)
 #   eval-eager | train-eager | eval-compiled | train-compiled   one slice of the study
 #   profile      the study's padded and packed-flash cases, compiled, with --profile (where the time goes)
+#   lognormal    the study preset on long-tailed lengths, compiled and profiled: padded, longest, packed
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
 # Wheels carried in .whl/ (benchmarks/xformers_wheels.sh download .whl) are installed first, so that
 # xFormers runs; FlashAttention-4 comes with benchmarks/fa4_wheels.sh (two calls) and is used when
@@ -67,6 +68,12 @@ PY
          python3 -m varlen bench --preset study --strategies padded,packed-flash --compile on --profile \
            --out "$out/profile" ${BENCH_ARGS:-} >"$out/profile.log" 2>&1
          grep -E "ms/step|FAILED|\(|fastest" "$out/profile.log" | tail -30 ;;
+  lognormal)
+         # issue 18's long-tailed target (packed <= 0.25x padded): the study preset on lognormal lengths,
+         # compiled and profiled (fixed costs weigh more when most samples are short)
+         python3 -m varlen bench --preset study --length-dist lognormal --compile on --profile \
+           --strategies padded,longest,packed-flash,packed-flex --out "$out/lognormal" ${BENCH_ARGS:-} >"$out/lognormal.log" 2>&1
+         grep -E "ms/step|FAILED|fastest" "$out/lognormal.log" | tail -30 ;;
   length-*)
          len=${part#length-}; len=${len%k}
          python3 -m varlen bench --preset study --max-len $((len * 1024)) --tokens-per-batch 65536 --modes train \
