@@ -10,7 +10,7 @@ import torch
 
 from varlen import SeqInfo
 from varlen.data import PackedBatch
-from varlen.parallel import ContextShard, shard_batch, ulysses_attention
+from varlen.parallel import ContextShard, context_shard, shard_batch, ulysses_attention
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -32,6 +32,12 @@ def test_shard_batch_slices_the_row_and_keeps_positions_across_edges():
     assert info.position_ids[batch.context.slice(12)].tolist() == [1, 2, 3, 4, 5, 6] and batch.info is info
     with pytest.raises(ValueError, match="multiple of 5 tokens, got 12"):
         shard_batch(PackedBatch(ids, ids, SeqInfo.from_lengths([12]), 12), ContextShard(0, 5))
+
+
+def test_context_groups_must_divide_the_processes():
+    assert context_shard(3, 4, 1) is None  # no context parallelism: no group made
+    with pytest.raises(ValueError, match="context groups of 2 ranks do not divide the 3 processes"):
+        context_shard(0, 3, 2)
 
 
 def test_heads_that_do_not_divide_are_refused_before_any_collective():

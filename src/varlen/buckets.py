@@ -11,7 +11,7 @@ def ceil_div(n: int, d: int) -> int:
 
 def round_up(n: int, multiple: int) -> int:
     """``n`` rounded up to a multiple of ``multiple``."""
-    return -(-n // multiple) * multiple
+    return ceil_div(n, multiple) * multiple
 
 
 def pow2_bucket(n: int, lo: int = 1, hi: int | None = None) -> int:

@@ -1,5 +1,5 @@
 """Parallelism over the tokens of a packed row: context parallelism (Ulysses)."""
 
-from .context import ContextShard, shard_batch, ulysses_attention
+from .context import ContextShard, context_shard, shard_batch, ulysses_attention
 
-__all__ = ["ContextShard", "shard_batch", "ulysses_attention"]
+__all__ = ["ContextShard", "context_shard", "shard_batch", "ulysses_attention"]

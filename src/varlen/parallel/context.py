@@ -38,6 +38,17 @@ class ContextShard:
         return slice(self.rank * n, (self.rank + 1) * n)
 
 
+def context_shard(rank: int, world_size: int, size: int) -> ContextShard | None:
+    """This rank's place when the ``world_size`` ranks form context groups of ``size`` consecutive
+    ranks (the rest data-parallel); None for ``size`` 1. Every rank must call it: it makes the
+    groups' process groups."""
+    if world_size % size:
+        raise ValueError(f"context groups of {size} ranks do not divide the {world_size} processes")
+    if size == 1:
+        return None
+    return ContextShard(rank % size, size, torch.distributed.new_subgroups(size)[0])
+
+
 def shard_batch(batch: PackedBatch, shard: ContextShard) -> PackedBatch:
     """This rank's slice of a packed row: ``input_ids``/``labels`` ``[T/N]``, the whole row's ``info``.
     The labels were made for the whole row, so a target at a slice edge is the next token of the

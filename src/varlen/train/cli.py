@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
-import torch.distributed as dist
 
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..attention import pads_to_max_seqlen
@@ -27,7 +26,7 @@ from ..buckets import ceil_div, round_up
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..measure import since, start
 from ..models import DecoderConfig, family
-from ..parallel import ContextShard, shard_batch
+from ..parallel import context_shard, shard_batch
 from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
@@ -228,10 +227,11 @@ def run(args, d: Dist) -> int:
     micro_budget = budget // args.grad_accum
     if micro_budget < 1:
         fail(f"--max-tokens {budget} over --grad-accum {args.grad_accum} micro-steps leaves no token per micro-step")
-    if d.world_size % args.cp:
-        fail(f"--cp {args.cp} does not divide the {d.world_size} processes into context groups")
+    try:
+        shard = context_shard(d.rank, d.world_size, args.cp)
+    except ValueError as e:
+        fail(f"--cp {args.cp}: {e}")
     dp = d.world_size // args.cp  # data-parallel groups, each sharing its rows over --cp ranks
-    shard = ContextShard(d.rank % args.cp, args.cp, dist.new_subgroups(args.cp)[0]) if args.cp > 1 else None
     parallel = args.parallel or ("ddp" if d.world_size > 1 else "none")
     if parallel == "none" and d.world_size > 1:
         fail("--parallel none with several processes: choose ddp or fsdp2")

@@ -25,7 +25,7 @@ from ..data import CostModel, PackedBatch, TokenBudgetSampler, mark_dynamic, mov
 from ..measure import graph_count, since, start
 from ..measure.profile import breakdown
 from ..models import DecoderConfig, family
-from ..parallel import ContextShard, shard_batch
+from ..parallel import context_shard, shard_batch
 from .cost import measure_cost
 from .data import TrainCollator, load
 from .distributed import per_rank, run_then_teardown, setup, wrap
@@ -94,10 +94,11 @@ class Sweep:
         torch.manual_seed(0)
         max_len = args.max_len or DecoderConfig.from_name(args.preset).max_len - 1
         self.cfg = cfg = DecoderConfig.from_name(args.preset, max_len=max_len + 1)
-        if d.world_size % args.cp:
-            raise SystemExit(f"--cp {args.cp} does not divide the {d.world_size} processes")
+        try:
+            self.shard = context_shard(d.rank, d.world_size, args.cp)
+        except ValueError as e:
+            raise SystemExit(f"--cp {args.cp}: {e}") from None
         self.cp, self.dp = args.cp, d.world_size // args.cp
-        self.shard = ContextShard(d.rank % args.cp, args.cp, dist.new_subgroups(args.cp)[0]) if args.cp > 1 else None
         self.fam = family(args.model)
         model = self.fam.build(cfg, args.backend).to(d.device)
         self.autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cuda else None
