@@ -12,6 +12,8 @@
 #   eval-eager | train-eager | eval-compiled | train-compiled   one slice of the study
 #   profile      the study's padded and packed-flash cases, compiled, with --profile (where the time goes)
 #   lognormal    the study preset on long-tailed lengths, compiled and profiled: padded, longest, packed
+#   residual     packed-flash train compiled with the residual stream in fp32 and in bf16, profiled, and
+#                200 training steps of each (loss parity)
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
 # Wheels carried in .whl/ (benchmarks/xformers_wheels.sh download .whl) are installed first, so that
 # xFormers runs; FlashAttention-4 comes with benchmarks/fa4_wheels.sh (two calls) and is used when
@@ -74,6 +76,25 @@ PY
          python3 -m varlen bench --preset study --length-dist lognormal --compile on --profile \
            --strategies padded,longest,packed-flash,packed-flex --out "$out/lognormal" ${BENCH_ARGS:-} >"$out/lognormal.log" 2>&1
          grep -E "ms/step|FAILED|fastest" "$out/lognormal.log" | tail -30 ;;
+  residual)
+         # the bf16 residual stream (--residual-dtype): the packed train step compiled and profiled with
+         # and without, then 200 training steps of each from the same seed (the loss must stay within 1e-2)
+         for r in fp32 bf16; do
+           python3 -m varlen bench --preset study --strategies packed-flash --modes train --compile on --profile \
+             --residual-dtype $r --out "$out/residual-$r" ${BENCH_ARGS:-} >"$out/residual-$r.log" 2>&1
+           grep -E "ms/step|FAILED" "$out/residual-$r.log"
+         done
+         for r in fp32 bf16; do
+           python3 -m varlen train --preset study --compile --steps 200 --max-tokens 16384 --seed 0 --residual-dtype $r \
+             --no-progress --out "$out/parity-$r" >"$out/parity-$r.log" 2>&1 || echo "train $r: exit $?"
+         done
+         python3 - "$out" <<'PY'
+import json, sys
+logs = {r: [json.loads(x)["loss"] for x in open(f"{sys.argv[1]}/parity-{r}/train_log.jsonl")] for r in ("fp32", "bf16")}
+gap = max(abs(a - b) for a, b in zip(*logs.values()))
+print(f"200-step losses: fp32 stream {logs['fp32'][-1]:.4f}, bf16 stream {logs['bf16'][-1]:.4f}, largest gap {gap:.2e}")
+PY
+         ;;
   length-*)
          len=${part#length-}; len=${len%k}
          python3 -m varlen bench --preset study --max-len $((len * 1024)) --tokens-per-batch 65536 --modes train \

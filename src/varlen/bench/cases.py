@@ -129,6 +129,8 @@ class Workload:
     # compiled packed cases as CUDA graphs on static shapes (token-budget batches padded to one
     # token count and one number of sequences); other strategies refuse it
     cuda_graphs: bool = False
+    # the decoder's residual stream between blocks (DecoderConfig.residual_dtype): None = autocast's float32
+    residual_dtype: str | None = None
 
 
 WORKLOADS = {  # --preset NAME: the study and its smaller versions

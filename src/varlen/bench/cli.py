@@ -48,6 +48,9 @@ def parse_args(argv):
                    help="compiled packed cases run as CUDA graphs (torch.compile mode='reduce-overhead') on "
                         "static shapes: needs --tokens-per-batch; every batch padded to one token count and "
                         "one number of sequences")
+    p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default=None,
+                   help="the decoder's residual stream between blocks: fp32 (autocast's, the default) or bf16 "
+                        "(half the bytes of every add, norm input and saved residual; weights stay fp32)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="cases run at once (default 1; more only to check that every case runs, e.g. the GPU "
                         "smoke: concurrent cases share the GPU and the host, so their timings mean little)")
@@ -95,7 +98,13 @@ def workload_from(args):
         overrides["profile"] = True
     if args.cuda_graphs:
         overrides["cuda_graphs"] = True
+    if args.residual_dtype == "bf16":
+        if args.model != "decoder":
+            usage_error("varlen bench", f"--residual-dtype bf16 is the study decoder's; --model {args.model} keeps its own")
+        overrides["residual_dtype"] = "bfloat16"
     w = replace(w, **overrides)
+    if w.residual_dtype and w.device != "cuda":
+        usage_error("varlen bench", "--residual-dtype bf16 needs bf16 autocast, which the bench runs on CUDA only")
     if w.cuda_graphs and not w.tokens_per_batch:
         usage_error("varlen bench", "--cuda-graphs needs --tokens-per-batch (one static shape for every batch)")
     if w.device == "cuda" and not torch.cuda.is_available():

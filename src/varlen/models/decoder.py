@@ -39,10 +39,16 @@ class DecoderConfig:
     n_heads: int = 16
     mlp_ratio: int = 4
     pad_id: int = 0
+    # the residual stream between blocks: None keeps what autocast leaves it (float32 on CUDA: every
+    # add, norm input and saved residual at 4 bytes); "bfloat16" halves those bytes. Weights stay
+    # float32 (the optimizer's master copy); it needs autocast, which runs the GEMMs in bf16 anyway.
+    residual_dtype: str | None = None
 
     def __post_init__(self):
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.residual_dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"residual_dtype {self.residual_dtype!r}: None, 'bfloat16' or 'float16'")
 
     @property
     def head_dim(self) -> int:
@@ -125,6 +131,13 @@ class Decoder(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.dim, bias=False)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size)
 
+    def _residual(self, x: Tensor) -> Tensor:
+        """The embeddings in the residual stream's dtype (``DecoderConfig.residual_dtype``)."""
+        if self.cfg.residual_dtype is None:
+            return x
+        _check_residual(x, self.cfg.residual_dtype)
+        return x.to(getattr(torch, self.cfg.residual_dtype))
+
     def forward(
         self,
         input_ids: Tensor,
@@ -173,10 +186,17 @@ class Decoder(nn.Module):
             ctx = _Ctx("padded", causal, backend, None, padded_mask(attention_mask.bool(), causal))
         else:
             raise ValueError("pass info= for a packed batch, attention_mask= for a padded one, or nested input_ids")
-        x = self.tok_emb(input_ids) + self.pos_emb(position_ids)
+        x = self._residual(self.tok_emb(input_ids) + self.pos_emb(position_ids))
         for block in self.blocks:
             x = block(x, ctx)
         return self.head(self.ln_f(x))
+
+
+def _check_residual(x: Tensor, residual_dtype: str) -> None:
+    if not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"residual_dtype={residual_dtype!r} needs autocast (torch.autocast('{x.device.type}', "
+                         f"dtype=torch.{residual_dtype})): without it the float32 weights meet {residual_dtype} "
+                         "activations")
 
 
 def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:

@@ -68,6 +68,8 @@ def parse_args(argv):
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--lr", type=positive_float, default=1e-3)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
     p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="gradient reduction dtype")
     p.add_argument("--bucket-mb", type=positive_int, default=25, help="DDP gradient bucket size")
     p.add_argument("--static-graph", action="store_true", help="DDP's static_graph (not with --grad-accum > 1)")
@@ -114,7 +116,7 @@ def parse_args(argv):
 # The settings a checkpoint is tied to: resuming with another value changes what the run computes.
 CONFIG_FIELDS = ("model", "preset", "backend", "data", "data_fingerprint", "num_samples", "max_len", "too_long",
                  "max_tokens", "grad_accum", "split", "cost", "window", "static", "optimizer", "lr", "seed",
-                 "world_size", "parallel", "cp", "dtype", "reduce_dtype")
+                 "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype")
 
 
 def fail(message: str) -> NoReturn:
@@ -177,7 +179,9 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             "max_tokens": budget, "grad_accum": args.grad_accum, "split": args.split, "cost": args.cost,
             "window": args.window, "static": args.static, "optimizer": args.optimizer, "lr": args.lr,
             "seed": args.seed, "world_size": d.world_size, "parallel": parallel, "cp": args.cp, "dtype": dtype,
-            "reduce_dtype": args.reduce_dtype}
+            "reduce_dtype": args.reduce_dtype,
+            # only when changed: checkpoints from before the option resume as float32 runs
+            **({"residual_dtype": args.residual_dtype} if args.residual_dtype != "fp32" else {})}
 
 
 def resume_point(args, d: Dist, config: dict) -> Path | None:
@@ -222,7 +226,7 @@ def resume_point(args, d: Dist, config: dict) -> Path | None:
 
 def run(args, d: Dist) -> int:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    cfg = DecoderConfig.from_name(args.preset)
+    cfg = DecoderConfig.from_name(args.preset, residual_dtype="bfloat16" if args.residual_dtype == "bf16" else None)
     budget = args.max_tokens or (args.max_tokens_per_rank or 16384) * d.world_size
     micro_budget = budget // args.grad_accum
     if micro_budget < 1:
@@ -237,6 +241,9 @@ def run(args, d: Dist) -> int:
         fail("--parallel none with several processes: choose ddp or fsdp2")
     on_gpu = d.device.type == "cuda"
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    if args.residual_dtype == "bf16" and (dtype != "bf16" or args.model != "decoder"):
+        fail(f"--residual-dtype bf16 is the decoder's under bf16 autocast; this run has --model {args.model}, "
+             f"--dtype {dtype}")
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
 
     report = DataReport()
