@@ -34,15 +34,23 @@ def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def count_targets(micro_batches: Sequence[dict], group=None, device=None) -> Tensor:
-    """Target tokens of all micro-batches of this step, summed over the data-parallel group."""
+def count_targets(micro_batches: Sequence[dict], group=None, device=None, async_op: bool = False):
+    """Target tokens of all micro-batches of this step, summed over the data-parallel group.
+
+    ``async_op``: returns ``(n, wait)`` with the sum still in flight; ``wait()`` before reading
+    ``n``. Nothing needs the count until the first backward, so the forward runs meanwhile
+    instead of every rank's GPU waiting at the start of the step for the slowest rank to arrive.
+    """
     device = device or _labels(micro_batches[0]).device
     n = torch.zeros((), dtype=torch.int64, device=device)
     for b in micro_batches:
         n += (_labels(b) != IGNORE_INDEX).sum()
-    if _world(group) > 1:
-        dist.all_reduce(n, group=group)
-    return n
+    work = dist.all_reduce(n, group=group, async_op=True) if _world(group) > 1 else None
+    if not async_op:
+        if work is not None:
+            work.wait()
+        return n
+    return n, (work.wait if work is not None else lambda: None)
 
 
 def _labels(batch: PackedBatch | dict) -> Tensor:
@@ -66,7 +74,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dic
         raise ValueError("gradient accumulation (several micro-batches) with DDP's static_graph is broken in "
                          "PyTorch (pytorch/pytorch#187732); use one micro-batch a step or static_graph=False")
     world = _world(group)
-    n = count_targets(micro_batches, group).clamp_min(1)
+    n, counted = count_targets(micro_batches, group, async_op=True)  # in flight during the first forward
     total = torch.zeros((), dtype=torch.float64, device=n.device)
     tokens = 0
     for i, batch in enumerate(micro_batches):
@@ -81,6 +89,9 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dic
                     logits = logits.float()
                 ce = F.cross_entropy(logits.flatten(0, -2), _labels(batch).flatten(),
                                      ignore_index=IGNORE_INDEX, reduction="sum")
+            if i == 0:
+                counted()
+                n = n.clamp_min(1)
             (ce * (world / n.to(ce.dtype))).backward()
         total += ce.detach()
         tokens += batch.tokens if isinstance(batch, PackedBatch) else int(batch["labels"].numel())
