@@ -12,6 +12,8 @@
 #   eval-eager | train-eager | eval-compiled | train-compiled   one slice of the study
 #   profile      the study's padded and packed-flash cases, compiled, with --profile (where the time goes)
 #   lognormal    the study preset on long-tailed lengths, compiled and profiled: padded, longest, packed
+#   fp8          packed-flash train compiled in bf16 and with FP8 linears (tensorwise, rowwise), profiled,
+#                and 200 training steps of bf16 and rowwise (loss parity); torchao's wheel in .whl/
 #   residual     packed-flash train compiled with the residual stream in fp32 and in bf16, profiled, and
 #                200 training steps of each (loss parity)
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
@@ -24,6 +26,9 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" NCCL_NVLS_ENABLE=0 PYTHO
 if ls .whl/xformers-*.whl >/dev/null 2>&1; then
   lib=$(benchmarks/xformers_wheels.sh install .whl) || exit 1
   export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+if ls .whl/torchao-*.whl >/dev/null 2>&1; then  # FP8 linears (the fp8 part): pip download --no-deps torchao==0.18.0 -d .whl
+  python3 -m pip install -q --no-index --no-deps --no-compile .whl/torchao-*.whl || exit 1
 fi
 fa4=$(python3 -c "from varlen.attention.flash import impl_unavailable as u; print('' if u('fa4') else ',packed-flash:fa4')")
 case $part in
@@ -76,6 +81,27 @@ PY
          python3 -m varlen bench --preset study --length-dist lognormal --compile on --profile \
            --strategies padded,longest,packed-flash,packed-flex --out "$out/lognormal" ${BENCH_ARGS:-} >"$out/lognormal.log" 2>&1
          grep -E "ms/step|FAILED|fastest" "$out/lognormal.log" | tail -30 ;;
+  fp8)
+         # FP8 linears (torchao, carried as a wheel in .whl/): the packed train step compiled and profiled
+         # in bf16 and with each fp8 recipe, then 200 training steps of bf16 and rowwise (loss parity)
+         for r in bf16 tensorwise rowwise; do
+           flag=$([ $r = bf16 ] || echo "--fp8 $r")
+           python3 -m varlen bench --preset study --strategies packed-flash --modes train --compile on --profile \
+             $flag --out "$out/fp8-$r" ${BENCH_ARGS:-} >"$out/fp8-$r.log" 2>&1
+           grep -E "ms/step|FAILED" "$out/fp8-$r.log"
+         done
+         for r in bf16 rowwise; do
+           flag=$([ $r = bf16 ] || echo "--fp8 $r")
+           python3 -m varlen train --preset study --compile --steps 200 --max-tokens 16384 --seed 0 $flag \
+             --no-progress --out "$out/parity-$r" >"$out/parity-$r.log" 2>&1 || echo "train $r: exit $?"
+         done
+         python3 - "$out" <<'PY'
+import json, sys
+logs = {r: [json.loads(x)["loss"] for x in open(f"{sys.argv[1]}/parity-{r}/train_log.jsonl")] for r in ("bf16", "rowwise")}
+gap = max(abs(a - b) for a, b in zip(*logs.values()))
+print(f"200-step losses: bf16 {logs['bf16'][-1]:.4f}, fp8 rowwise {logs['rowwise'][-1]:.4f}, largest gap {gap:.2e}")
+PY
+         ;;
   residual)
          # the bf16 residual stream (--residual-dtype): the packed train step compiled and profiled with
          # and without, then 200 training steps of each from the same seed (the loss must stay within 1e-2)

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-OPTIONAL = ("transformers", "flash-attn", "flash-attn-4", "xformers", "triton", "rich", "matplotlib")
+OPTIONAL = ("transformers", "flash-attn", "flash-attn-4", "xformers", "torchao", "triton", "rich", "matplotlib")
 
 
 def package_version(name: str) -> str | None:

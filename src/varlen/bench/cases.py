@@ -131,6 +131,7 @@ class Workload:
     cuda_graphs: bool = False
     # the decoder's residual stream between blocks (DecoderConfig.residual_dtype): None = autocast's float32
     residual_dtype: str | None = None
+    fp8: str | None = None  # the decoder's linears in float8 (varlen.precision recipe), None: bf16 autocast
 
 
 WORKLOADS = {  # --preset NAME: the study and its smaller versions

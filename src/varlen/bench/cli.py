@@ -51,6 +51,9 @@ def parse_args(argv):
     p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default=None,
                    help="the decoder's residual stream between blocks: fp32 (autocast's, the default) or bf16 "
                         "(half the bytes of every add, norm input and saved residual; weights stay fp32)")
+    p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
+                   help="the decoder's linear layers in float8 with this scaling (torchao; CUDA, compiled cases "
+                        "are what it is for)")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="cases run at once (default 1; more only to check that every case runs, e.g. the GPU "
                         "smoke: concurrent cases share the GPU and the host, so their timings mean little)")
@@ -102,7 +105,14 @@ def workload_from(args):
         if args.model != "decoder":
             usage_error("varlen bench", f"--residual-dtype bf16 is the study decoder's; --model {args.model} keeps its own")
         overrides["residual_dtype"] = "bfloat16"
+    if args.fp8:
+        if args.model != "decoder":
+            usage_error("varlen bench", f"--fp8 converts the study decoder's nn.Linear layers; --model {args.model} "
+                                        "has its own (GPT2's are Conv1D)")
+        overrides["fp8"] = args.fp8
     w = replace(w, **overrides)
+    if w.fp8 and w.device != "cuda":
+        usage_error("varlen bench", "--fp8 times float8 GEMMs, which need a CUDA GPU (on the CPU they are emulated)")
     if w.residual_dtype and w.device != "cuda":
         usage_error("varlen bench", "--residual-dtype bf16 needs bf16 autocast, which the bench runs on CUDA only")
     if w.cuda_graphs and not w.tokens_per_batch:

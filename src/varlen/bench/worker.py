@@ -23,6 +23,7 @@ from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollat
 from ..measure import compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
 from ..models import DecoderConfig, family, lm_loss
+from ..precision import apply_fp8
 from . import hf_models
 from .cases import Case, Result, padded_length
 
@@ -92,6 +93,8 @@ def run_case(case: Case) -> Result:
                                   residual_dtype=w.residual_dtype)
     fam = family(case.spec.family)
     model = (hf_models.gpt2(cfg, case.spec) if fam.hf else fam.build(cfg, case.backend)).to(device).train(train)
+    if w.fp8:
+        apply_fp8(model, w.fp8)
     n_profile = 3 if w.profile else 0
     batches = sample_batches(w, w.warmup + w.steps + n_profile + (n_profile > 0))  # breakdown: one unrecorded step first
     collate = hf_models.collator(case.spec, w.max_len, case.compile) if fam.hf else _collator(case, cfg, batches)

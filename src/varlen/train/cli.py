@@ -27,6 +27,7 @@ from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..measure import since, start
 from ..models import DecoderConfig, family
 from ..parallel import context_shard, shard_batch
+from ..precision import apply_fp8
 from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
@@ -70,6 +71,8 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
+    p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
+                   help="the decoder's linear layers in float8 with this scaling (torchao)")
     p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="gradient reduction dtype")
     p.add_argument("--bucket-mb", type=positive_int, default=25, help="DDP gradient bucket size")
     p.add_argument("--static-graph", action="store_true", help="DDP's static_graph (not with --grad-accum > 1)")
@@ -116,7 +119,7 @@ def parse_args(argv):
 # The settings a checkpoint is tied to: resuming with another value changes what the run computes.
 CONFIG_FIELDS = ("model", "preset", "backend", "data", "data_fingerprint", "num_samples", "max_len", "too_long",
                  "max_tokens", "grad_accum", "split", "cost", "window", "static", "optimizer", "lr", "seed",
-                 "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype")
+                 "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype", "fp8")
 
 
 def fail(message: str) -> NoReturn:
@@ -181,7 +184,8 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             "seed": args.seed, "world_size": d.world_size, "parallel": parallel, "cp": args.cp, "dtype": dtype,
             "reduce_dtype": args.reduce_dtype,
             # only when changed: checkpoints from before the option resume as float32 runs
-            **({"residual_dtype": args.residual_dtype} if args.residual_dtype != "fp32" else {})}
+            **({"residual_dtype": args.residual_dtype} if args.residual_dtype != "fp32" else {}),
+            **({"fp8": args.fp8} if args.fp8 else {})}
 
 
 def resume_point(args, d: Dist, config: dict) -> Path | None:
@@ -252,6 +256,10 @@ def run(args, d: Dist) -> int:
     resume_from = resume_point(args, d, config)
     fam = family(args.model)
     model = fam.build(cfg, args.backend).to(d.device)
+    if args.fp8:
+        if args.model != "decoder":
+            fail(f"--fp8 converts the decoder's nn.Linear layers; --model {args.model} is not converted")
+        apply_fp8(model, args.fp8)
     if args.cost == "measure":
         cost = measure_cost(model, fam, cfg, d, autocast)
     else:
