@@ -79,7 +79,9 @@ def test_bench_end_to_end_writes_results(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary == {"out": str(out), "cases": 4, "failed": 0, "not_applicable": 0, "fastest": summary["fastest"]}
+    assert summary == {"out": str(out), "cases": 4, "failed": 0, "not_applicable": 0, "fastest": summary["fastest"],
+                       "unsteady": summary["unsteady"]}  # 2 CPU steps a case: which is steady is chance
+    assert all(len(c["step_ms"]) == 2 for c in json.loads((out / "results.json").read_text())["cases"])
     report = json.loads((out / "results.json").read_text())
     assert {"gpu", "torch", "cuda", "date"} <= report["env"].keys()
     assert len(report["cases"]) == 4
@@ -340,3 +342,16 @@ def test_gpu_smoke_runs_every_strategy():
     hf_run = next(line for line in smoke.splitlines() if "--model hf-gpt2" in line)
     assert "--strategies" not in hf_run  # every HF strategy, the default
     assert "--compile both" in hf_run and smoke.count("--compile both") == 2
+
+
+def test_unsteady_cases_are_named_with_their_slow_steps():
+    from varlen.bench.report import unsteady
+
+    steady = {"strategy": "padded", "mode": "eval", "compile": False, "error": None, "step_ms": [10, 11, 10, 10],
+              "step_ms_mean": 10.25, "step_ms_median": 10.0}
+    # the packed SDPA eager pattern: a few batches 2.4x slower than the rest
+    uneven = {"strategy": "packed-sdpa", "mode": "eval", "compile": False, "error": None,
+              "step_ms": [53, 127, 120, 66, 129, 61, 52, 57], "step_ms_mean": 83.1, "step_ms_median": 63.5}
+    failed = {"strategy": "nested", "mode": "eval", "compile": False, "error": "boom"}
+    assert unsteady([steady, uneven, failed]) == {"packed-sdpa/eval/eager": [4, 1, 2]}
+    assert unsteady([steady], bound=1.01) == {"padded/eval/eager": []}  # over the bound, no outlier step

@@ -17,7 +17,7 @@ from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..data.synthetic import sample_lengths
 from ..environment import environment
 from .cases import STRATEGIES, WORKLOADS, case_name, grid, order_key, strategies_of
-from .report import add_comparisons, add_mfu, print_table, save
+from .report import UNSTEADY, add_comparisons, add_mfu, print_table, save, unsteady
 from .runner import measure_peak, result_dicts, run_all
 
 
@@ -212,10 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     paths = save(report, out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     failed = [r for r in results if r.error is not None and (r.applicable or args.strict)]
+    uneven = unsteady(report["cases"])
+    for name, slow in uneven.items():
+        print(f"varlen bench: {name}: mean step over {UNSTEADY}x the median; slowest steps {slow[:8]} "
+              "(step_ms in results.json)", file=sys.stderr)
     best = min((c for c in report["cases"] if c["error"] is None), key=lambda c: c["step_ms_mean"], default=None)
     summary = {"out": str(out), "cases": len(results), "failed": len(failed),
                "not_applicable": sum(not r.applicable for r in results),
-               "fastest": best and case_name(best["strategy"], best["mode"], best["compile"])}
+               "fastest": best and case_name(best["strategy"], best["mode"], best["compile"]),
+               "unsteady": list(uneven)}
     if failed:
         print(f"varlen bench: {len(failed)} case(s) failed: " + ", ".join(
             case_name(r.strategy, r.mode, r.compile) for r in failed), file=sys.stderr)

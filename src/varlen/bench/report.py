@@ -36,6 +36,22 @@ def add_mfu(cases: list[dict], peak_tflops: float | None) -> None:
         c["x_gemm_floor"] = c["step_ms_mean"] / c["gemm_floor_ms"] if ok else None
 
 
+UNSTEADY = 1.1  # a mean this far above its median: some steps are not like the others
+
+
+def unsteady(cases: list[dict], bound: float = UNSTEADY) -> dict[str, list[int]]:
+    """Cases whose mean step is over ``bound`` x their median, each with its slowest steps (indices
+    into ``step_ms``, slowest first, those over 1.5x the median): a recompile, or batches that leave
+    a kernel's fast path (packed SDPA's padded lengths once did), shows up here before in a table."""
+    out = {}
+    for c in cases:
+        mean, median, steps = c.get("step_ms_mean"), c.get("step_ms_median"), c.get("step_ms") or []
+        if c.get("error") is None and mean and median and mean > bound * median:
+            slow = sorted((i for i, t in enumerate(steps) if t > 1.5 * median), key=lambda i: -steps[i])
+            out[case_name(c["strategy"], c["mode"], c["compile"])] = slow
+    return out
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
