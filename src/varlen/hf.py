@@ -161,12 +161,18 @@ def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kw
     expected = rows * length if indices is None else indices.numel()
     if info.total_tokens != expected:
         raise ValueError(f"varlen: sequence metadata covers {info.total_tokens} tokens, the batch has {expected}")
-    if info.device != torch.device(device):
-        # kept even when compiling: one copy to the device per batch, not one per layer
-        info = info.cached(("to", str(device)), lambda: info.to(device, non_blocking=True), when_compiling=True)
+    info = _on_device(info, device)
     if indices is not None and indices.device != torch.device(device):
         indices = indices.to(device, non_blocking=True)
     return info, indices
+
+
+def _on_device(info: SeqInfo, device) -> SeqInfo:
+    """``info`` on ``device``: one copy a batch, kept in its cache (also when compiling), not one
+    a layer (a fresh copy per layer would also rebuild every mask cached on it)."""
+    if info.device == torch.device(device):
+        return info
+    return info.cached(("to", str(device)), lambda: info.to(device, non_blocking=True), when_compiling=True)
 
 
 def _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap):
@@ -236,10 +242,9 @@ def varlen_attention_forward(
     check_features(module, dropout, kwargs)
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     b, h, length, d = query.shape
-    if key.shape[2] != length:
-        window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
-        return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap), None
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
+    if key.shape[2] != length:
+        return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap), None
     if kwargs.get("varlen_context") is not None:  # this rank's slice of a packed row (context parallelism)
         out = _context_attention(query, key, value, kwargs, causal=causal, scale=scaling, window_size=window,
                                  softcap=softcap or 0.0, backend=backend_of(module))
@@ -263,7 +268,7 @@ def _context_attention(query: Tensor, key: Tensor, value: Tensor, kwargs: dict, 
     if info is None or b != 1 or length * context.size != info.total_tokens:
         raise ValueError(f"varlen: a context slice needs one row [1, T/{context.size}] and the whole row's "
                          f"varlen_info, got [{b}, {length}] and {info.total_tokens if info is not None else 'none'}")
-    info = info.to(query.device, non_blocking=True) if info.device != query.device else info
+    info = _on_device(info, query.device)
     pos = kwargs.get("position_ids")
     if pos is not None and not torch.compiler.is_compiling() and pos.device.type == "cpu":
         if not torch.equal(pos.reshape(-1).long(), info.position_ids[context.slice(info.total_tokens)].to(pos.device)):
