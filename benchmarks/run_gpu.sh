@@ -12,10 +12,9 @@
 #   eval-eager | train-eager | eval-compiled | train-compiled   one slice of the study
 #   profile      the study's padded and packed-flash cases, compiled, with --profile (where the time goes)
 #   lognormal    the study preset on long-tailed lengths, compiled and profiled: padded, longest, packed
-#   fp8          packed-flash train compiled in bf16 and with FP8 linears (tensorwise, rowwise), profiled,
-#                and 200 training steps of bf16 and rowwise (loss parity); torchao's wheel in .whl/
-#   residual     packed-flash train compiled with the residual stream in fp32 and in bf16, profiled, and
-#                200 training steps of each (loss parity)
+#   levers       issue 18's levers, packed-flash compiled and profiled: as is, bf16 residual stream, FP8
+#                linears (rowwise, tensorwise; torchao's wheel in .whl/), both
+#   parity       200 training steps of each lever from one seed beside bf16 autocast (loss parity)
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
 # Wheels carried in .whl/ (benchmarks/xformers_wheels.sh download .whl) are installed first, so that
 # xFormers runs; FlashAttention-4 comes with benchmarks/fa4_wheels.sh (two calls) and is used when
@@ -81,44 +80,41 @@ PY
          python3 -m varlen bench --preset study --length-dist lognormal --compile on --profile \
            --strategies padded,longest,packed-flash,packed-flex --out "$out/lognormal" ${BENCH_ARGS:-} >"$out/lognormal.log" 2>&1
          grep -E "ms/step|FAILED|fastest" "$out/lognormal.log" | tail -30 ;;
-  fp8)
-         # FP8 linears (torchao, carried as a wheel in .whl/): the packed train step compiled and profiled
-         # in bf16 and with each fp8 recipe, then 200 training steps of bf16 and rowwise (loss parity)
-         for r in bf16 tensorwise rowwise; do
-           flag=$([ $r = bf16 ] || echo "--fp8 $r")
-           python3 -m varlen bench --preset study --strategies packed-flash --modes train --compile on --profile \
-             $flag --out "$out/fp8-$r" ${BENCH_ARGS:-} >"$out/fp8-$r.log" 2>&1
-           grep -E "ms/step|FAILED" "$out/fp8-$r.log"
+  levers)
+         # issue 18's levers on the packed step (compiled, profiled, one after another on one GPU): bf16
+         # autocast as it is, the bf16 residual stream, FP8 linears (each recipe; torchao from .whl/), and
+         # both; MODES=eval,train for both modes
+         lever() { name=$1; shift
+           python3 -m varlen bench --preset study --strategies packed-flash --modes "${MODES:-train}" --compile on \
+             --profile "$@" --out "$out/lever-$name" ${BENCH_ARGS:-} >"$out/lever-$name.log" 2>&1
+           grep -E "ms/step|FAILED" "$out/lever-$name.log" | sed "s/^/$name: /"; }
+         lever base; lever residual --residual-dtype bf16; lever fp8-rowwise --fp8 rowwise
+         lever fp8-tensorwise --fp8 tensorwise; lever residual+fp8-${FP8:-rowwise} --residual-dtype bf16 --fp8 "${FP8:-rowwise}" ;;
+  parity)
+         # the levers' loss parity: 200 AdamW steps of the study model from one seed, compiled, as bf16
+         # autocast, the bf16 residual stream, FP8 rowwise linears and both (run at once: only losses count)
+         for name in base residual fp8 both; do
+           case $name in base) f=;; residual) f="--residual-dtype bf16";; fp8) f="--fp8 rowwise";;
+                         both) f="--residual-dtype bf16 --fp8 rowwise";; esac
+           python3 -m varlen train --preset study --compile --steps 200 --max-tokens 16384 --seed 0 \
+             --optimizer adamw --lr 3e-4 $f --no-progress --out "$out/parity-$name" >"$out/parity-$name.log" 2>&1 &
          done
-         for r in bf16 rowwise; do
-           flag=$([ $r = bf16 ] || echo "--fp8 $r")
-           python3 -m varlen train --preset study --compile --steps 200 --max-tokens 16384 --seed 0 $flag \
-             --no-progress --out "$out/parity-$r" >"$out/parity-$r.log" 2>&1 || echo "train $r: exit $?"
-         done
+         wait
          python3 - "$out" <<'PY'
 import json, sys
-logs = {r: [json.loads(x)["loss"] for x in open(f"{sys.argv[1]}/parity-{r}/train_log.jsonl")] for r in ("bf16", "rowwise")}
-gap = max(abs(a - b) for a, b in zip(*logs.values()))
-print(f"200-step losses: bf16 {logs['bf16'][-1]:.4f}, fp8 rowwise {logs['rowwise'][-1]:.4f}, largest gap {gap:.2e}")
-PY
-         ;;
-  residual)
-         # the bf16 residual stream (--residual-dtype): the packed train step compiled and profiled with
-         # and without, then 200 training steps of each from the same seed (the loss must stay within 1e-2)
-         for r in fp32 bf16; do
-           python3 -m varlen bench --preset study --strategies packed-flash --modes train --compile on --profile \
-             --residual-dtype $r --out "$out/residual-$r" ${BENCH_ARGS:-} >"$out/residual-$r.log" 2>&1
-           grep -E "ms/step|FAILED" "$out/residual-$r.log"
-         done
-         for r in fp32 bf16; do
-           python3 -m varlen train --preset study --compile --steps 200 --max-tokens 16384 --seed 0 --residual-dtype $r \
-             --no-progress --out "$out/parity-$r" >"$out/parity-$r.log" 2>&1 || echo "train $r: exit $?"
-         done
-         python3 - "$out" <<'PY'
-import json, sys
-logs = {r: [json.loads(x)["loss"] for x in open(f"{sys.argv[1]}/parity-{r}/train_log.jsonl")] for r in ("fp32", "bf16")}
-gap = max(abs(a - b) for a, b in zip(*logs.values()))
-print(f"200-step losses: fp32 stream {logs['fp32'][-1]:.4f}, bf16 stream {logs['bf16'][-1]:.4f}, largest gap {gap:.2e}")
+def losses(name):
+    try:
+        return [json.loads(x)["loss"] for x in open(f"{sys.argv[1]}/parity-{name}/train_log.jsonl")]
+    except OSError as e:
+        return print(f"{name}: no losses ({e})")
+base = losses("base")
+for name in ("residual", "fp8", "both"):
+    run = losses(name)
+    if base and run:
+        gap = [abs(a - b) for a, b in zip(base, run)]
+        tail = sum(run[-20:]) / 20 - sum(base[-20:]) / 20
+        print(f"{name}: 200-step loss {run[-1]:.4f} vs bf16 autocast {base[-1]:.4f}; largest step gap {max(gap):.2e}, "
+              f"mean of the last 20 steps {tail:+.2e}")
 PY
          ;;
   length-*)

@@ -1,7 +1,7 @@
 """FP8 linears (``varlen.precision.apply_fp8``, torchao's float8): the right layers converted, the
 step's loss and gradients within float8's own rounding of float64, refused where nothing would run
 in fp8. torchao emulates the fp8 GEMMs on the CPU, so the numerics are checked here; the speed only
-on a GPU (``benchmarks/run_gpu.sh fp8``)."""
+on a GPU (``benchmarks/run_gpu.sh levers``)."""
 
 from __future__ import annotations
 
