@@ -17,7 +17,7 @@ from varlen import SeqInfo
 from varlen.models import Decoder, DecoderConfig, lm_loss
 from varlen.precision import apply_fp8, fp8_eligible
 
-LENGTHS = [64, 32, 1, 31, 100]
+LENGTHS = [64, 32, 1, 31, 96]  # 224 tokens: float8 GEMMs take multiples of 16
 
 
 def _step(model, ids, labels, info, autocast: bool):
@@ -62,6 +62,44 @@ def test_fp8_refusals():
         apply_fp8(Decoder(DecoderConfig.from_name("tiny")), "e3m4")
     with pytest.raises(ValueError, match="nothing would run in fp8"):
         apply_fp8(nn.Sequential(nn.Conv1d(4, 4, 1), nn.Linear(10, 10)), "tensorwise")
+
+
+def test_fp8_refuses_a_token_count_float8_cannot_take():
+    model = Decoder(DecoderConfig.from_name("tiny"))
+    apply_fp8(model, "tensorwise")
+    info = SeqInfo.from_lengths([7, 9, 1])  # 17 tokens
+    with pytest.raises(ValueError, match="a batch of 17 tokens; float8 GEMMs need a multiple of 16"):
+        model(torch.ones(17, dtype=torch.long), info=info)
+    nested = torch.nested.nested_tensor([torch.ones(5, dtype=torch.long), torch.ones(11, dtype=torch.long)],
+                                        layout=torch.jagged)
+    with pytest.raises(ValueError, match="nested"):
+        model(nested, position_ids=nested)
+
+
+def test_fp8_rows_are_padded_to_whole_gemm_tiles():
+    """The bench's packed rows (and varlen train's, via TrainCollator) carry filler up to a multiple of
+    16 tokens under --fp8, with ignored labels; a nested case is refused before it starts."""
+    from dataclasses import replace
+
+    from varlen.bench.cases import WORKLOADS, Case
+    from varlen.bench.runner import precheck
+    from varlen.bench.worker import _collator
+    from varlen.data.synthetic import SyntheticDataset
+    from varlen.train.data import TrainCollator
+
+    w = replace(WORKLOADS["tiny"], fp8="rowwise")
+    ds = SyntheticDataset(6, max_len=w.max_len, vocab_size=w.vocab_size, seed=3)
+    samples = [ds[i] for i in range(6)]
+    real = sum(len(s[0]) for s in samples)
+    for compiled in (False, True):
+        case = Case("packed-sdpa", "train", compiled, w)
+        batch = _collator(case, DecoderConfig.from_name("tiny"), [list(range(6))])(samples)
+        assert batch["info"].total_tokens % 16 == 0 and batch["info"].total_tokens - real < 16
+        assert (batch["labels"][real:] == -100).all()
+    packed = TrainCollator(multiple_of=2 * 16)(samples)
+    assert packed.input_ids.numel() % 32 == 0
+    assert "multiple of 16" in precheck(Case("nested", "train", False, w))
+    assert precheck(Case("packed-sdpa", "train", False, replace(w, fp8=None))) is None
 
 
 def test_fp8_missing_torchao_is_one_clear_error(monkeypatch):

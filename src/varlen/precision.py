@@ -12,6 +12,9 @@ from __future__ import annotations
 from torch import nn
 
 RECIPES = ("tensorwise", "rowwise")
+# float8 GEMMs take dims that are multiples of 16 only, and the token count is one of them (the inner
+# dim of the weight gradient, grad_out^T @ x): collators pad packed rows to it (pad_to_multiple_of)
+TOKEN_MULTIPLE = 16
 
 
 def fp8_unavailable() -> str | None:
@@ -48,4 +51,19 @@ def apply_fp8(model: nn.Module, recipe: str, skip: tuple[str, ...] = ("head",)) 
                          f"(besides {', '.join(skip)}); nothing would run in fp8")
     convert_to_float8_training(model, config=Float8LinearConfig.from_recipe_name(recipe),
                                module_filter_fn=lambda m, fqn: fp8_eligible(m, fqn, skip))
+    model.register_forward_pre_hook(_check_tokens, with_kwargs=True)
     return chosen
+
+
+def _check_tokens(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Refuse, in one line and before any GEMM, a batch whose token count float8 cannot take (the
+    kernel's own error names a symbolic size inside the compiler)."""
+    ids = args[0] if args else kwargs.get("input_ids")
+    if ids is None:
+        return
+    if ids.is_nested:
+        raise ValueError("fp8 linears: nested (jagged) input_ids have a token count of any size; float8 GEMMs need "
+                         f"a multiple of {TOKEN_MULTIPLE}: use a packed or padded batch")
+    if ids.numel() % TOKEN_MULTIPLE:
+        raise ValueError(f"fp8 linears: a batch of {ids.numel()} tokens; float8 GEMMs need a multiple of "
+                         f"{TOKEN_MULTIPLE} (pad the row: PackCollator(pad_to_multiple_of={TOKEN_MULTIPLE}))")

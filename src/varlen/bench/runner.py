@@ -42,6 +42,8 @@ def precheck(case: Case) -> str | None:
         why = backend_unavailable(case.backend)
     except ValueError as e:
         return str(e)
+    if case.workload.fp8 and case.spec.layout == "nested":
+        return "--fp8: float8 GEMMs need a token count that is a multiple of 16, which a jagged batch does not keep"
     if why or case.workload.device != "cpu":
         return why
     if case.workload.cuda_graphs and case.compile:

@@ -23,7 +23,7 @@ from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollat
 from ..measure import compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
 from ..models import DecoderConfig, family, lm_loss
-from ..precision import apply_fp8
+from ..precision import TOKEN_MULTIPLE, apply_fp8
 from . import hf_models
 from .cases import Case, Result, padded_length
 
@@ -43,7 +43,8 @@ def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
             # the compiled graph from specialising on each batch's longest sample
             return PackCollator(max_seqlen=w.max_len if case.compile else None,
-                                bucket_max_seqlen=pads_to_max_seqlen(case.backend, w.device))
+                                bucket_max_seqlen=pads_to_max_seqlen(case.backend, w.device),
+                                pad_to_multiple_of=TOKEN_MULTIPLE if w.fp8 else None)
 
 
 def cuda_graphed(case: Case) -> bool:

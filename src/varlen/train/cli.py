@@ -27,7 +27,7 @@ from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..measure import since, start
 from ..models import DecoderConfig, family
 from ..parallel import context_shard, shard_batch
-from ..precision import apply_fp8
+from ..precision import TOKEN_MULTIPLE, apply_fp8
 from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
@@ -266,11 +266,13 @@ def run(args, d: Dist) -> int:
         cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
                                  world_size=dp, rank=d.rank // args.cp, split=args.split, cost=cost)
+    # rows split evenly over the context group, each slice a whole number of fp8 GEMM tiles
+    multiple_of = args.cp * (TOKEN_MULTIPLE if args.fp8 else 1)
     pad_to = None
     if args.static:  # the busiest rank's share bounds every rank's row
         pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
-        pad_to = round_up(pad_to, math.lcm(128, args.cp))
-    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, multiple_of=args.cp,
+        pad_to = round_up(pad_to, math.lcm(128, multiple_of))
+    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, multiple_of=multiple_of,
                             bucket_max_seqlen=pads_to_max_seqlen(args.backend, d.device.type))
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
