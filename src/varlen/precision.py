@@ -12,9 +12,10 @@ from __future__ import annotations
 from torch import nn
 
 RECIPES = ("tensorwise", "rowwise")
-# float8 GEMMs take dims that are multiples of 16 only, and the token count is one of them (the inner
-# dim of the weight gradient, grad_out^T @ x): collators pad packed rows to it (pad_to_multiple_of)
-TOKEN_MULTIPLE = 16
+GEMM_MULTIPLE = 16  # float8 GEMMs take dims that are multiples of 16 only
+# the token count is one of those dims (the inner dim of the weight gradient, grad_out^T @ x):
+# collators pad packed rows to it (pad_to_multiple_of)
+TOKEN_MULTIPLE = GEMM_MULTIPLE
 
 
 def fp8_unavailable() -> str | None:
@@ -30,7 +31,7 @@ def fp8_eligible(module: nn.Module, fqn: str, skip: tuple[str, ...] = ("head",))
     """A linear layer fp8 GEMMs can take: both dims multiples of 16, and not one of ``skip`` (the LM
     head by default: its logits feed the loss directly and its output dim is the vocabulary)."""
     return (isinstance(module, nn.Linear) and fqn.split(".")[-1] not in skip
-            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+            and module.in_features % GEMM_MULTIPLE == 0 and module.out_features % GEMM_MULTIPLE == 0)
 
 
 def apply_fp8(model: nn.Module, recipe: str, skip: tuple[str, ...] = ("head",)) -> list[str]:
