@@ -253,13 +253,37 @@ def test_cuda_graph_batches_have_one_shape(dist):
     assert len(shapes) == 1
 
 
+@pytest.mark.parametrize("dist", ["uniform", "lognormal"])
+def test_cuda_graph_buckets_of_sample_batches(dist):
+    # --cuda-graphs on batches of samples: one number of sequences, a few row sizes (each under 1/8
+    # filler), every sample's tokens kept, and a warm-up that meets every size twice before timing
+    from varlen.bench.cases import Workload
+    from varlen.bench.worker import cover_shapes, graph_buckets, sample_batches
+    from varlen.data import PackCollator, SyntheticDataset
+
+    w = Workload(model="tiny", batch_size=16, max_len=100, length_dist=dist, device="cpu", seed=7)
+    batches = sample_batches(w, 60)
+    ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, length_dist=dist, seed=w.seed)
+    collate = PackCollator(max_seqlen=w.max_len, **graph_buckets(w))
+    shapes = set()
+    for b in batches:
+        out = collate([ds[i] for i in b])
+        real = sum(ds.lengths[i] for i in b)
+        assert int((out["labels"] != -100).sum()) == real and out["input_ids"].numel() - real < (real + 3) / 8 + 3
+        assert out["input_ids"].numel() == collate.row_tokens([ds.lengths[i] for i in b])
+        shapes.add((out["input_ids"].numel(), tuple(out["info"].cu_seqlens.shape)))
+    assert len({s[1] for s in shapes}) == 1 and len(shapes) <= 24
+    row = lambda b: collate.row_tokens([ds.lengths[i] for i in b])  # noqa: E731
+    warm = cover_shapes(batches[:2], batches[2:], row)
+    assert warm[:2] == batches[:2]
+    assert sorted(row(b) for b in warm[2:]) == sorted(2 * sorted({row(b) for b in batches[2:]}))
+
+
 def test_cuda_graphs_refused_where_they_cannot_run(tmp_path):
     from varlen.bench.cases import Case, Workload
     from varlen.bench.worker import cuda_graphed
 
     base = [sys.executable, "-m", "varlen.bench", "--preset", "tiny", "--cuda-graphs", "--num-workers", "0"]
-    proc = subprocess.run(base + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "--cuda-graphs needs --tokens-per-batch" in proc.stderr
     w = Workload(model="tiny", max_len=100, tokens_per_batch=512, device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         cuda_graphed(Case("packed-sdpa", "train", True, w))

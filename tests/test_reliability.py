@@ -334,6 +334,18 @@ def test_seqlen_bucket_bounds_the_graphs_and_the_padding(bound):
         assert n <= b <= bound and b <= max(2 * n - 1, smallest), (n, b)
 
 
+@pytest.mark.parametrize("per_octave", [1, 4, 8])
+def test_token_bucket_is_few_sizes_an_octave_within_one_step(per_octave):
+    from varlen.buckets import token_bucket
+
+    for k in range(12):  # the octave (2**k, 2**(k+1)]
+        sizes = {token_bucket(n, per_octave) for n in range(2**k + 1, 2 ** (k + 1) + 1)}
+        assert len(sizes) <= per_octave and max(sizes) == 2 ** (k + 1)
+    for n in range(1, 40000, 7):
+        b = token_bucket(n, per_octave)
+        assert n <= b and b - n < max(1, n / per_octave) and token_bucket(b, per_octave) == b
+
+
 def test_compiled_sdpa_pads_to_the_batch_bucket_not_the_bound():
     # varlen train --compile on the sdpa path used to pad every batch to --max-len
     from varlen.attention import pads_to_max_seqlen

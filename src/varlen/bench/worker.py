@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..attention import pads_to_max_seqlen
-from ..buckets import round_up
+from ..buckets import ceil_div, round_up
 from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
 from ..measure import compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
@@ -38,7 +38,8 @@ def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
         case "nested":
             return NestedCollator(max_seqlen=w.max_len if case.compile else None)
         case _ if cuda_graphed(case):
-            return PackCollator(max_seqlen=w.max_len, **static_shape(w, batches))
+            shape = static_shape(w, batches) if w.tokens_per_batch else graph_buckets(w)
+            return PackCollator(max_seqlen=w.max_len, pad_to_multiple_of=TOKEN_MULTIPLE if w.fp8 else None, **shape)
         case _:
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
             # the compiled graph from specialising on each batch's longest sample
@@ -64,6 +65,27 @@ def static_shape(w, batches: list[list[int]]) -> dict:
     extra = w.tokens_per_batch // w.max_len + 2
     num_seqs = max(len(b) for b in batches) + extra
     return {"pad_to": round_up(w.tokens_per_batch + num_seqs, 128), "num_seqs": num_seqs}
+
+
+GRAPH_BUCKETS_PER_OCTAVE = 8  # row sizes a CUDA graph each; the filler stays under 1/8 of a row
+
+
+def graph_buckets(w) -> dict:
+    """``num_seqs`` and ``pad_to_bucket`` for batches of ``batch_size`` samples as CUDA graphs: the
+    token count rounded up to one of 8 sizes an octave (:func:`varlen.buckets.token_bucket`), and
+    enough filler sequences (of at most ``max_len``) for the largest filler that leaves."""
+    return {"num_seqs": w.batch_size + ceil_div(w.batch_size, GRAPH_BUCKETS_PER_OCTAVE) + 1,
+            "pad_to_bucket": GRAPH_BUCKETS_PER_OCTAVE}
+
+
+def cover_shapes(warmup: list[list[int]], timed: list[list[int]], row_tokens) -> list[list[int]]:
+    """Warm-up batches for CUDA graphs recorded per row size: ``warmup`` (where compilation happens),
+    then each size the ``timed`` batches have, twice (Inductor's cudagraph trees run a new size
+    once, then record it), so that no timed step records a graph."""
+    first = {}
+    for b in timed:
+        first.setdefault(row_tokens(b), b)
+    return warmup + [b for b in first.values() for _ in range(2)]
 
 
 def sample_batches(w, count: int) -> list[list[int]]:
@@ -101,25 +123,31 @@ def run_case(case: Case) -> Result:
     collate = hf_models.collator(case.spec, w.max_len, case.compile) if fam.hf else _collator(case, cfg, batches)
     ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, vocab_size=w.vocab_size,
                           length_dist=w.length_dist, seed=w.seed)
+    graphed = not fam.hf and cuda_graphed(case)
+    warmup = w.warmup
+    if graphed and not w.tokens_per_batch:  # a graph a row size: record them all before timing
+        timed = batches[warmup:]
+        batches = cover_shapes(batches[:warmup], timed, lambda b: collate.row_tokens([ds.lengths[i] for i in b]))
+        warmup = len(batches)
+        batches += timed
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=w.num_workers,
                         pin_memory=device.type == "cuda")
-    static = not fam.hf and cuda_graphed(case)
-    step = _step_fn(case, model, fam, static)
+    step = _step_fn(case, model, fam, graphed)
     it = iter(loader)
-    tally = _timed_steps(case, step, it, [[ds.lengths[j] for j in b] for b in batches], cfg, fam, static)
+    tally = _timed_steps(case, step, it, [[ds.lengths[j] for j in b] for b in batches], cfg, fam, graphed, warmup)
     profile = None
     if n_profile:
         profile = breakdown(lambda: step(move_batch(next(it), device, non_blocking=True)), n_profile, device.type)
     return _result(case, cfg, tally, profile)
 
 
-def _step_fn(case: Case, model, fam, static: bool):
+def _step_fn(case: Case, model, fam, graphed: bool):
     """One step of the case on a batch already on the device -> its loss (detached)."""
     w, train = case.workload, case.mode == "train"
     on_gpu = w.device == "cuda"
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
-    # CUDA graphs: one static shape, so nothing is marked dynamic and the graph replays every step
-    fwd = torch.compile(model, mode="reduce-overhead" if static else None) if case.compile else model
+    # CUDA graphs: Inductor's cudagraph trees record one graph per row size and replay it
+    fwd = torch.compile(model, mode="reduce-overhead" if graphed else None) if case.compile else model
     autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
     grad = torch.enable_grad() if train else torch.no_grad()
 
@@ -151,25 +179,29 @@ class Tally:
     last_batch: dict | None = None  # the last host batch (the kernel that ran is read from it)
 
 
-def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, static: bool) -> Tally:
+def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, graphed: bool, warmup: int) -> Tally:
+    """``warmup`` untimed steps, then the workload's ``steps`` timed ones. CUDA graphs on token-budget
+    batches have one static shape; on batches of samples, a few row sizes: compiled once for all
+    (marked dynamic), a graph recorded for each."""
     w, device = case.workload, torch.device(case.workload.device)
+    static = graphed and bool(w.tokens_per_batch)
     tally = Tally()
-    for i in range(w.warmup + w.steps):
+    for i in range(warmup + w.steps):
         t0 = start()  # the last step ended synchronised
         host = next(it)
         batch = move_batch(host, device, non_blocking=True)
         if case.compile and not static:
             mark_dynamic(batch)
         loss = step(batch)
-        if static:  # a graph's outputs are overwritten by its next replay
+        if graphed:  # a graph's outputs are overwritten by its next replay
             loss = loss.clone()
         dt = since(t0, device)
-        if i == w.warmup - 1:
+        if i == warmup - 1:
             tally.compiled_after_warmup = graph_count()
-            if static and compile_counter("inductor", "cudagraph_skips"):
+            if graphed and compile_counter("inductor", "cudagraph_skips"):
                 raise RuntimeError("--cuda-graphs: Inductor ran the graph without CUDA graphs (see its "
                                    "'skipping cudagraphs' log line); refusing to report it as graphed")
-        if i < w.warmup:
+        if i < warmup:
             continue
         tally.times.append(dt)
         tally.losses.append(loss)

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from ..buckets import ceil_div, pow2_bucket, round_up, seqlen_bucket
+from ..buckets import ceil_div, pow2_bucket, round_up, seqlen_bucket, token_bucket
 from ..seqinfo import SeqInfo
 from .batch import PackedBatch
 from .binpack import best_fit_decreasing
@@ -122,6 +122,8 @@ class PackCollator:
     entries every batch): the filler is split into as many sequences as the samples leave, so
     with ``pad_to`` and ``max_seqlen`` every batch has the same shapes and one CUDA graph serves
     them all. ``pad_to`` must then leave at least one filler token per missing sequence.
+    ``pad_to_bucket`` (sizes per octave, :func:`varlen.buckets.token_bucket`) rounds the row up to
+    one of a few sizes instead: with ``num_seqs``, a run has a few shapes, a CUDA graph each.
     ``bucket_max_seqlen`` hands the kernels the batch's longest sample as a power of two instead
     of the bound (:func:`varlen.buckets.seqlen_bucket`, at most 8 values): for kernels that pad
     to ``max_seqlen`` under ``torch.compile`` (SDPA), so memory follows the batch, not the bound.
@@ -131,6 +133,7 @@ class PackCollator:
     pad_to: int | None = None
     pad_to_multiple_of: int | None = None  # buckets of token counts: fewer shapes for the compiler
     num_seqs: int | None = None  # a fixed number of sequences (real + filler): CUDA graphs
+    pad_to_bucket: int | None = None  # token_bucket(per_octave=...) of the row: a few shapes
     bucket_max_seqlen: bool = False
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
@@ -141,9 +144,7 @@ class PackCollator:
         total = sum(lengths)
         if self.pad_to is not None and total > self.pad_to:
             raise ValueError(f"batch has {total} tokens, more than pad_to={self.pad_to}")
-        target = self.pad_to or total
-        if self.pad_to_multiple_of:
-            target = round_up(target, self.pad_to_multiple_of)
+        target = self.row_tokens(lengths)
         max_seqlen = self.max_seqlen
         if self.bucket_max_seqlen and max_seqlen is not None and lengths:
             max_seqlen = seqlen_bucket(max(lengths), max_seqlen)
@@ -160,6 +161,15 @@ class PackCollator:
             "labels": torch.cat([t for _, t in pairs] + [torch.full((pad,), self.ignore_index, dtype=torch.long)]),
             "info": info,
         }
+
+    def row_tokens(self, lengths: list[int]) -> int:
+        """The row's token count for samples of ``lengths``, filler included."""
+        target = self.pad_to or sum(lengths)
+        if self.pad_to_bucket:  # at least one filler token for each sequence num_seqs adds
+            target = token_bucket(target + max(0, (self.num_seqs or 0) - len(lengths)), self.pad_to_bucket)
+        if self.pad_to_multiple_of:
+            target = round_up(target, self.pad_to_multiple_of)
+        return target
 
 
 def split_filler(tokens: int, samples: int, num_seqs: int, cap: int) -> list[int]:
