@@ -12,6 +12,7 @@
 #   eval-eager | train-eager | eval-compiled | train-compiled   one slice of the study
 #   profile      the study's padded and packed-flash cases, compiled, with --profile (where the time goes)
 #   lognormal    the study preset on long-tailed lengths, compiled and profiled: padded, longest, packed
+#   graphs       long-tailed lengths, packed-flash compiled with and without CUDA graphs (beside padded)
 #   levers       issue 18's levers, packed-flash compiled and profiled: as is, bf16 residual stream, FP8
 #                linears (rowwise, tensorwise; torchao's wheel in .whl/), both
 #   parity       200 training steps of each lever from one seed beside bf16 autocast (loss parity)
@@ -46,11 +47,15 @@ case $part in
          python3 -m varlen bench --preset smoke --model hf-gpt2 --compile both --jobs 5 --strict --out "$out/smoke-hf" \
            >"$out/smoke_hf.log" 2>&1 &
          hf=$!
-         wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?
+         # CUDA graphs on batches of samples (a graph per row size), every packed kernel that captures
+         python3 -m varlen bench --preset smoke --compile on --cuda-graphs --modes eval,train --jobs 3 --strict \
+           --strategies packed-flash:torch$fa4,packed-sdpa,packed-flex --out "$out/smoke-graphs" >"$out/smoke_graphs.log" 2>&1 &
+         graphs=$!
+         wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?; wait $graphs; g=$?
          tail -3 "$out/smoke_tests.txt"
-         grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_decoder.log" "$out/smoke_hf.log"
-         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, $((SECONDS - start)) s"
-         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] ;;
+         grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_decoder.log" "$out/smoke_hf.log" "$out/smoke_graphs.log"
+         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, $((SECONDS - start)) s"
+         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] ;;
   check)
          python3 - "$out/configs" <<'PY'
 import sys, transformers as t
@@ -117,6 +122,17 @@ for name in ("residual", "fp8", "both"):
               f"mean of the last 20 steps {tail:+.2e}")
 PY
          ;;
+  graphs)
+         # the host lever on long-tailed lengths (launch-bound: benchmarks/host_phases.py): padded and
+         # packed-flash compiled as they are, then packed-flash as CUDA graphs (rows in 8 sizes an
+         # octave, a graph each, recorded in warm-up), profiled; DISTS="lognormal uniform" adds the study's
+         for dist in ${DISTS:-lognormal}; do
+           python3 -m varlen bench --preset study --length-dist $dist --compile on --strategies padded,packed-flash \
+             --out "$out/graphs-off-$dist" ${BENCH_ARGS:-} >"$out/graphs-off-$dist.log" 2>&1
+           python3 -m varlen bench --preset study --length-dist $dist --compile on --cuda-graphs --profile \
+             --strategies packed-flash --out "$out/graphs-on-$dist" ${BENCH_ARGS:-} >"$out/graphs-on-$dist.log" 2>&1
+           grep -hE "ms/step|FAILED" "$out/graphs-off-$dist.log" "$out/graphs-on-$dist.log" | sed "s/^/$dist: /"
+         done ;;
   length-*)
          len=${part#length-}; len=${len%k}
          python3 -m varlen bench --preset study --max-len $((len * 1024)) --tokens-per-batch 65536 --modes train \

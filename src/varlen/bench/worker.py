@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ..attention import pads_to_max_seqlen
 from ..buckets import ceil_div, round_up
 from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
-from ..measure import compile_counter, graph_count, since, start, time_calls
+from ..measure import GarbageCollection, compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
 from ..models import DecoderConfig, family, lm_loss
 from ..precision import TOKEN_MULTIPLE, apply_fp8
@@ -67,6 +67,9 @@ def static_shape(w, batches: list[list[int]]) -> dict:
     return {"pad_to": round_up(w.tokens_per_batch + num_seqs, 128), "num_seqs": num_seqs}
 
 
+# Python's collector off during the steps, a young collection every GC_EVERY steps, as varlen train
+# does by default (--gc-every): an automatic collection inside a step is a pause of up to tens of ms
+GC_EVERY = 50
 GRAPH_BUCKETS_PER_OCTAVE = 8  # row sizes a CUDA graph each; the filler stays under 1/8 of a row
 
 
@@ -186,6 +189,7 @@ def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, graph
     w, device = case.workload, torch.device(case.workload.device)
     static = graphed and bool(w.tokens_per_batch)
     tally = Tally()
+    collector = GarbageCollection(GC_EVERY)
     for i in range(warmup + w.steps):
         t0 = start()  # the last step ended synchronised
         host = next(it)
@@ -196,6 +200,7 @@ def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, graph
         if graphed:  # a graph's outputs are overwritten by its next replay
             loss = loss.clone()
         dt = since(t0, device)
+        collector.step()
         if i == warmup - 1:
             tally.compiled_after_warmup = graph_count()
             if graphed and compile_counter("inductor", "cudagraph_skips"):
@@ -210,6 +215,7 @@ def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, graph
         tally.computed += (host["attention_mask"].numel() if "attention_mask" in host
                            else host["info"].total_tokens if "info" in host else sum(lengths[i]))
         tally.last_batch = host
+    collector.close()
     return tally
 
 

@@ -24,7 +24,7 @@ from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..attention import pads_to_max_seqlen
 from ..buckets import ceil_div, round_up
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
-from ..measure import since, start
+from ..measure import GarbageCollection, since, start
 from ..models import DecoderConfig, family
 from ..parallel import context_shard, shard_batch
 from ..precision import TOKEN_MULTIPLE, apply_fp8
@@ -32,7 +32,7 @@ from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
 from .distributed import Dist, per_rank, run_then_teardown, setup, wrap
-from .step import GarbageCollection, train_step
+from .step import train_step
 
 MODELS = ("decoder", "hf-gpt2", "hf-llama")
 

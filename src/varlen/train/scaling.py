@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 
 from ..data import CostModel, PackedBatch, TokenBudgetSampler, mark_dynamic, move_batch
-from ..measure import graph_count, since, start
+from ..measure import GarbageCollection, graph_count, since, start
 from ..measure.profile import breakdown
 from ..models import DecoderConfig, family
 from ..parallel import context_shard, shard_batch
 from .cost import measure_cost
 from .data import TrainCollator, load
 from .distributed import per_rank, run_then_teardown, setup, wrap
-from .step import GarbageCollection, train_step
+from .step import train_step
 
 
 def parse(argv):
