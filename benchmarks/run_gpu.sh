@@ -16,6 +16,7 @@
 #   levers       issue 18's levers, packed-flash compiled and profiled: as is, bf16 residual stream, FP8
 #                linears (rowwise, tensorwise; torchao's wheel in .whl/), both
 #   parity       200 training steps of each lever from one seed beside bf16 autocast (loss parity)
+#   te           the TransformerEngine peer (packed-te, eager) beside padded and packed-flash, study preset
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
 # Wheels carried in .whl/ (benchmarks/xformers_wheels.sh download .whl) are installed first, so that
 # xFormers runs; FlashAttention-4 comes with benchmarks/fa4_wheels.sh (two calls) and is used when
@@ -31,6 +32,8 @@ if ls .whl/torchao-*.whl >/dev/null 2>&1; then  # FP8 linears (the fp8 part): pi
   python3 -m pip install -q --no-index --no-deps --no-compile .whl/torchao-*.whl || exit 1
 fi
 fa4=$(python3 -c "from varlen.attention.flash import impl_unavailable as u; print('' if u('fa4') else ',packed-flash:fa4')")
+# the TransformerEngine peer where benchmarks/te_wheels.sh installed it (eager only)
+te=$(python3 -c "from varlen.models.te_decoder import te_unavailable as u; print('' if u() else 'packed-te')")
 case $part in
   smoke)
          # the kernel tests and both benches at once: each is mostly compile time on the host's
@@ -51,11 +54,17 @@ case $part in
          python3 -m varlen bench --preset smoke --compile on --cuda-graphs --modes eval,train --jobs 3 --strict \
            --strategies packed-flash:torch$fa4,packed-sdpa,packed-flex --out "$out/smoke-graphs" >"$out/smoke_graphs.log" 2>&1 &
          graphs=$!
+         e=0
+         if [ -n "$te" ]; then
+           python3 -m varlen bench --preset smoke --compile off --strict --strategies $te --out "$out/smoke-te" \
+             >"$out/smoke_te.log" 2>&1 || e=$?
+           grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_te.log"
+         fi
          wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?; wait $graphs; g=$?
          tail -3 "$out/smoke_tests.txt"
          grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_decoder.log" "$out/smoke_hf.log" "$out/smoke_graphs.log"
-         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, $((SECONDS - start)) s"
-         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] ;;
+         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, TE peer exit $e, $((SECONDS - start)) s"
+         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] && [ $e -eq 0 ] ;;
   check)
          python3 - "$out/configs" <<'PY'
 import sys, transformers as t
@@ -133,6 +142,15 @@ PY
              --strategies packed-flash --out "$out/graphs-on-$dist" ${BENCH_ARGS:-} >"$out/graphs-on-$dist.log" 2>&1
            grep -hE "ms/step|FAILED" "$out/graphs-off-$dist.log" "$out/graphs-on-$dist.log" | sed "s/^/$dist: /"
          done ;;
+  te)
+         # issue 18's peer beside varlen's best, study preset (TE eager, as Megatron runs it; varlen eager
+         # and compiled); install first: benchmarks/te_wheels.sh (five calls)
+         [ -n "$te" ] || { python3 -c "from varlen.models.te_decoder import te_unavailable as u; print(u())"; exit 1; }
+         python3 -m varlen bench --preset study --strategies padded,packed-te,packed-flash$fa4 --compile off --profile \
+           --out "$out/te-eager" ${BENCH_ARGS:-} >"$out/te-eager.log" 2>&1
+         python3 -m varlen bench --preset study --strategies padded,packed-flash$fa4 --compile on \
+           --out "$out/te-compiled" ${BENCH_ARGS:-} >"$out/te-compiled.log" 2>&1
+         grep -hE "ms/step|FAILED|n/a" "$out/te-eager.log" "$out/te-compiled.log" ;;
   length-*)
          len=${part#length-}; len=${len%k}
          python3 -m varlen bench --preset study --max-len $((len * 1024)) --tokens-per-batch 65536 --modes train \

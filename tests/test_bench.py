@@ -347,7 +347,8 @@ def test_strategies_are_objects_chosen_once_by_name():
     assert {strategy(s).baseline for s in decoder} == {"padded"} and {strategy(s).baseline for s in hf} == {"hf-padded"}
     # HF causal LMs are causal in eval too; the study's decoder only when it trains
     assert all(strategy(s).causal_lm for s in hf) and not any(strategy(s).causal_lm for s in decoder)
-    assert [s for s in decoder if strategy(s).packed] == ["packed-flash", "packed-xformers", "packed-flex", "packed-sdpa"]
+    assert [s for s in decoder if strategy(s).packed] == ["packed-flash", "packed-xformers", "packed-flex", "packed-sdpa",
+                                                          "packed-te"]
 
 
 def test_gpu_smoke_runs_every_strategy():
@@ -362,7 +363,9 @@ def test_gpu_smoke_runs_every_strategy():
     smoke = script[script.index("  smoke)"):script.index(";;", script.index("  smoke)"))]
     decoder_run = re.search(r"--strategies (\S+) \\\n", smoke)
     listed = {s.split(":")[0].removesuffix("$fa4") for s in decoder_run.group(1).split(",")}
-    assert listed == set(strategies_of("decoder")), listed ^ set(strategies_of("decoder"))
+    # the TE peer runs eager in a run of its own where it is installed ($te)
+    assert re.search(r"--compile off --strict --strategies \$te ", smoke) and "'packed-te'" in script
+    assert listed | {"packed-te"} == set(strategies_of("decoder")), listed ^ set(strategies_of("decoder"))
     hf_run = next(line for line in smoke.splitlines() if "--model hf-gpt2" in line)
     assert "--strategies" not in hf_run  # every HF strategy, the default
     assert "--compile both" in hf_run and smoke.count("--compile both") == 2

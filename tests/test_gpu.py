@@ -158,3 +158,27 @@ def test_compiled_train_step_neither_syncs_nor_recompiles(backend):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert counters["stats"]["unique_graphs"] == graphs, "recompiled after warm-up"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_smoke_te_peer_keeps_sequences_apart(causal):
+    # the TransformerEngine peer (packed-te) on one packed row gives each sequence what it gives that
+    # sequence alone: its THD attention honours cu_seqlens (length 1, short, long), bf16 rounding apart
+    from varlen.models import DecoderConfig
+    from varlen.models.te_decoder import TEDecoder, te_unavailable
+
+    why = te_unavailable()
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    model = TEDecoder(DecoderConfig.from_name("smoke")).cuda()
+    lengths = [1, 37, 200, 5, 64]
+    ids = torch.randint(1, 1000, (sum(lengths),), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = model(ids, info=SeqInfo.from_lengths(lengths).to("cuda"), causal=causal).float()
+        alone = torch.cat([model(x, info=SeqInfo.from_lengths([len(x)]).to("cuda"), causal=causal).float()
+                           for x in ids.split(lengths)])
+    assert packed.shape == alone.shape == (sum(lengths), 1024)
+    # a leak across sequences moves logits by their own scale; bf16 rounding by ~1% of it
+    err, scale = (packed - alone).abs().max().item(), alone.abs().max().item()
+    assert err <= 2e-2 * scale, (err, scale)

@@ -26,8 +26,8 @@ class Strategy:
 
     @property
     def causal_lm(self) -> bool:
-        """HF causal LMs mask causally in eval too; the decoder only when it trains."""
-        return self.family != "decoder"
+        """HF causal LMs mask causally in eval too; the decoder (and its TE peer) only when it trains."""
+        return self.family.startswith("hf-")
 
 
 def _decoder(name: str, layout: str, backend: str, description: str) -> Strategy:
@@ -53,13 +53,20 @@ _GPT2_STRATEGIES = (
     *(_gpt2(f"hf-varlen-{backend}", "hf-varlen", backend, f"one packed row through attn_implementation='varlen', {how}")
       for backend, how in (("flash", "FlashAttention varlen"), ("flex", "FlexAttention"), ("sdpa", "SDPA inside"))),
 )
-STRATEGIES = {s.name: s for s in _DECODER_STRATEGIES + _GPT2_STRATEGIES}
+# a peer beside the decoder's strategies (issue 18): what Megatron/NeMo users run on Hopper
+_PEER_STRATEGIES = (
+    Strategy("packed-te", "te-decoder", "packed", "te", "padded",
+             "TransformerEngine TransformerLayers on one packed row (THD): fused LayerNorm + GEMMs, its own fused "
+             "attention; eager (a peer, benchmarks/te_wheels.sh)"),
+)
+STRATEGIES = {s.name: s for s in _DECODER_STRATEGIES + _PEER_STRATEGIES + _GPT2_STRATEGIES}
 BASELINE = "padded"
 
 
 def strategies_of(family: str) -> list[str]:
-    """The strategies of one model family, in the study's order."""
-    return [name for name, s in STRATEGIES.items() if s.family == family]
+    """The strategies measured against one model family's baseline (its own and its peers'), in the
+    study's order."""
+    return [name for name, s in STRATEGIES.items() if STRATEGIES[s.baseline].family == family]
 
 
 def strategy(name: str) -> Strategy:

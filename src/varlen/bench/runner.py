@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..attention.api import backend_unavailable
+from ..models import family
 from .cases import Case, Result
 
 
@@ -36,11 +36,15 @@ def _reason(stderr: str, returncode: int) -> str:
 
 def precheck(case: Case) -> str | None:
     """Why this machine cannot run the case at all, known without starting a process: its
-    backend is absent, or (on the CPU, where nothing touches a GPU) cannot do what the mode needs
-    (Flex has no backward there; nested SDPA no causal mask)."""
+    backend (or the peer's own package) is absent, the peer runs eager only, or (on the CPU, where
+    nothing touches a GPU) the backend cannot do what the mode needs (Flex has no backward there;
+    nested SDPA no causal mask)."""
     try:
-        why = backend_unavailable(case.backend)
-    except ValueError as e:
+        fam = family(case.spec.family)
+        if case.compile and not fam.compiles:
+            return f"{case.strategy} runs eager only (its modules are not traced by torch.compile)"
+        why = fam.unavailable(case.backend)
+    except ValueError as e:  # an unknown strategy or backend
         return str(e)
     if case.workload.fp8 and case.spec.layout == "nested":
         return "--fp8: float8 GEMMs need a token count that is a multiple of 16, which a jagged batch does not keep"

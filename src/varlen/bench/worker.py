@@ -43,8 +43,9 @@ def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
         case _:
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
             # the compiled graph from specialising on each batch's longest sample
+            own = family(case.spec.family).own_attention  # a peer's attention: nothing of varlen's to ask
             return PackCollator(max_seqlen=w.max_len if case.compile else None,
-                                bucket_max_seqlen=pads_to_max_seqlen(case.backend, w.device),
+                                bucket_max_seqlen=not own and pads_to_max_seqlen(case.backend, w.device),
                                 pad_to_multiple_of=TOKEN_MULTIPLE if w.fp8 else None)
 
 
@@ -226,7 +227,9 @@ def _result(case: Case, cfg, tally: Tally, profile: dict | None) -> Result:
     floor = gemm_floor_ms(round(tally.real / len(times)), dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
                           mlp_ratio=cfg.mlp_ratio, train=train, device=device.type,
                           dtype=getattr(torch, w.dtype) if on_gpu else torch.float32)
-    kernel = _kernel(case, cfg, host, device) if "info" in host or "varlen_info" in host else None
+    packed = "info" in host or "varlen_info" in host
+    own = family(case.spec.family).own_attention
+    kernel = case.backend if packed and own else _kernel(case, cfg, host, device) if packed else None
     if on_gpu:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:

@@ -21,6 +21,14 @@ class ModelFamily:
 
     name: str = "decoder"
     hf: bool = False  # HF models take [1, T] rows, position_ids and ``varlen_info`` (PackedBatch.hf_kwargs)
+    own_attention: bool = False  # True: the model runs its own attention, none of varlen's backends
+    compiles: bool = True  # False: refused under torch.compile
+
+    def unavailable(self, backend: str) -> str | None:
+        """Why this family cannot run with ``backend`` on this machine at all, or None."""
+        from ..attention.api import backend_unavailable
+
+        return backend_unavailable(backend)
 
     def build(self, cfg: DecoderConfig, backend: str = "auto") -> nn.Module:
         return Decoder(cfg, backend=backend)
@@ -65,6 +73,31 @@ class HFFamily(ModelFamily):
                           causal=True, mlp_ratio=cfg.mlp_ratio)
 
 
+@dataclass(frozen=True)
+class TEFamily(ModelFamily):
+    """The decoder's shape in TransformerEngine's layers (:mod:`varlen.models.te_decoder`): a peer
+    with its own fused attention, eager only."""
+
+    name: str = "te-decoder"
+    own_attention: bool = True
+    compiles: bool = False
+
+    def unavailable(self, backend: str) -> str | None:
+        from .te_decoder import te_unavailable
+
+        return te_unavailable()
+
+    def build(self, cfg: DecoderConfig, backend: str = "te") -> nn.Module:
+        from .te_decoder import TEDecoder
+
+        return TEDecoder(cfg)
+
+    def logits(self, model: nn.Module, batch: PackedBatch | dict, causal: bool = True) -> Tensor:
+        if isinstance(batch, PackedBatch):
+            return model(batch.input_ids, info=batch.info, causal=causal)
+        return model(batch["input_ids"], info=batch["info"], causal=causal)
+
+
 _HF_COMMON = dict(bos_token_id=1, eos_token_id=1, use_cache=False)
 
 
@@ -89,11 +122,12 @@ def llama_config(cfg: DecoderConfig):
 DECODER = ModelFamily()
 HF_GPT2 = HFFamily("hf-gpt2", config=gpt2_config)
 HF_LLAMA = HFFamily("hf-llama", config=llama_config)
-FAMILIES = {f.name: f for f in (DECODER, HF_GPT2, HF_LLAMA)}
+TE_DECODER = TEFamily()
+FAMILIES = {f.name: f for f in (DECODER, HF_GPT2, HF_LLAMA, TE_DECODER)}
 
 
 def family(name: str) -> ModelFamily:
-    """The family of a name: ``decoder``, ``hf-gpt2``, ``hf-llama``."""
+    """The family of a name: ``decoder``, ``hf-gpt2``, ``hf-llama``, ``te-decoder``."""
     if name not in FAMILIES:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(FAMILIES)}")
     return FAMILIES[name]
