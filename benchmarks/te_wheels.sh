@@ -29,8 +29,11 @@ case $cmd in
     done
     python3 -m pip install -q --no-index --no-deps ./transformer_engine-*.whl ./transformer_engine_cu13-*.whl \
       ./nvidia_cudnn_frontend-*.whl
-    # no prebuilt extension to fetch there: build it (MAX_JOBS compiles at once)
-    NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch MAX_JOBS=${MAX_JOBS:-16} \
+    # no prebuilt extension to fetch there: build it (MAX_JOBS compiles at once). cudnn.h, nccl.h and
+    # nvtx3 come from torch's nvidia-* wheels, not the toolkit; nccl_ep.h ships with neither (EP off)
+    site=$(python3 -c "import nvidia, os; print(list(nvidia.__path__)[0])")
+    export CPLUS_INCLUDE_PATH="$(ls -d "$site"/*/include "$site"/*/*/include 2>/dev/null | tr '\n' ':')${CPLUS_INCLUDE_PATH:-}"
+    NVTE_PYTORCH_FORCE_BUILD=TRUE NVTE_FRAMEWORK=pytorch NVTE_WITH_NCCL_EP=0 NVTE_CUDA_ARCHS=90 MAX_JOBS=${MAX_JOBS:-16} \
       python3 -m pip install --no-index --no-deps --no-build-isolation -v ./transformer_engine_torch-*.tar.gz \
       >/tmp/te-wheels/build.log 2>&1 || { tail -40 /tmp/te-wheels/build.log; exit 1; }
     python3 -c "import transformer_engine.pytorch as te; print('transformer_engine', te.__version__ if hasattr(te, '__version__') else 'ok')" ;;
