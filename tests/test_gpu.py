@@ -5,6 +5,9 @@ study's shapes (16 heads of 64, lengths up to 1023); the decoder's packed path a
 under bf16 autocast; and no host sync inside ``attention``.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -102,8 +105,16 @@ def test_attention_does_not_sync(backend):
         torch.cuda.set_sync_debug_mode(0)
 
 
+def _skip_unless_runs(backend):
+    why = backend_reasons(backend, *random_qkv([8], 16, 16, 64, torch.bfloat16, device="cuda"),
+                          SeqInfo.from_lengths([8], device="cuda"), True, (-1, -1))
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+
+
 @pytest.mark.parametrize("backend", ["flash", "flash:fa4", "flex", "sdpa"])
 def test_decoder_packed_matches_padded_bf16(backend):
+    _skip_unless_runs(backend)  # FA4 is optional: a machine without it skips, naming why
     torch.manual_seed(0)
     model = Decoder("small").cuda()
     ds = SyntheticDataset(16, max_len=511)
@@ -129,10 +140,7 @@ def test_compiled_train_step_neither_syncs_nor_recompiles(backend):
 
     from varlen.data import mark_dynamic
 
-    why = backend_reasons(backend, *random_qkv([8], 16, 16, 64, torch.bfloat16, device="cuda"),
-                          SeqInfo.from_lengths([8], device="cuda"), True, (-1, -1))
-    if why:
-        pytest.skip(f"{backend}: {'; '.join(why)}")
+    _skip_unless_runs(backend)
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
@@ -182,3 +190,25 @@ def test_smoke_te_peer_keeps_sequences_apart(causal):
     # a leak across sequences moves logits by their own scale; bf16 rounding by ~1% of it
     err, scale = (packed - alone).abs().max().item(), alone.abs().max().item()
     assert err <= 2e-2 * scale, (err, scale)
+    too_long = model.cfg.max_len + 1  # refused in one line before a position runs off the table
+    with pytest.raises(ValueError, match="longer than max_len"):
+        model(torch.ones(too_long, dtype=torch.long, device="cuda"), info=SeqInfo.from_lengths([too_long]).to("cuda"))
+
+
+def test_smoke_te_imports_after_torch_used_cudnn():
+    # TE's extension finds cuDNN's sub-libraries by name: after torch had used its own cuDNN, a system
+    # cuDNN of another version was found and the import failed (undefined symbol, the H100 machine);
+    # a fresh process, so that nothing imported TE first
+    from varlen.models.te_decoder import te_unavailable
+
+    if te_unavailable():
+        pytest.skip(te_unavailable())
+    code = ("import torch, torch.nn.functional as F\n"
+            "from torch.nn.attention import SDPBackend, sdpa_kernel\n"
+            "q = torch.randn(1, 8, 128, 64, device='cuda', dtype=torch.bfloat16)\n"
+            "with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):\n"
+            "    F.scaled_dot_product_attention(q, q, q)\n"
+            "from varlen.models.te_decoder import te_unavailable\n"
+            "print(te_unavailable())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "None", out

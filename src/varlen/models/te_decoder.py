@@ -12,6 +12,10 @@ parameters, none in the work. Eager only: TE's modules are not traced by ``torch
 
 from __future__ import annotations
 
+import ctypes
+import glob
+import os
+
 import torch
 from torch import Tensor, nn
 
@@ -24,10 +28,25 @@ def te_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "TransformerEngine needs a CUDA GPU"
     try:
+        _share_torch_cudnn()
         import transformer_engine.pytorch  # noqa: F401
     except Exception as e:  # an ImportError, or its extension failing to load its CUDA libraries
         return f"TransformerEngine not installed (benchmarks/te_wheels.sh carries it to a GPU machine): {e}"
     return None
+
+
+def _share_torch_cudnn() -> None:
+    """Load the cuDNN of torch's ``nvidia-cudnn`` wheel globally before TE's extension loads cuDNN.
+    TE finds cuDNN's sub-libraries by name: once torch has used its cuDNN in the process (a cuDNN
+    attention, a convolution), a system cuDNN of another version can be found instead and the import
+    fails with an undefined symbol (the H100 machine: ``libcudnn_cnn.so.9`` in /lib/x86_64-linux-gnu
+    against torch's ``libcudnn_graph.so.9``). With the wheel's libraries loaded first, both share one."""
+    try:
+        import nvidia.cudnn
+    except ImportError:  # no cuDNN wheel: torch and TE both find the system's
+        return
+    for path in sorted(glob.glob(os.path.join(list(nvidia.cudnn.__path__)[0], "lib", "libcudnn*.so.*"))):
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
 
 
 class TEDecoder(nn.Module):
@@ -63,9 +82,13 @@ class TEDecoder(nn.Module):
         if input_ids.dim() != 1 or input_ids.shape[0] != info.total_tokens:
             raise ValueError(f"packed input_ids must be [T] with T={info.total_tokens} (from info), "
                              f"got {tuple(input_ids.shape)}")
+        if info.max_seqlen > self.cfg.max_len:
+            raise ValueError(f"a sequence of {info.max_seqlen} tokens is longer than max_len={self.cfg.max_len}")
         x = self.tok_emb(input_ids) + self.pos_emb(info.position_ids)  # [T, C]: TE's THD layout
         mask = "padding_causal" if causal else "padding"
-        cu, m = info.cu_seqlens, info.max_seqlen
+        # one max_seqlen for every batch (an upper bound is valid): TE's attention keys its set-up on it,
+        # and the batch's own value, new every batch, cost the H100 step 93 -> 57 ms eval, 180 -> 128 train
+        cu, m = info.cu_seqlens, self.cfg.max_len
         for block in self.blocks:
             x = block(x, self_attn_mask_type=mask, cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m, max_seqlen_kv=m)
         return self.head(self.ln_f(x))
