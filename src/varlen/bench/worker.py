@@ -145,13 +145,20 @@ def run_case(case: Case) -> Result:
     return _result(case, cfg, tally, profile)
 
 
+def compile_mode(autotune: bool, graphed: bool) -> str | None:
+    """torch.compile's mode: CUDA graphs (Inductor's cudagraph trees record one graph per row size
+    and replay it) and/or max-autotune (GEMM templates with fused epilogues); None: the default."""
+    if autotune:
+        return "max-autotune" if graphed else "max-autotune-no-cudagraphs"
+    return "reduce-overhead" if graphed else None
+
+
 def _step_fn(case: Case, model, fam, graphed: bool):
     """One step of the case on a batch already on the device -> its loss (detached)."""
     w, train = case.workload, case.mode == "train"
     on_gpu = w.device == "cuda"
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
-    # CUDA graphs: Inductor's cudagraph trees record one graph per row size and replay it
-    fwd = torch.compile(model, mode="reduce-overhead" if graphed else None) if case.compile else model
+    fwd = torch.compile(model, mode=compile_mode(w.autotune, graphed)) if case.compile else model
     autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
     grad = torch.enable_grad() if train else torch.no_grad()
 
