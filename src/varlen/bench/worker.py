@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..attention import pads_to_max_seqlen
-from ..buckets import ceil_div, round_up
+from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, round_up
 from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
@@ -71,7 +71,6 @@ def static_shape(w, batches: list[list[int]]) -> dict:
 # Python's collector off during the steps, a young collection every GC_EVERY steps, as varlen train
 # does by default (--gc-every): an automatic collection inside a step is a pause of up to tens of ms
 GC_EVERY = 50
-GRAPH_BUCKETS_PER_OCTAVE = 8  # row sizes a CUDA graph each; the filler stays under 1/8 of a row
 
 
 def graph_buckets(w) -> dict:
