@@ -121,7 +121,7 @@ PY
            python3 -m varlen train --preset study --data lognormal --compile $flag --steps ${STEPS:-80} \
              --max-tokens ${TOKENS:-6144} --warmup 30 --seed 0 --no-progress --out "$out/train-graphs-$g" \
              >"$out/train-graphs-$g.log" 2>&1
-           python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('$g:', {k: s.get(k) for k in ('step_ms_mean', 'tokens_per_s', 'peak_mem_gib')}, 'last loss', s['losses'][-1])" \
+           python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('$g:', {k: s.get(k) for k in ('step_ms_mean', 'step_ms_median', 'compiled_after_warmup', 'tokens_per_s', 'peak_mem_gib')}, 'last loss', s['losses'][-1])" \
              "$out/train-graphs-$g/summary.json" || tail -5 "$out/train-graphs-$g.log"
          done ;;
   parity)

@@ -396,3 +396,24 @@ def test_wrap_passes_the_compile_mode(monkeypatch):
     wrap(model, "none", d, compile=True)
     wrap(model, "none", d, compile=False, compile_mode="reduce-overhead")
     assert modes == ["reduce-overhead", None]
+
+
+def test_summary_counts_graphs_compiled_after_the_warmup(tmp_path, capsys):
+    # a recompile is a one-off step of seconds (on the H100 a short row recompiled the study model:
+    # 39 s in an 80-step run): the summary counts such graphs and gives a median that leaves them out
+    from varlen.train.cli import main
+
+    data = tmp_path / "same.jsonl"  # every step the same shape: compiled once, in the first step
+    data.write_text("".join(json.dumps(list(range(1, 31))) + "\n" for _ in range(40)))
+    common = ["--preset", "tiny", "--device", "cpu", "--compile", "--steps", "3", "--max-tokens", "120",
+              "--data", str(data), "--no-progress"]
+    for warmup, counted in ((0, lambda n: n >= 1), (1, lambda n: n == 0)):
+        out = tmp_path / f"w{warmup}"
+        assert main([*common, "--warmup", str(warmup), "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert counted(summary["compiled_after_warmup"]), (warmup, summary["compiled_after_warmup"])
+        times = sorted(r["step_ms"] for r in _log(out)[warmup:])
+        assert summary["step_ms_median"] == pytest.approx(times[len(times) // 2] if len(times) % 2 else
+                                                          (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2)
+    assert main(common[:4] + common[5:] + ["--out", str(tmp_path / "eager")]) == 0
+    assert json.loads((tmp_path / "eager" / "summary.json").read_text())["compiled_after_warmup"] is None

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -24,7 +25,7 @@ from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, round_up
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
-from ..measure import GarbageCollection, since, start
+from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
 from ..parallel import context_shard, shard_batch
 from ..precision import TOKEN_MULTIPLE, apply_fp8
@@ -307,7 +308,8 @@ def run(args, d: Dist) -> int:
     loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast, shard)
     log = loop.run(step, batches_done)
     if d.main:
-        write_summary(args, d, log, loop.step, parallel, budget, sampler, report)
+        compiled_late = graph_count() - loop.graphs_after_warmup if args.compile else None
+        write_summary(args, d, log, loop.step, parallel, budget, sampler, report, compiled_late)
     return 0
 
 
@@ -337,6 +339,7 @@ class Loop:
         self.log_path = args.out / "train_log.jsonl" if args.out else None
         self.step = 0
         self.batches_done = 0
+        self.graphs_after_warmup = 0  # graph_count() once the warm-up steps have run
 
     def batches(self):
         on_gpu = self.d.device.type == "cuda"
@@ -386,6 +389,15 @@ class Loop:
             raise SystemExit(f"varlen train: loss is {row['loss']} at step {self.step}")
         return row
 
+    def watch_compiles(self, steps_run: int) -> None:
+        """Graphs made after the warm-up steps (recompiles: one-off steps of tens of seconds that a
+        mean over the run hides), and no CUDA graphs silently dropped under ``--cuda-graphs``."""
+        if steps_run == 1 and self.args.cuda_graphs and compile_counter("inductor", "cudagraph_skips"):
+            fail("--cuda-graphs: Inductor ran the model without CUDA graphs (its 'skipping cudagraphs' log line "
+                 "says why); refusing to train as if graphed")
+        if steps_run == self.args.warmup:
+            self.graphs_after_warmup = graph_count()
+
     def run(self, step: int, batches_done: int) -> list[dict]:
         args, d = self.args, self.d
         self.step, self.batches_done = step, batches_done
@@ -398,12 +410,14 @@ class Loop:
                 tqdm = None
             progress = tqdm and tqdm(total=args.steps, initial=step, desc="varlen train", unit="step", file=sys.stderr)
         self.it = self.batches()
+        self.graphs_after_warmup = graph_count()
         collector = GarbageCollection(args.gc_every)
         log: list[dict] = []
         while self.step < args.steps:
             collector.step()
             row = self.one_step()
             log.append(row)
+            self.watch_compiles(len(log))
             if d.main and self.log_path:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -422,12 +436,16 @@ class Loop:
 
 
 def write_summary(args, d: Dist, log: list[dict], step: int, parallel: str, budget: int, sampler,
-                  report: DataReport) -> None:
+                  report: DataReport, compiled_late: int | None) -> None:
+    """``compiled_late``: graphs torch.compile made after the warm-up steps (each a one-off step of
+    seconds inside ``step_ms_mean``; ``step_ms_median`` leaves them out)."""
     on_gpu = d.device.type == "cuda"
     timed = log[args.warmup:] or log
     summary = {"steps": step, "world_size": d.world_size, "parallel": parallel, "split": args.split,
                "data": args.data, "max_tokens": budget,
                "step_ms_mean": sum(r["step_ms"] for r in timed) / len(timed) if timed else None,
+               "step_ms_median": statistics.median(r["step_ms"] for r in timed) if timed else None,
+               "compiled_after_warmup": compiled_late,
                "tokens_per_s": 1e3 * sum(r["tokens"] for r in timed) / sum(r["step_ms"] for r in timed) if timed else None,
                "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if on_gpu else None,
                "packing_efficiency": sampler.efficiency(), "data_report": vars(report),
