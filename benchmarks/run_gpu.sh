@@ -15,6 +15,10 @@
 #   graphs       long-tailed lengths, packed-flash compiled with and without CUDA graphs (beside padded)
 #   levers       issue 18's levers, packed-flash compiled and profiled: as is, bf16 residual stream, FP8
 #                linears (rowwise, tensorwise; torchao's wheel in .whl/), both
+#   autotune     issue 18's epilogue lever: packed-flash compiled and profiled, as is and with --autotune
+#                (Inductor max-autotune: GEMM templates with the elementwise work around them fused in)
+#   train-graphs `varlen train` on long-tailed lengths, compiled, as is and with --cuda-graphs (step times,
+#                losses side by side)
 #   parity       200 training steps of each lever from one seed beside bf16 autocast (loss parity)
 #   te           the TransformerEngine peer (packed-te, eager) beside padded and packed-flash, study preset
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
@@ -104,6 +108,22 @@ PY
            grep -E "ms/step|FAILED" "$out/lever-$name.log" | sed "s/^/$name: /"; }
          lever base; lever residual --residual-dtype bf16; lever fp8-rowwise --fp8 rowwise
          lever fp8-tensorwise --fp8 tensorwise; lever residual+fp8-${FP8:-rowwise} --residual-dtype bf16 --fp8 "${FP8:-rowwise}" ;;
+  autotune)
+         for a in off on; do
+           flag=; [ $a = on ] && flag=--autotune
+           python3 -m varlen bench --preset study --strategies packed-flash --modes "${MODES:-train}" --compile on \
+             --profile $flag --out "$out/autotune-$a" ${BENCH_ARGS:-} >"$out/autotune-$a.log" 2>&1
+           grep -E "ms/step|FAILED" "$out/autotune-$a.log" | sed "s/^/autotune $a: /"
+         done ;;
+  train-graphs)
+         for g in off on; do
+           flag=; [ $g = on ] && flag=--cuda-graphs
+           python3 -m varlen train --preset study --data lognormal --compile $flag --steps ${STEPS:-80} \
+             --max-tokens ${TOKENS:-6144} --warmup 30 --seed 0 --no-progress --out "$out/train-graphs-$g" \
+             >"$out/train-graphs-$g.log" 2>&1
+           python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('$g:', {k: s.get(k) for k in ('step_ms_mean', 'step_ms_median', 'compiled_after_warmup', 'tokens_per_s', 'peak_mem_gib')}, 'last loss', s['losses'][-1])" \
+             "$out/train-graphs-$g/summary.json" || tail -5 "$out/train-graphs-$g.log"
+         done ;;
   parity)
          # the levers' loss parity: 200 AdamW steps of the study model from one seed, compiled, as bf16
          # autocast, the bf16 residual stream, FP8 rowwise linears and both (run at once: only losses count)

@@ -382,3 +382,24 @@ def test_unsteady_cases_are_named_with_their_slow_steps():
     failed = {"strategy": "nested", "mode": "eval", "compile": False, "error": "boom"}
     assert unsteady([steady, uneven, failed]) == {"packed-sdpa/eval/eager": [4, 1, 2]}
     assert unsteady([steady], bound=1.01) == {"padded/eval/eager": []}  # over the bound, no outlier step
+
+
+def test_autotune_reaches_torch_compile_and_needs_compiling(monkeypatch, capsys):
+    # --autotune is issue 18's epilogue lever: Inductor's max-autotune, with CUDA graphs its graphing
+    # variant; eager cases stay eager, and --compile off with it is refused in one line
+    from varlen.bench.cli import main
+    from varlen.bench.worker import _step_fn
+    from varlen.models import family
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    w = Workload(**{**TINY.__dict__, "autotune": True})
+    model = Decoder(DecoderConfig.from_name("tiny"))
+    for graphed in (False, True):
+        _step_fn(Case("packed-sdpa", "eval", True, w), model, family("decoder"), graphed)
+    _step_fn(Case("packed-sdpa", "eval", False, w), model, family("decoder"), False)
+    _step_fn(Case("packed-sdpa", "eval", True, TINY), model, family("decoder"), False)
+    assert modes == ["max-autotune-no-cudagraphs", "max-autotune", None]
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--autotune", "--compile", "off"])
+    assert "--compile off compiles nothing" in capsys.readouterr().err

@@ -150,3 +150,15 @@ def test_compiled_decoder_does_not_recompile_for_each_batch(per_block, most):
             forward_batch(model, batch)
     assert len(seen) == 20
     assert counters["stats"]["unique_graphs"] <= most, dict(counters["stats"])
+
+
+def test_packed_ids_take_one_row_and_refuse_a_count_info_does_not_have():
+    # varlen.models.decoder.packed_ids, shared by the decoder and the TE peer: [1, T] flattens, [T'] != T refused
+    from varlen.models.decoder import packed_ids
+
+    info = SeqInfo.from_lengths([2, 3])
+    ids = torch.arange(5)
+    assert torch.equal(packed_ids(ids[None], info), ids) and packed_ids(ids, info) is ids
+    model = Decoder("tiny")
+    with pytest.raises(ValueError, match=r"packed input_ids must be \[T\] with T=5 \(from info\), got \(4,\)"):
+        model(ids[:4], info=info)

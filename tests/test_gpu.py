@@ -201,8 +201,9 @@ def test_smoke_te_imports_after_torch_used_cudnn():
     # a fresh process, so that nothing imported TE first
     from varlen.models.te_decoder import te_unavailable
 
-    if te_unavailable():
-        pytest.skip(te_unavailable())
+    why = te_unavailable()
+    if why:
+        pytest.skip(why)
     code = ("import torch, torch.nn.functional as F\n"
             "from torch.nn.attention import SDPBackend, sdpa_kernel\n"
             "q = torch.randn(1, 8, 128, 64, device='cuda', dtype=torch.bfloat16)\n"

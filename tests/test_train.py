@@ -344,3 +344,76 @@ def test_cost_check_scores_the_model_against_the_times():
     assert out["cost_check"]["predicted_spread"] == pytest.approx(spread)
     assert _cost_check(CostModel(), shares, ms)["cost_check"]["error"] > 0.05  # tokens alone miss the times
     assert _cost_check(true, shares[:1], [[1.0]]) == {}  # fewer than 3 times: nothing to say
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--cuda-graphs"], "add --compile"),
+    (["--cuda-graphs", "--compile", "--grad-accum", "2"], "one micro-batch a step"),
+    (["--cuda-graphs", "--compile", "--static"], "drop --static"),
+    (["--cuda-graphs", "--compile", "--device", "cpu"], "needs a CUDA device"),
+])
+def test_cuda_graphs_refused_in_one_line(capsys, flags, says):
+    from varlen.train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(flags + ["--steps", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and says in err[-1], err
+
+
+def test_cuda_graphs_rows_take_few_shapes_and_keep_every_token():
+    # --cuda-graphs: every row has one number of sequences and one of 8 sizes an octave (a CUDA graph
+    # each), filler sequences within max_len, real tokens and labels as without it
+    from varlen.data import TokenBudgetSampler
+    from varlen.train.cli import make_collator, parse_args
+
+    args = parse_args(["--compile", "--cuda-graphs", "--device", "cuda", "--max-tokens", "2048"])
+    ds = SyntheticDataset(600, max_len=255, length_dist="lognormal", seed=5)
+    sampler = TokenBudgetSampler(ds.lengths, 2048, seed=0)
+    collate = make_collator(args, sampler, ds, 255, "cuda")
+    plain = TrainCollator(max_seqlen=255)
+    rows, seqs = set(), set()
+    for b in list(sampler)[:40]:
+        samples = [ds[i] for i in b]
+        got, ref = collate(samples), plain(samples)
+        rows.add(got.input_ids.numel())
+        seqs.add(got.info.num_seqs)
+        n = ref.input_ids.numel()
+        assert torch.equal(got.input_ids[:n], ref.input_ids) and torch.equal(got.labels[:n], ref.labels)
+        assert (got.labels[n:] == -100).all() and got.tokens == ref.tokens
+        assert max(got.info.lengths) <= 255 and got.input_ids.numel() - n < n / 8 + got.info.num_seqs
+    assert len(seqs) == 1 and len(rows) <= 8 * 2, (seqs, rows)
+
+
+def test_wrap_passes_the_compile_mode(monkeypatch):
+    from varlen.train.distributed import Dist, wrap
+
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    d = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = Decoder("tiny")
+    wrap(model, "none", d, compile=True, compile_mode="reduce-overhead")
+    wrap(model, "none", d, compile=True)
+    wrap(model, "none", d, compile=False, compile_mode="reduce-overhead")
+    assert modes == ["reduce-overhead", None]
+
+
+def test_summary_counts_graphs_compiled_after_the_warmup(tmp_path, capsys):
+    # a recompile is a one-off step of seconds (on the H100 a short row recompiled the study model:
+    # 39 s in an 80-step run): the summary counts such graphs and gives a median that leaves them out
+    from varlen.train.cli import main
+
+    data = tmp_path / "same.jsonl"  # every step the same shape: compiled once, in the first step
+    data.write_text("".join(json.dumps(list(range(1, 31))) + "\n" for _ in range(40)))
+    common = ["--preset", "tiny", "--device", "cpu", "--compile", "--steps", "3", "--max-tokens", "120",
+              "--data", str(data), "--no-progress"]
+    for warmup, counted in ((0, lambda n: n >= 1), (1, lambda n: n == 0)):
+        out = tmp_path / f"w{warmup}"
+        assert main([*common, "--warmup", str(warmup), "--out", str(out)]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert counted(summary["compiled_after_warmup"]), (warmup, summary["compiled_after_warmup"])
+        times = sorted(r["step_ms"] for r in _log(out)[warmup:])
+        assert summary["step_ms_median"] == pytest.approx(times[len(times) // 2] if len(times) % 2 else
+                                                          (times[len(times) // 2 - 1] + times[len(times) // 2]) / 2)
+    assert main(common[:4] + common[5:] + ["--out", str(tmp_path / "eager")]) == 0
+    assert json.loads((tmp_path / "eager" / "summary.json").read_text())["compiled_after_warmup"] is None

@@ -21,7 +21,10 @@ def pow2_bucket(n: int, lo: int = 1, hi: int | None = None) -> int:
     return b if hi is None else min(b, hi)
 
 
-def token_bucket(n: int, per_octave: int = 8) -> int:
+GRAPH_BUCKETS_PER_OCTAVE = 8  # row sizes of CUDA-graphed runs, a graph each; filler under 1/8 of a row
+
+
+def token_bucket(n: int, per_octave: int = GRAPH_BUCKETS_PER_OCTAVE) -> int:
     """``n`` rounded up to one of ``per_octave`` evenly spaced sizes of its octave (``(2**k, 2**(k+1)]``
     in steps of ``2**k / per_octave``): a token count that varies from batch to batch takes few
     distinct values (a CUDA graph each), padded by less than ``1 / per_octave`` of itself."""

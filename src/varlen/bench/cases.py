@@ -133,9 +133,12 @@ class Workload:
     # batches of a token budget (token-budget packing, TokenBudgetSampler) instead of batch_size
     # samples: the length-scaling runs (--max-len 8192 --tokens-per-batch 65536)
     tokens_per_batch: int | None = None
-    # compiled packed cases as CUDA graphs on static shapes (token-budget batches padded to one
-    # token count and one number of sequences); other strategies refuse it
+    # compiled packed cases as CUDA graphs: one number of sequences, and one token count
+    # (tokens_per_batch) or a few row sizes, a graph each; other strategies refuse it
     cuda_graphs: bool = False
+    # compiled cases with Inductor's max-autotune: GEMMs as autotuned templates that fuse their
+    # neighbouring elementwise work (issue 18's epilogue lever); compiling takes minutes longer
+    autotune: bool = False
     # the decoder's residual stream between blocks (DecoderConfig.residual_dtype): None = autocast's float32
     residual_dtype: str | None = None
     fp8: str | None = None  # the decoder's linears in float8 (varlen.precision recipe), None: bf16 autocast

@@ -48,6 +48,9 @@ def parse_args(argv):
                    help="compiled packed cases run as CUDA graphs (torch.compile mode='reduce-overhead'): "
                         "every batch padded to one number of sequences and, with --tokens-per-batch, one "
                         "token count, else one of 8 row sizes an octave (a graph each, recorded in warm-up)")
+    p.add_argument("--autotune", action="store_true",
+                   help="compiled cases with Inductor's max-autotune: GEMMs as autotuned Triton/cuBLAS templates "
+                        "with the elementwise work around them fused in (compiling takes minutes longer)")
     p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default=None,
                    help="the decoder's residual stream between blocks: fp32 (autocast's, the default) or bf16 "
                         "(half the bytes of every add, norm input and saved residual; weights stay fp32)")
@@ -101,6 +104,10 @@ def workload_from(args):
         overrides["profile"] = True
     if args.cuda_graphs:
         overrides["cuda_graphs"] = True
+    if args.autotune:
+        if args.compile == "off":
+            usage_error("varlen bench", "--autotune tunes what torch.compile generates; --compile off compiles nothing")
+        overrides["autotune"] = True
     if args.residual_dtype == "bf16":
         if args.model != "decoder":
             usage_error("varlen bench", f"--residual-dtype bf16 is the study decoder's; --model {args.model} keeps its own")

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..attention import pads_to_max_seqlen
-from ..buckets import ceil_div, round_up
+from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, round_up
 from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
@@ -71,7 +71,6 @@ def static_shape(w, batches: list[list[int]]) -> dict:
 # Python's collector off during the steps, a young collection every GC_EVERY steps, as varlen train
 # does by default (--gc-every): an automatic collection inside a step is a pause of up to tens of ms
 GC_EVERY = 50
-GRAPH_BUCKETS_PER_OCTAVE = 8  # row sizes a CUDA graph each; the filler stays under 1/8 of a row
 
 
 def graph_buckets(w) -> dict:
@@ -145,13 +144,20 @@ def run_case(case: Case) -> Result:
     return _result(case, cfg, tally, profile)
 
 
+def compile_mode(autotune: bool, graphed: bool) -> str | None:
+    """torch.compile's mode: CUDA graphs (Inductor's cudagraph trees record one graph per row size
+    and replay it) and/or max-autotune (GEMM templates with fused epilogues); None: the default."""
+    if autotune:
+        return "max-autotune" if graphed else "max-autotune-no-cudagraphs"
+    return "reduce-overhead" if graphed else None
+
+
 def _step_fn(case: Case, model, fam, graphed: bool):
     """One step of the case on a batch already on the device -> its loss (detached)."""
     w, train = case.workload, case.mode == "train"
     on_gpu = w.device == "cuda"
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
-    # CUDA graphs: Inductor's cudagraph trees record one graph per row size and replay it
-    fwd = torch.compile(model, mode="reduce-overhead" if graphed else None) if case.compile else model
+    fwd = torch.compile(model, mode=compile_mode(w.autotune, graphed)) if case.compile else model
     autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
     grad = torch.enable_grad() if train else torch.no_grad()
 

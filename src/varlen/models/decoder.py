@@ -170,12 +170,7 @@ class Decoder(nn.Module):
             position_ids = info.position_ids[context.slice(info.total_tokens)]
             ctx = _Ctx("context", causal, backend, info, None, context)
         elif info is not None:
-            if input_ids.dim() == 2:  # one row [1, T], or packed rows [B, L] flattened
-                input_ids = input_ids.flatten()
-            if input_ids.dim() != 1 or input_ids.shape[0] != info.total_tokens:
-                raise ValueError(
-                    f"packed input_ids must be [T] with T={info.total_tokens} (from info), got {tuple(input_ids.shape)}"
-                )
+            input_ids = packed_ids(input_ids, info)
             position_ids = info.position_ids
             ctx = _Ctx("packed", causal, backend, info, None)
         elif attention_mask is not None:
@@ -190,6 +185,16 @@ class Decoder(nn.Module):
         for block in self.blocks:
             x = block(x, ctx)
         return self.head(self.ln_f(x))
+
+
+def packed_ids(input_ids: Tensor, info: SeqInfo) -> Tensor:
+    """Packed token ids as ``[T]`` (one row ``[1, T]`` or packed rows ``[B, L]`` flattened), checked
+    against ``info``'s token count."""
+    if input_ids.dim() == 2:
+        input_ids = input_ids.flatten()
+    if input_ids.dim() != 1 or input_ids.shape[0] != info.total_tokens:
+        raise ValueError(f"packed input_ids must be [T] with T={info.total_tokens} (from info), got {tuple(input_ids.shape)}")
+    return input_ids
 
 
 def _check_residual(x: Tensor, residual_dtype: str) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..seqinfo import SeqInfo
-from .decoder import DecoderConfig
+from .decoder import DecoderConfig, packed_ids
 
 
 def te_unavailable() -> str | None:
@@ -77,11 +77,7 @@ class TEDecoder(nn.Module):
     def forward(self, input_ids: Tensor, *, info: SeqInfo, causal: bool | None = None) -> Tensor:
         """``causal`` defaults to ``self.training``, as the decoder's (the study evaluates non-causal)."""
         causal = self.training if causal is None else causal
-        if input_ids.dim() == 2:  # one row [1, T]
-            input_ids = input_ids.flatten()
-        if input_ids.dim() != 1 or input_ids.shape[0] != info.total_tokens:
-            raise ValueError(f"packed input_ids must be [T] with T={info.total_tokens} (from info), "
-                             f"got {tuple(input_ids.shape)}")
+        input_ids = packed_ids(input_ids, info)
         if info.max_seqlen > self.cfg.max_len:
             raise ValueError(f"a sequence of {info.max_seqlen} tokens is longer than max_len={self.cfg.max_len}")
         x = self.tok_emb(input_ids) + self.pos_emb(info.position_ids)  # [T, C]: TE's THD layout

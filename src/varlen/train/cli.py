@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -22,9 +23,9 @@ import torch
 
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..attention import pads_to_max_seqlen
-from ..buckets import ceil_div, round_up
+from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, round_up
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
-from ..measure import GarbageCollection, since, start
+from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
 from ..parallel import context_shard, shard_batch
 from ..precision import TOKEN_MULTIPLE, apply_fp8
@@ -79,6 +80,10 @@ def parse_args(argv):
     p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile, on one GPU, one micro-batch a step: the model as CUDA graphs (rows padded "
+                        "to one number of sequences and one of 8 sizes an octave, a graph recorded per size the "
+                        "first time it comes), for steps bound by kernel launches (few tokens a step)")
     p.add_argument("--num-workers", type=nonneg_int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
     p.add_argument("--gc-every", type=nonneg_int, default=50,
                    help="Python's collector off, a collection every N steps on all ranks at once (0: Python's own)")
@@ -101,6 +106,15 @@ def parse_args(argv):
         p.error("give --max-tokens or --max-tokens-per-rank, not both")
     if args.static_graph and args.grad_accum > 1:
         p.error("--static-graph with --grad-accum > 1 is broken in PyTorch (pytorch/pytorch#187732); drop one of them")
+    if args.cuda_graphs and not args.compile:
+        p.error("--cuda-graphs records what torch.compile generates: add --compile")
+    if args.cuda_graphs and args.grad_accum > 1:
+        p.error("--cuda-graphs with --grad-accum > 1: gradients summed over graph replays are not supported here; "
+                "one micro-batch a step")
+    if args.cuda_graphs and args.static:
+        p.error("--cuda-graphs pads rows itself (8 sizes an octave, a graph each): drop --static")
+    if args.cuda_graphs and args.device != "cuda":
+        p.error("--cuda-graphs needs a CUDA device")
     unknown = set(filter(None, args.allow_change.split(","))) - set(CONFIG_FIELDS)
     if unknown:
         p.error(f"--allow-change: unknown field(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIG_FIELDS)}")
@@ -243,6 +257,8 @@ def run(args, d: Dist) -> int:
     parallel = args.parallel or ("ddp" if d.world_size > 1 else "none")
     if parallel == "none" and d.world_size > 1:
         fail("--parallel none with several processes: choose ddp or fsdp2")
+    if args.cuda_graphs and d.world_size > 1:
+        fail(f"--cuda-graphs runs one process; this run has {d.world_size} (DDP/FSDP2 with CUDA graphs is not supported)")
     on_gpu = d.device.type == "cuda"
     dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     if args.residual_dtype == "bf16" and (dtype != "bf16" or args.model != "decoder"):
@@ -266,17 +282,11 @@ def run(args, d: Dist) -> int:
         cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
                                  world_size=dp, rank=d.rank // args.cp, split=args.split, cost=cost)
-    # rows split evenly over the context group, each slice a whole number of fp8 GEMM tiles
-    multiple_of = args.cp * (TOKEN_MULTIPLE if args.fp8 else 1)
-    pad_to = None
-    if args.static:  # the busiest rank's share bounds every rank's row
-        pad_to = max(max(sum(ds.lengths[i] for i in s) for s in sampler.shares(b)) for b in sampler.global_batches())
-        pad_to = round_up(pad_to, math.lcm(128, multiple_of))
-    collate = TrainCollator(pad_to=pad_to, max_seqlen=max_len, multiple_of=multiple_of,
-                            bucket_max_seqlen=pads_to_max_seqlen(args.backend, d.device.type))
+    collate = make_collator(args, sampler, ds, max_len, d.device.type)
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
-                   compile=args.compile, static_graph=args.static_graph,
+                   compile=args.compile, compile_mode="reduce-overhead" if args.cuda_graphs else None,
+                   static_graph=args.static_graph,
                    reshard_after_forward=args.reshard_after_forward)
     fused = on_gpu and parallel != "fsdp2"
     opt_cls = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW
@@ -298,8 +308,24 @@ def run(args, d: Dist) -> int:
     loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast, shard)
     log = loop.run(step, batches_done)
     if d.main:
-        write_summary(args, d, log, loop.step, parallel, budget, sampler, report)
+        compiled_late = graph_count() - loop.graphs_after_warmup if args.compile else None
+        write_summary(args, d, log, loop.step, parallel, budget, sampler, report, compiled_late)
     return 0
+
+
+def make_collator(args, sampler, ds, max_len: int, device_type: str) -> TrainCollator:
+    """Rows as the flags shape them: ``--static`` one token count (the busiest rank's share),
+    ``--cuda-graphs`` one number of sequences and one of 8 row sizes an octave."""
+    # rows split evenly over the context group, each slice a whole number of fp8 GEMM tiles
+    multiple_of = args.cp * (TOKEN_MULTIPLE if args.fp8 else 1)
+    shares = [s for b in sampler.global_batches() for s in sampler.shares(b)] if args.static or args.cuda_graphs else []
+    row = max((sum(ds.lengths[i] for i in s) for s in shares), default=0)
+    if args.cuda_graphs:  # filler under 1/8 of a row plus a token a sequence, in sequences of <= max_len
+        num_seqs = max(len(s) for s in shares) + ceil_div(row, 8 * max_len) + 2
+        return TrainCollator(max_seqlen=max_len, multiple_of=multiple_of, num_seqs=num_seqs,
+                             pad_to_bucket=GRAPH_BUCKETS_PER_OCTAVE)
+    return TrainCollator(pad_to=round_up(row, math.lcm(128, multiple_of)) if args.static else None, max_seqlen=max_len,
+                         multiple_of=multiple_of, bucket_max_seqlen=pads_to_max_seqlen(args.backend, device_type))
 
 
 class Loop:
@@ -313,6 +339,7 @@ class Loop:
         self.log_path = args.out / "train_log.jsonl" if args.out else None
         self.step = 0
         self.batches_done = 0
+        self.graphs_after_warmup = 0  # graph_count() once the warm-up steps have run
 
     def batches(self):
         on_gpu = self.d.device.type == "cuda"
@@ -362,6 +389,15 @@ class Loop:
             raise SystemExit(f"varlen train: loss is {row['loss']} at step {self.step}")
         return row
 
+    def watch_compiles(self, steps_run: int) -> None:
+        """Graphs made after the warm-up steps (recompiles: one-off steps of tens of seconds that a
+        mean over the run hides), and no CUDA graphs silently dropped under ``--cuda-graphs``."""
+        if steps_run == 1 and self.args.cuda_graphs and compile_counter("inductor", "cudagraph_skips"):
+            fail("--cuda-graphs: Inductor ran the model without CUDA graphs (its 'skipping cudagraphs' log line "
+                 "says why); refusing to train as if graphed")
+        if steps_run == self.args.warmup:
+            self.graphs_after_warmup = graph_count()
+
     def run(self, step: int, batches_done: int) -> list[dict]:
         args, d = self.args, self.d
         self.step, self.batches_done = step, batches_done
@@ -374,12 +410,14 @@ class Loop:
                 tqdm = None
             progress = tqdm and tqdm(total=args.steps, initial=step, desc="varlen train", unit="step", file=sys.stderr)
         self.it = self.batches()
+        self.graphs_after_warmup = graph_count()
         collector = GarbageCollection(args.gc_every)
         log: list[dict] = []
         while self.step < args.steps:
             collector.step()
             row = self.one_step()
             log.append(row)
+            self.watch_compiles(len(log))
             if d.main and self.log_path:
                 with open(self.log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -398,12 +436,16 @@ class Loop:
 
 
 def write_summary(args, d: Dist, log: list[dict], step: int, parallel: str, budget: int, sampler,
-                  report: DataReport) -> None:
+                  report: DataReport, compiled_late: int | None) -> None:
+    """``compiled_late``: graphs torch.compile made after the warm-up steps (each a one-off step of
+    seconds inside ``step_ms_mean``; ``step_ms_median`` leaves them out)."""
     on_gpu = d.device.type == "cuda"
     timed = log[args.warmup:] or log
     summary = {"steps": step, "world_size": d.world_size, "parallel": parallel, "split": args.split,
                "data": args.data, "max_tokens": budget,
                "step_ms_mean": sum(r["step_ms"] for r in timed) / len(timed) if timed else None,
+               "step_ms_median": statistics.median(r["step_ms"] for r in timed) if timed else None,
+               "compiled_after_warmup": compiled_late,
                "tokens_per_s": 1e3 * sum(r["tokens"] for r in timed) / sum(r["step_ms"] for r in timed) if timed else None,
                "peak_mem_gib": torch.cuda.max_memory_allocated(d.device) / 2**30 if on_gpu else None,
                "packing_efficiency": sampler.efficiency(), "data_report": vars(report),

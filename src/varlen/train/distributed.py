@@ -83,7 +83,8 @@ def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.dtype = torch.float32,
          param_dtype: torch.dtype | None = None, bucket_mb: int = 25, compile: bool = False,
-         static_graph: bool = False, reshard_after_forward: bool = True) -> torch.nn.Module:
+         static_graph: bool = False, reshard_after_forward: bool = True, compile_mode: str | None = None
+         ) -> torch.nn.Module:
     """Data-parallel wrapping; compiled inside-out the way each wrapper wants it.
 
     ``param_dtype`` (FSDP2): the dtype parameters are all-gathered and computed in (bf16 halves
@@ -92,12 +93,13 @@ def wrap(model: torch.nn.Module, parallel: str, d: Dist, *, reduce_dtype: torch.
     backward (ZeRO-2: one all-gather a step instead of two, for the memory of unsharded blocks).
     The last block is never resharded: backward needs it first (torchtitan does the same).
     ``static_graph`` (DDP): the same parameters get gradients in the same order every step, so DDP
-    skips searching for unused ones and keeps its buckets in the order gradients arrive."""
+    skips searching for unused ones and keeps its buckets in the order gradients arrive.
+    ``compile_mode`` (one process only): torch.compile's mode, e.g. ``"reduce-overhead"`` (CUDA graphs)."""
     match parallel:
         case "none":
             if d.world_size > 1:
                 raise ValueError("--parallel none with several processes: choose ddp or fsdp2")
-            return torch.compile(model) if compile else model
+            return torch.compile(model, mode=compile_mode) if compile else model
         case "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
