@@ -385,6 +385,38 @@ def test_cuda_graphs_rows_take_few_shapes_and_keep_every_token():
     assert len(seqs) == 1 and len(rows) <= 8 * 2, (seqs, rows)
 
 
+def test_a_later_epochs_larger_row_gets_a_shape_of_its_own():
+    # --cuda-graphs plans one sequence count from the first epoch's rows; on the study's long-tailed
+    # data epoch 5 packs 200 samples into one row where 198 were planned, which stopped the run
+    from varlen.data import TokenBudgetSampler
+    from varlen.train.cli import make_collator, parse_args
+
+    args = parse_args(["--compile", "--cuda-graphs", "--device", "cuda", "--max-tokens", "6144"])
+    ds = SyntheticDataset(100_000, max_len=1023, length_dist="lognormal", seed=0)
+    sampler = TokenBudgetSampler(ds.lengths, 6144, seed=0)
+    collate = make_collator(args, sampler, ds, 1023, "cuda")
+    big = max(sampler.global_batches(5), key=len)
+    assert len(big) > collate.pack.num_seqs, "the case this test is about"
+    samples = [ds[i] for i in big]
+    got, ref = collate(samples), TrainCollator(max_seqlen=1023)(samples)
+    n = ref.input_ids.numel()
+    assert got.info.num_seqs % 8 == 0 and got.info.num_seqs > len(big)
+    assert torch.equal(got.input_ids[:n], ref.input_ids) and torch.equal(got.labels[:n], ref.labels)
+    assert (got.labels[n:] == -100).all() and max(got.info.lengths) <= 1023
+    # the planned rows keep the planned count
+    assert collate([ds[i] for i in sampler.global_batches(0)[0]]).info.num_seqs == collate.pack.num_seqs
+
+
+def test_static_rows_grow_past_the_planned_size_in_whole_tiles():
+    # --static plans the busiest share of one epoch; a larger one later is padded to the next 128 tokens
+    collate = TrainCollator(pad_to=200, max_seqlen=64)
+    assert collate.pad_to == 256
+    small = [(torch.arange(1, 41), torch.arange(1, 41))] * 3   # 120 tokens -> the planned 256
+    large = [(torch.arange(1, 61), torch.arange(1, 61))] * 5   # 300 tokens -> 384, not an error
+    assert collate(small).input_ids.numel() == 256 and collate(large).input_ids.numel() == 384
+    assert collate(large).tokens == 300 and (collate(large).labels[300:] == -100).all()
+
+
 def test_wrap_passes_the_compile_mode(monkeypatch):
     from varlen.train.distributed import Dist, wrap
 

@@ -31,6 +31,14 @@ def token_bucket(n: int, per_octave: int = GRAPH_BUCKETS_PER_OCTAVE) -> int:
     return round_up(n, max(1, pow2_bucket(n) // (2 * per_octave)))
 
 
+def graph_num_seqs(samples: int, tokens: int, max_seqlen: int) -> int:
+    """The sequence count of a CUDA-graphed row (``PackCollator(num_seqs=, pad_to_bucket=)``) that
+    holds ``samples`` samples of ``tokens`` tokens in all: the samples, and room for the filler that
+    :func:`token_bucket` adds (under 1/8 of the row, a token for each filler sequence, each at most
+    ``max_seqlen`` long)."""
+    return samples + ceil_div(tokens, GRAPH_BUCKETS_PER_OCTAVE * max_seqlen) + 2
+
+
 MAX_SEQLEN_BUCKETS = 8  # torch.compile's default recompile limit per frame
 
 

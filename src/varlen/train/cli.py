@@ -23,7 +23,7 @@ import torch
 
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..attention import pads_to_max_seqlen
-from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, round_up
+from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
@@ -320,11 +320,12 @@ def make_collator(args, sampler, ds, max_len: int, device_type: str) -> TrainCol
     multiple_of = args.cp * (TOKEN_MULTIPLE if args.fp8 else 1)
     shares = [s for b in sampler.global_batches() for s in sampler.shares(b)] if args.static or args.cuda_graphs else []
     row = max((sum(ds.lengths[i] for i in s) for s in shares), default=0)
-    if args.cuda_graphs:  # filler under 1/8 of a row plus a token a sequence, in sequences of <= max_len
-        num_seqs = max(len(s) for s in shares) + ceil_div(row, 8 * max_len) + 2
+    # planned from this epoch's rows; a later epoch's larger row gets a shape of its own (TrainCollator)
+    if args.cuda_graphs:
+        num_seqs = graph_num_seqs(max(len(s) for s in shares), row, max_len)
         return TrainCollator(max_seqlen=max_len, multiple_of=multiple_of, num_seqs=num_seqs,
                              pad_to_bucket=GRAPH_BUCKETS_PER_OCTAVE)
-    return TrainCollator(pad_to=round_up(row, math.lcm(128, multiple_of)) if args.static else None, max_seqlen=max_len,
+    return TrainCollator(pad_to=row if args.static else None, max_seqlen=max_len,
                          multiple_of=multiple_of, bucket_max_seqlen=pads_to_max_seqlen(args.backend, device_type))
 
 
