@@ -117,7 +117,7 @@ def run_case(case: Case) -> Result:
     base = DecoderConfig.from_name(w.model)
     # positions for every padded slot: padding rounds max_len + 1 up to a multiple of 8
     cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, padded_length(w.max_len)),
-                                  residual_dtype=w.residual_dtype)
+                                  residual_dtype=w.residual_dtype, activation=w.activation, mlp_kernel=w.mlp_kernel)
     fam = family(case.spec.family)
     model = (hf_models.gpt2(cfg, case.spec) if fam.hf else fam.build(cfg, case.backend)).to(device).train(train)
     if w.fp8:
