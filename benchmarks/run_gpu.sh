@@ -146,28 +146,33 @@ PY
          done ;;
   parity)
          # the levers' loss parity: 200 AdamW steps of the study model from one seed, compiled, as bf16
-         # autocast, the bf16 residual stream, FP8 rowwise linears and both (run at once: only losses count)
-         for name in base residual fp8 both; do
+         # autocast, the bf16 residual stream, FP8 rowwise linears and both (run at once: only losses count);
+         # LEVERS="tanh quack best" for the MLP lever: tanh GELU against exact, quack's fused MLP against the
+         # same model on torch's kernels (tanh), and quack + bf16 residual + --cuda-graphs against exact
+         levers=${LEVERS:-residual fp8 both}
+         for name in base $levers; do
            case $name in base) f=;; residual) f="--residual-dtype bf16";; fp8) f="--fp8 rowwise";;
-                         both) f="--residual-dtype bf16 --fp8 rowwise";; esac
+                         both) f="--residual-dtype bf16 --fp8 rowwise";; tanh) f="--gelu tanh";;
+                         quack) f="--gelu tanh --mlp-kernel quack";;
+                         best) f="--gelu tanh --mlp-kernel quack --residual-dtype bf16 --cuda-graphs";; esac
            python3 -m varlen train --preset study --compile --steps 200 --max-tokens 16384 --seed 0 \
              --optimizer adamw --lr 3e-4 $f --no-progress --out "$out/parity-$name" >"$out/parity-$name.log" 2>&1 &
          done
          wait
-         python3 - "$out" <<'PY'
+         python3 - "$out" $levers <<'PY'
 import json, sys
 def losses(name):
     try:
         return [json.loads(x)["loss"] for x in open(f"{sys.argv[1]}/parity-{name}/train_log.jsonl")]
     except OSError as e:
         return print(f"{name}: no losses ({e})")
-base = losses("base")
-for name in ("residual", "fp8", "both"):
-    run = losses(name)
+for name in sys.argv[2:]:
+    ref = "tanh" if name == "quack" and "tanh" in sys.argv[2:] else "base"
+    base, run = losses(ref), losses(name)
     if base and run:
         gap = [abs(a - b) for a, b in zip(base, run)]
         tail = sum(run[-20:]) / 20 - sum(base[-20:]) / 20
-        print(f"{name}: 200-step loss {run[-1]:.4f} vs bf16 autocast {base[-1]:.4f}; largest step gap {max(gap):.2e}, "
+        print(f"{name}: 200-step loss {run[-1]:.4f} vs {ref} {base[-1]:.4f}; largest step gap {max(gap):.2e}, "
               f"mean of the last 20 steps {tail:+.2e}")
 PY
          ;;

@@ -125,3 +125,31 @@ def test_bench_flags(capsys, monkeypatch):
     assert e.value.code == 2 and "--gelu and --mlp-kernel are the study decoder's" in capsys.readouterr().err
     _, w = workload_from(parse_args(["--preset", "tiny", "--gelu", "tanh"]))
     assert (w.activation, w.mlp_kernel) == ("gelu_tanh", "torch")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mlp-kernel", "quack"], "--mlp-kernel quack: it fuses GELU's tanh approximation only: add --gelu tanh"),
+    (["--mlp-kernel", "quack", "--gelu", "tanh"], "--mlp-kernel quack: it runs 16-bit GEMMs under bf16 autocast; "
+                                                   "this run has --dtype fp32"),
+    (["--model", "hf-llama", "--gelu", "tanh"], "--gelu and --mlp-kernel are the decoder's; --model hf-llama"),
+])
+def test_train_refuses_in_one_line(capsys, flags, message):
+    from varlen.train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--no-progress", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_with_tanh_gelu_records_it(tmp_path, capsys):
+    # the setting is part of the run's config: resuming with exact GELU is refused as a change
+    from varlen.train.cli import main
+
+    out = tmp_path / "run"
+    common = ["--preset", "tiny", "--device", "cpu", "--num-samples", "64", "--no-progress", "--out", str(out),
+              "--save-every", "2"]
+    assert main([*common, "--steps", "2", "--gelu", "tanh"]) == 0
+    with pytest.raises(SystemExit) as e:
+        main([*common, "--steps", "4", "--resume"])
+    assert e.value.code == 2 and "gelu: 'tanh' in the checkpoint, None now" in capsys.readouterr().err
+    assert main([*common, "--steps", "4", "--resume", "--gelu", "tanh"]) == 0
