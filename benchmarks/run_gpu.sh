@@ -17,6 +17,8 @@
 #                linears (rowwise, tensorwise; torchao's wheel in .whl/), both
 #   autotune     issue 18's epilogue lever: packed-flash compiled and profiled, as is and with --autotune
 #                (Inductor max-autotune: GEMM templates with the elementwise work around them fused in)
+#   mlp          issue 18's epilogue lever by hand: packed-flash compiled and profiled with exact GELU, tanh GELU
+#                and quack's fused MLP (GELU in fc1's GEMM epilogue, its derivative in fc2's backward GEMM)
 #   train-graphs `varlen train` on long-tailed lengths, compiled, as is and with --cuda-graphs (step times,
 #                losses side by side)
 #   parity       200 training steps of each lever from one seed beside bf16 autocast (loss parity)
@@ -38,6 +40,8 @@ fi
 fa4=$(python3 -c "from varlen.attention.flash import impl_unavailable as u; print('' if u('fa4') else ',packed-flash:fa4')")
 # the TransformerEngine peer where benchmarks/te_wheels.sh installed it (eager only)
 te=$(python3 -c "from varlen.models.te_decoder import te_unavailable as u; print('' if u() else 'packed-te')")
+# quack's fused MLP where quack-kernels is installed (it comes with FlashAttention-4)
+quack=$(python3 -c "from varlen.models.mlp import quack_unavailable as u; print('' if u() else 'quack')")
 case $part in
   smoke)
          # the kernel tests and both benches at once: each is mostly compile time on the host's
@@ -58,6 +62,12 @@ case $part in
          python3 -m varlen bench --preset smoke --compile on --cuda-graphs --modes eval,train --jobs 3 --strict \
            --strategies packed-flash:torch$fa4,packed-sdpa,packed-flex --out "$out/smoke-graphs" >"$out/smoke_graphs.log" 2>&1 &
          graphs=$!
+         q=0
+         if [ -n "$quack" ]; then  # quack's fused MLP: GELU and its derivative in the GEMMs' epilogues
+           python3 -m varlen bench --preset smoke --compile both --modes eval,train --strict --gelu tanh \
+             --mlp-kernel quack --strategies packed-flash:torch$fa4 --out "$out/smoke-quack" >"$out/smoke_quack.log" 2>&1 || q=$?
+           grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_quack.log"
+         fi
          e=0
          if [ -n "$te" ]; then
            python3 -m varlen bench --preset smoke --compile off --strict --strategies $te --out "$out/smoke-te" \
@@ -67,8 +77,8 @@ case $part in
          wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?; wait $graphs; g=$?
          tail -3 "$out/smoke_tests.txt"
          grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_decoder.log" "$out/smoke_hf.log" "$out/smoke_graphs.log"
-         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, TE peer exit $e, $((SECONDS - start)) s"
-         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] && [ $e -eq 0 ] ;;
+         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, quack MLP exit $q, TE peer exit $e, $((SECONDS - start)) s"
+         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] && [ $q -eq 0 ] && [ $e -eq 0 ] ;;
   check)
          python3 - "$out/configs" <<'PY'
 import sys, transformers as t
@@ -115,6 +125,16 @@ PY
              --profile $flag --out "$out/autotune-$a" ${BENCH_ARGS:-} >"$out/autotune-$a.log" 2>&1
            grep -E "ms/step|FAILED" "$out/autotune-$a.log" | sed "s/^/autotune $a: /"
          done ;;
+  mlp)
+         # issue 18's epilogue lever by hand: the study's packed step (compiled, profiled) with exact GELU,
+         # GELU's tanh approximation (the same kernels) and quack's fused MLP on it; MODES=eval,train for both,
+         # MLPS="tanh quack" for some
+         for m in ${MLPS:-exact tanh quack}; do
+           case $m in exact) f=;; tanh) f="--gelu tanh";; quack) f="--gelu tanh --mlp-kernel quack";; esac
+           python3 -m varlen bench --preset study --strategies packed-flash --modes "${MODES:-train}" --compile on \
+             --profile $f --out "$out/mlp-$m" ${BENCH_ARGS:-} >"$out/mlp-$m.log" 2>&1
+           grep -E "ms/step|FAILED|n/a here" "$out/mlp-$m.log" | sed "s/^/$m: /"
+         done ;;
   train-graphs)
          for g in off on; do
            flag=; [ $g = on ] && flag=--cuda-graphs
@@ -126,28 +146,33 @@ PY
          done ;;
   parity)
          # the levers' loss parity: 200 AdamW steps of the study model from one seed, compiled, as bf16
-         # autocast, the bf16 residual stream, FP8 rowwise linears and both (run at once: only losses count)
-         for name in base residual fp8 both; do
+         # autocast, the bf16 residual stream, FP8 rowwise linears and both (run at once: only losses count);
+         # LEVERS="tanh quack best" for the MLP lever: tanh GELU against exact, quack's fused MLP against the
+         # same model on torch's kernels (tanh), and quack + bf16 residual + --cuda-graphs against exact
+         levers=${LEVERS:-residual fp8 both}
+         for name in base $levers; do
            case $name in base) f=;; residual) f="--residual-dtype bf16";; fp8) f="--fp8 rowwise";;
-                         both) f="--residual-dtype bf16 --fp8 rowwise";; esac
+                         both) f="--residual-dtype bf16 --fp8 rowwise";; tanh) f="--gelu tanh";;
+                         quack) f="--gelu tanh --mlp-kernel quack";;
+                         best) f="--gelu tanh --mlp-kernel quack --residual-dtype bf16 --cuda-graphs";; esac
            python3 -m varlen train --preset study --compile --steps 200 --max-tokens 16384 --seed 0 \
              --optimizer adamw --lr 3e-4 $f --no-progress --out "$out/parity-$name" >"$out/parity-$name.log" 2>&1 &
          done
          wait
-         python3 - "$out" <<'PY'
+         python3 - "$out" $levers <<'PY'
 import json, sys
 def losses(name):
     try:
         return [json.loads(x)["loss"] for x in open(f"{sys.argv[1]}/parity-{name}/train_log.jsonl")]
     except OSError as e:
         return print(f"{name}: no losses ({e})")
-base = losses("base")
-for name in ("residual", "fp8", "both"):
-    run = losses(name)
+for name in sys.argv[2:]:
+    ref = "tanh" if name == "quack" and "tanh" in sys.argv[2:] else "base"
+    base, run = losses(ref), losses(name)
     if base and run:
         gap = [abs(a - b) for a, b in zip(base, run)]
         tail = sum(run[-20:]) / 20 - sum(base[-20:]) / 20
-        print(f"{name}: 200-step loss {run[-1]:.4f} vs bf16 autocast {base[-1]:.4f}; largest step gap {max(gap):.2e}, "
+        print(f"{name}: 200-step loss {run[-1]:.4f} vs {ref} {base[-1]:.4f}; largest step gap {max(gap):.2e}, "
               f"mean of the last 20 steps {tail:+.2e}")
 PY
          ;;

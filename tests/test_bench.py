@@ -368,7 +368,9 @@ def test_gpu_smoke_runs_every_strategy():
     assert listed | {"packed-te"} == set(strategies_of("decoder")), listed ^ set(strategies_of("decoder"))
     hf_run = next(line for line in smoke.splitlines() if "--model hf-gpt2" in line)
     assert "--strategies" not in hf_run  # every HF strategy, the default
-    assert "--compile both" in hf_run and smoke.count("--compile both") == 2
+    assert "--compile both" in hf_run and smoke.count("--compile both") == 3
+    # quack's fused MLP, eager and compiled, where quack-kernels is installed ($quack)
+    assert re.search(r'if \[ -n "\$quack" \]; then', smoke) and "--gelu tanh" in smoke and "--mlp-kernel quack" in smoke
 
 
 def test_unsteady_cases_are_named_with_their_slow_steps():

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from varlen import BACKENDS, Decoder, PackCollator, PadCollator, SeqInfo, attention
+from varlen import BACKENDS, Decoder, PackCollator, PadCollator, SeqInfo, attention, attention_qkvpacked
 from varlen.attention import backend_reasons
 from varlen.data import SyntheticDataset, move_batch
 from varlen.models import forward_batch, lm_loss
@@ -52,6 +52,54 @@ def _check_bf16(backend, lengths, heads, kv_heads, causal, seed):
         pytest.skip(f"{backend}: {'; '.join(why)}")
     out = attention(q, k, v, info, causal=causal, backend=backend)
     assert_matches_truth(out, q, k, v, lengths, causal)
+
+
+@pytest.mark.parametrize("backend", ["flash:fa4", "flash:torch", "auto"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_smoke_qkvpacked_vs_float64(backend, causal):
+    # attention_qkvpacked: FA4 reads q, k, v as strided views of [T, 3, H, D] and writes the gradients
+    # into one such buffer (stack's backward hands q, k, v their thirds); the study's heads
+    lengths = [1, 37, 200, 5, 1023] + [1, 2, 3] * 4
+    q, k, v = random_qkv(lengths, 16, 16, 64, torch.bfloat16, device="cuda", seed=3 + causal)
+    info = SeqInfo.from_lengths(lengths, device="cuda")
+    for x in (q, k, v):
+        x.requires_grad_()
+    why = backend_reasons(backend, q, k, v, info, causal, (-1, -1)) if backend != "auto" else []
+    if why:
+        pytest.skip(f"{backend}: {'; '.join(why)}")
+    out = attention_qkvpacked(torch.stack((q, k, v), 1), info, causal=causal, backend=backend)
+    assert_matches_truth(out, q, k, v, lengths, causal)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 1000, 4099])
+def test_smoke_quack_mlp_vs_float64(tokens):
+    # quack's fused MLP (GELU in fc1's epilogue, its derivative in fc2's backward) under bf16 autocast:
+    # output and every gradient within 2x the error of the torch MLP under the same autocast
+    from varlen.models.mlp import quack_mlp, quack_unavailable, torch_mlp
+
+    why = quack_unavailable()
+    if why:
+        pytest.skip(why)
+    torch.manual_seed(tokens)
+    fc1, fc2 = torch.nn.Linear(1024, 4096).cuda(), torch.nn.Linear(4096, 1024).cuda()
+    x = torch.randn(tokens, 1024, device="cuda", requires_grad=True)
+
+    def run(f, dtype):
+        layers = [torch.nn.Linear(1, 1).cuda().to(dtype) for _ in range(2)]
+        for new, old in zip(layers, (fc1, fc2)):
+            new.weight, new.bias = (torch.nn.Parameter(t.detach().to(dtype)) for t in (old.weight, old.bias))
+        xi = x.detach().to(dtype).requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.float32):
+            out = f(xi, *layers, "tanh")
+        dout = torch.randn(out.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda")
+        out.backward(dout.to(out.dtype))
+        return [out.detach().double(), xi.grad.double(), *(p.grad.double() for l in layers for p in l.parameters())]
+
+    truth, base, got = run(torch_mlp, torch.float64), run(torch_mlp, torch.float32), run(quack_mlp, torch.float32)
+    names = ("out", "dx", "dfc1.weight", "dfc1.bias", "dfc2.weight", "dfc2.bias")
+    for name, t, b, g in zip(names, truth, base, got):
+        err, base_err, scale = (g - t).abs().max().item(), (b - t).abs().max().item(), t.abs().max().item()
+        assert err <= 2 * base_err + 1e-3 * scale, (name, err, base_err, scale)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

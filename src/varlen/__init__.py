@@ -1,6 +1,6 @@
 """varlen: fast PyTorch transformers on variable-length sequences."""
 
-from .attention import BACKENDS, BackendUnavailable, attention, backend_status, choose_backend
+from .attention import BACKENDS, BackendUnavailable, attention, attention_qkvpacked, backend_status, choose_backend
 from .data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, move_batch
 from .models import Decoder, DecoderConfig, lm_loss
 from .seqinfo import SeqInfo
@@ -19,6 +19,7 @@ __all__ = [
     "SeqInfo",
     "SyntheticDataset",
     "attention",
+    "attention_qkvpacked",
     "backend_status",
     "choose_backend",
     "lm_loss",

@@ -178,6 +178,36 @@ def attention(
     ``causal=True`` sets ``right=0``. k/v may have fewer heads than q (GQA). ``softcap > 0`` caps
     the scaled scores at ``softcap * tanh(score / softcap)`` (Gemma 2); backends that cannot refuse.
     """
+    m, kw = _resolve(q, k, v, info, causal, scale, window_size, softcap, backend)
+    return m.attention(q, k, v, info, causal=causal, **kw)
+
+
+def attention_qkvpacked(
+    qkv: Tensor,  # [T, 3, H, D]
+    info: SeqInfo,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    backend: str = "auto",
+) -> Tensor:  # [T, H, D]
+    """:func:`attention` on one projection's output ``qkv`` viewed as ``[T, 3, H, D]`` (q, k, v the
+    three blocks of heads, as FlashAttention's ``*_qkvpacked_func``). Backends that read q, k, v in
+    place and write their gradients into one ``[T, 3, H, D]`` buffer (``flash`` with FA4) spare the
+    backward a cat of three gradients; the others run :func:`attention` on the three views."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must be a packed [T, 3, H, D] tensor, got {shape}")
+    q, k, v = qkv.unbind(1)
+    m, kw = _resolve(q, k, v, info, causal, scale, window_size, softcap, backend)
+    if hasattr(m, "attention_qkvpacked"):
+        return m.attention_qkvpacked(qkv, info, causal=causal, **kw)
+    return m.attention(q, k, v, info, causal=causal, **kw)
+
+
+def _resolve(q, k, v, info, causal, scale, window_size, softcap, backend) -> tuple[ModuleType, dict]:
+    """The checked inputs' backend module and its keyword arguments; raises before any kernel runs."""
     check_inputs(q, k, v, info, window_size)
     window_size = (int(window_size[0]), int(window_size[1]))
     softcap = float(softcap or 0.0)
@@ -189,11 +219,12 @@ def attention(
         why = backend_reasons(backend, q, k, v, info, causal, window_size, softcap)
         if why:
             raise BackendUnavailable(f"backend {backend!r} cannot run these inputs: {'; '.join(why)}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     name, kw = split_backend(backend)
+    kw["scale"] = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    kw["window_size"] = window_size
     if softcap:  # only backends that can cap get here with it
         kw["softcap"] = softcap
-    return backend_module(name).attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size, **kw)
+    return backend_module(name), kw
 
 
 def kernel_name(backend: str, q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal: bool = False,

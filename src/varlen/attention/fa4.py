@@ -36,12 +36,13 @@ def _kernels():
         )
         return out, lse
 
-    def bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right):
+    def bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right, dq=None, dk=None, dv=None):
+        # dq, dk, dv given: FA4 writes the gradients into them (views of one [T, 3, H, D] buffer)
         wl, wr = _window(left, right)
         dq, dk, dv = _flash_attn_bwd(
             q, k, v, out, dout, lse, scale, causal, 0.0, window_size_left=wl, window_size_right=wr,
             cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-            max_seqlen_k=max_seqlen,
+            max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv,
         )[:3]
         return dq, dk, dv
 
@@ -110,6 +111,67 @@ def _backward(ctx, dout, dlse):
 fa4_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# qkv-packed: one projection's output [T, 3, H, D] in, its gradient [T, 3, H, D] out. FA4 reads q, k, v
+# as strided views and its backward writes dq, dk, dv into views of one buffer, so the backward has
+# no cat of three gradients into the projection's [T, 3C] (1.6 ms of the study's train step).
+@torch.library.custom_op("varlen::fa4_varlen_qkv_fwd", mutates_args=())
+def fa4_varlen_qkv_fwd(
+    qkv: Tensor,  # [T, 3, H, D]
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+    left: int,
+    right: int,
+) -> tuple[Tensor, Tensor]:  # out [T, H, D], lse [H, T] float32
+    q, k, v = qkv.unbind(1)
+    return _kernels()[0](q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right)
+
+
+@fa4_varlen_qkv_fwd.register_fake
+def _(qkv, cu_seqlens, max_seqlen, scale, causal, left, right):
+    return qkv.new_empty(qkv.shape[0], *qkv.shape[2:]), qkv.new_empty(qkv.shape[2], qkv.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("varlen::fa4_varlen_qkv_bwd", mutates_args=())
+def fa4_varlen_qkv_bwd(
+    dout: Tensor,
+    qkv: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+    left: int,
+    right: int,
+) -> Tensor:  # dqkv [T, 3, H, D]
+    dqkv = torch.empty_like(qkv)
+    _kernels()[1](dout, *qkv.unbind(1), out, lse, cu_seqlens, max_seqlen, scale, causal, left, right, *dqkv.unbind(1))
+    return dqkv
+
+
+@fa4_varlen_qkv_bwd.register_fake
+def _(dout, qkv, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right):
+    return torch.empty_like(qkv)
+
+
+def _setup_qkv_context(ctx, inputs, output):
+    qkv, cu_seqlens, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cu_seqlens)
+    ctx.args = args  # max_seqlen, scale, causal, left, right
+    ctx.mark_non_differentiable(lse)
+
+
+def _qkv_backward(ctx, dout, dlse):
+    qkv, out, lse, cu_seqlens = ctx.saved_tensors
+    return fa4_varlen_qkv_bwd(dout.contiguous(), qkv, out, lse, cu_seqlens, *ctx.args), *[None] * 6
+
+
+fa4_varlen_qkv_fwd.register_autograd(_qkv_backward, setup_context=_setup_qkv_context)
+
+
 def bucket(max_seqlen: int) -> int:
     """``max_seqlen`` rounded up to a power of two (at least 128): FA4 picks its kernel
     configuration from it and JIT-compiles each new one for seconds, so eager batches whose
@@ -123,3 +185,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
               scale: float, causal: bool, left: int, right: int) -> Tensor:  # [T, H, D]
     return fa4_varlen_fwd(q, k, v, cu_seqlens, bucket(max_seqlen), float(scale), bool(causal), int(left),
                           int(right))[0]
+
+
+def attention_qkvpacked(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, scale: float, causal: bool, left: int,
+                        right: int) -> Tensor:  # qkv [T, 3, H, D] -> [T, H, D]
+    return fa4_varlen_qkv_fwd(qkv, cu_seqlens, bucket(max_seqlen), float(scale), bool(causal), int(left),
+                              int(right))[0]

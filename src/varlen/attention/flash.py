@@ -171,3 +171,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
             from . import fa4  # custom ops: one opaque node for torch.compile
 
             return fa4.attention(q, k, v, cu, m, scale=scale, causal=causal, left=left, right=right)
+
+
+def attention_qkvpacked(qkv: Tensor, info: SeqInfo, *, causal, scale, window_size, impl: str | None = None,
+                        softcap: float = 0.0) -> Tensor:  # qkv [T, 3, H, D] -> [T, H, D]
+    """FA4 takes ``qkv`` whole (its gradient comes back as one buffer); the others take the views."""
+    q, k, v = qkv.unbind(1)
+    if choose_impl(q, k, causal, window_size, impl, softcap)[0] != "fa4":
+        return attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size, impl=impl, softcap=softcap)
+    from . import fa4
+
+    left, right = window_bounds(causal, window_size)
+    return fa4.attention_qkvpacked(qkv, info.cu_seqlens, info.max_seqlen, scale=scale, causal=causal, left=left,
+                                   right=right)

@@ -142,6 +142,8 @@ class Workload:
     # the decoder's residual stream between blocks (DecoderConfig.residual_dtype): None = autocast's float32
     residual_dtype: str | None = None
     fp8: str | None = None  # the decoder's linears in float8 (varlen.precision recipe), None: bf16 autocast
+    activation: str = "gelu"  # the decoder's GELU (DecoderConfig.activation)
+    mlp_kernel: str = "torch"  # the decoder's MLP kernels (DecoderConfig.mlp_kernel)
 
 
 WORKLOADS = {  # --preset NAME: the study and its smaller versions

@@ -54,6 +54,11 @@ def parse_args(argv):
     p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default=None,
                    help="the decoder's residual stream between blocks: fp32 (autocast's, the default) or bf16 "
                         "(half the bytes of every add, norm input and saved residual; weights stay fp32)")
+    p.add_argument("--gelu", choices=["exact", "tanh"], default=None,
+                   help="the decoder's GELU: exact (erf, the default) or tanh (its approximation, GPT2's)")
+    p.add_argument("--mlp-kernel", choices=["torch", "quack"], default=None,
+                   help="the decoder's MLP: torch (Linear, GELU, Linear; the default) or quack (quack-kernels' GEMMs "
+                        "with GELU and its derivative in their epilogues; needs --gelu tanh, Hopper or newer)")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
                    help="the decoder's linear layers in float8 with this scaling (torchao; CUDA, compiled cases "
                         "are what it is for)")
@@ -112,6 +117,14 @@ def workload_from(args):
         if args.model != "decoder":
             usage_error("varlen bench", f"--residual-dtype bf16 is the study decoder's; --model {args.model} keeps its own")
         overrides["residual_dtype"] = "bfloat16"
+    if args.gelu or args.mlp_kernel:
+        if args.model != "decoder":
+            usage_error("varlen bench", f"--gelu and --mlp-kernel are the study decoder's; --model {args.model} keeps its own")
+        if args.mlp_kernel == "quack" and args.gelu != "tanh":
+            usage_error("varlen bench", "--mlp-kernel quack fuses GELU's tanh approximation only: add --gelu tanh (and "
+                                        "compare with --gelu tanh --mlp-kernel torch, the same model)")
+        overrides["activation"] = "gelu_tanh" if args.gelu == "tanh" else "gelu"
+        overrides["mlp_kernel"] = args.mlp_kernel or "torch"
     if args.fp8:
         if args.model != "decoder":
             usage_error("varlen bench", f"--fp8 converts the study decoder's nn.Linear layers; --model {args.model} "

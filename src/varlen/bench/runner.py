@@ -48,6 +48,12 @@ def precheck(case: Case) -> str | None:
         return str(e)
     if case.workload.fp8 and case.spec.layout == "nested":
         return "--fp8: float8 GEMMs need a token count that is a multiple of 16, which a jagged batch does not keep"
+    if case.workload.mlp_kernel != "torch":
+        from ..models.mlp import quack_unavailable
+
+        if case.spec.layout == "nested":
+            return "--mlp-kernel quack: its GEMMs run dense rows, not a jagged batch"
+        why = why or quack_unavailable()
     if why or case.workload.device != "cpu":
         return why
     if case.workload.cuda_graphs and case.compile:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..attention import pads_to_max_seqlen
-from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, round_up
+from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, graph_num_seqs, round_up
 from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
@@ -76,8 +76,9 @@ GC_EVERY = 50
 def graph_buckets(w) -> dict:
     """``num_seqs`` and ``pad_to_bucket`` for batches of ``batch_size`` samples as CUDA graphs: the
     token count rounded up to one of 8 sizes an octave (:func:`varlen.buckets.token_bucket`), and
-    enough filler sequences (of at most ``max_len``) for the largest filler that leaves."""
-    return {"num_seqs": w.batch_size + ceil_div(w.batch_size, GRAPH_BUCKETS_PER_OCTAVE) + 1,
+    enough filler sequences (of at most ``max_len``) for the largest filler that leaves: the rule
+    ``varlen train --cuda-graphs`` uses, for the longest row ``batch_size`` samples make."""
+    return {"num_seqs": graph_num_seqs(w.batch_size, w.batch_size * w.max_len, w.max_len),
             "pad_to_bucket": GRAPH_BUCKETS_PER_OCTAVE}
 
 
@@ -116,7 +117,7 @@ def run_case(case: Case) -> Result:
     base = DecoderConfig.from_name(w.model)
     # positions for every padded slot: padding rounds max_len + 1 up to a multiple of 8
     cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, padded_length(w.max_len)),
-                                  residual_dtype=w.residual_dtype)
+                                  residual_dtype=w.residual_dtype, activation=w.activation, mlp_kernel=w.mlp_kernel)
     fam = family(case.spec.family)
     model = (hf_models.gpt2(cfg, case.spec) if fam.hf else fam.build(cfg, case.backend)).to(device).train(train)
     if w.fp8:

@@ -21,12 +21,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attention import attention
+from ..attention import attention_qkvpacked
 from ..attention.nested import nested_sdpa
 from ..attention.sdpa import padded_attention, padded_mask
 from ..data.collate import IGNORE_INDEX
 from ..parallel.context import ContextShard, ulysses_attention
 from ..seqinfo import SeqInfo
+from .mlp import ACTIVATIONS, MLP_KERNELS, check_batch
 
 
 
@@ -43,12 +44,25 @@ class DecoderConfig:
     # add, norm input and saved residual at 4 bytes); "bfloat16" halves those bytes. Weights stay
     # float32 (the optimizer's master copy); it needs autocast, which runs the GEMMs in bf16 anyway.
     residual_dtype: str | None = None
+    # the MLP's GELU: "gelu" (exact, erf) or "gelu_tanh" (its tanh approximation, GPT2's "gelu_new")
+    activation: str = "gelu"
+    # the MLP's kernels (varlen.models.mlp): "torch" (Linear, GELU, Linear) or "quack" (GELU and its
+    # derivative in the GEMMs' epilogues; gelu_tanh only, Hopper or newer)
+    mlp_kernel: str = "torch"
 
     def __post_init__(self):
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.residual_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"residual_dtype {self.residual_dtype!r}: None, 'bfloat16' or 'float16'")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r}: choose from {', '.join(ACTIVATIONS)}")
+        if self.mlp_kernel not in MLP_KERNELS:
+            raise ValueError(f"mlp_kernel {self.mlp_kernel!r}: choose from {', '.join(MLP_KERNELS)}")
+        if self.mlp_kernel == "quack" and self.activation != "gelu_tanh":
+            raise ValueError(f"mlp_kernel='quack' fuses GELU's tanh approximation only; activation={self.activation!r} "
+                             "would change the model: set activation='gelu_tanh' (and compare against the torch "
+                             "kernels with it)")
 
     @property
     def head_dim(self) -> int:
@@ -89,11 +103,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
 
     def forward(self, x: Tensor, ctx: _Ctx) -> Tensor:
+        if ctx.layout == "packed":  # x: [T, C]; the projection's output read in place, gradient in one buffer
+            qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, self.head_dim))  # [T, 3, H, D]
+            y = attention_qkvpacked(qkv, ctx.info, causal=ctx.causal, backend=ctx.backend)
+            return self.proj(y.flatten(-2))
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # split first: works on nested tensors too
         match ctx.layout:
-            case "packed":  # x: [T, C]
-                q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)) for t in (q, k, v))  # [T, H, D]
-                y = attention(q, k, v, ctx.info, causal=ctx.causal, backend=ctx.backend)
             case "context":  # x: [T/N, C], this rank's slice of the row
                 q, k, v = (t.unflatten(-1, (self.n_heads, self.head_dim)) for t in (q, k, v))
                 y = ulysses_attention(q, k, v, ctx.info, ctx.context, causal=ctx.causal, backend=ctx.backend)
@@ -114,10 +129,11 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.dim, bias=False)
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim)
         self.fc2 = nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim)
+        self.mlp, self.approximate = MLP_KERNELS[cfg.mlp_kernel], ACTIVATIONS[cfg.activation]  # chosen once
 
     def forward(self, x: Tensor, ctx: _Ctx) -> Tensor:
         x = x + self.attn(self.ln1(x), ctx)
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return x + self.mlp(self.ln2(x), self.fc1, self.fc2, self.approximate)
 
 
 class Decoder(nn.Module):
@@ -159,6 +175,7 @@ class Decoder(nn.Module):
         """
         causal = self.training if causal is None else causal
         backend = backend or self.backend
+        check_batch(self.cfg.mlp_kernel, input_ids)
         if input_ids.is_nested:
             if position_ids is None:
                 raise ValueError("nested input_ids need nested position_ids (NestedCollator makes them)")

@@ -57,6 +57,8 @@ class TEDecoder(nn.Module):
         if cfg.residual_dtype is not None:
             raise ValueError(f"residual_dtype={cfg.residual_dtype!r}: TransformerEngine's layers keep their own "
                              "residual stream; the TE peer runs with the default")
+        if cfg.mlp_kernel != "torch":
+            raise ValueError(f"mlp_kernel={cfg.mlp_kernel!r}: TransformerEngine's LayerNormMLP runs its own kernels")
         why = te_unavailable()
         if why:
             raise RuntimeError(why)

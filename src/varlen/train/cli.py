@@ -74,6 +74,11 @@ def parse_args(argv):
                    help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
                    help="the decoder's linear layers in float8 with this scaling (torchao)")
+    p.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
+                   help="the decoder's GELU: exact (erf) or tanh (its approximation, GPT2's)")
+    p.add_argument("--mlp-kernel", choices=["torch", "quack"], default="torch",
+                   help="the decoder's MLP: torch, or quack's GEMMs with GELU and its derivative in their epilogues "
+                        "(needs --gelu tanh, bf16 autocast, Hopper or newer and quack-kernels; pays with --cuda-graphs)")
     p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="gradient reduction dtype")
     p.add_argument("--bucket-mb", type=positive_int, default=25, help="DDP gradient bucket size")
     p.add_argument("--static-graph", action="store_true", help="DDP's static_graph (not with --grad-accum > 1)")
@@ -133,7 +138,7 @@ def parse_args(argv):
 # The settings a checkpoint is tied to: resuming with another value changes what the run computes.
 CONFIG_FIELDS = ("model", "preset", "backend", "data", "data_fingerprint", "num_samples", "max_len", "too_long",
                  "max_tokens", "grad_accum", "split", "cost", "window", "static", "optimizer", "lr", "seed",
-                 "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype", "fp8")
+                 "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype", "fp8", "gelu", "mlp_kernel")
 
 
 def fail(message: str) -> NoReturn:
@@ -199,7 +204,23 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             "reduce_dtype": args.reduce_dtype,
             # only when changed: checkpoints from before the option resume as float32 runs
             **({"residual_dtype": args.residual_dtype} if args.residual_dtype != "fp32" else {}),
-            **({"fp8": args.fp8} if args.fp8 else {})}
+            **({"fp8": args.fp8} if args.fp8 else {}),
+            **({"gelu": args.gelu} if args.gelu != "exact" else {}),
+            **({"mlp_kernel": args.mlp_kernel} if args.mlp_kernel != "torch" else {})}
+
+
+def refuse_mlp(args, dtype: str, on_gpu: bool) -> None:
+    """--gelu / --mlp-kernel where they cannot run: one line before any data is read."""
+    if (args.gelu != "exact" or args.mlp_kernel != "torch") and args.model != "decoder":
+        fail(f"--gelu and --mlp-kernel are the decoder's; --model {args.model} keeps its own MLP")
+    if args.mlp_kernel == "quack":
+        from ..models.mlp import quack_unavailable
+
+        why = ("it fuses GELU's tanh approximation only: add --gelu tanh" if args.gelu != "tanh" else
+               f"it runs 16-bit GEMMs under bf16 autocast; this run has --dtype {dtype}" if dtype != "bf16" else
+               quack_unavailable() if on_gpu else "it needs a CUDA device")
+        if why:
+            fail(f"--mlp-kernel quack: {why}")
 
 
 def resume_point(args, d: Dist, config: dict) -> Path | None:
@@ -244,7 +265,6 @@ def resume_point(args, d: Dist, config: dict) -> Path | None:
 
 def run(args, d: Dist) -> int:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    cfg = DecoderConfig.from_name(args.preset, residual_dtype="bfloat16" if args.residual_dtype == "bf16" else None)
     budget = args.max_tokens or (args.max_tokens_per_rank or 16384) * d.world_size
     micro_budget = budget // args.grad_accum
     if micro_budget < 1:
@@ -264,6 +284,9 @@ def run(args, d: Dist) -> int:
     if args.residual_dtype == "bf16" and (dtype != "bf16" or args.model != "decoder"):
         fail(f"--residual-dtype bf16 is the decoder's under bf16 autocast; this run has --model {args.model}, "
              f"--dtype {dtype}")
+    refuse_mlp(args, dtype, on_gpu)
+    cfg = DecoderConfig.from_name(args.preset, residual_dtype="bfloat16" if args.residual_dtype == "bf16" else None,
+                                  activation="gelu_tanh" if args.gelu == "tanh" else "gelu", mlp_kernel=args.mlp_kernel)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
 
     report = DataReport()
