@@ -6,7 +6,8 @@
 
 The same blocks run three layouts:
 - padded ``[B, L]`` with ``attention_mask``: SDPA on ``[B, H, L, D]`` with one combined mask;
-- packed ``[T]`` with a :class:`~varlen.SeqInfo`: :func:`varlen.attention` with any backend;
+- packed ``[T]`` with a :class:`~varlen.SeqInfo`: :func:`varlen.attention_qkvpacked` with any backend
+  (the qkv projection's output read in place);
 - jagged nested ``[B, j]``: SDPA on nested q/k/v. q, k, v are split before the head reshape,
   which is what lets the block run on nested tensors.
 """

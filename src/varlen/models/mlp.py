@@ -3,11 +3,14 @@
 
 - ``torch``: two linears and GELU (exact or tanh); under ``torch.compile`` Inductor runs GELU as
   its own elementwise kernel, forward and backward, each a pass over the ``[T, 4C]`` activation.
-- ``quack``: quack-kernels' CuTe GEMMs (Tri Dao's; they come with FlashAttention-4), with GELU in
-  fc1's epilogue (writing the pre-activation kept for backward and the activation in one pass) and
-  GELU's derivative in the epilogue of fc2's input-gradient GEMM: no elementwise pass over
-  ``[T, 4C]`` is left. quack's epilogues have GELU's tanh approximation only, so this kernel set
-  takes ``activation="gelu_tanh"`` and nothing else (refused by ``DecoderConfig``). Hopper or newer.
+- ``quack``: the two GEMMs that carry GELU on quack-kernels' CuTe GEMMs (Tri Dao's; they come with
+  FlashAttention-4): GELU in fc1's epilogue (writing the pre-activation kept for backward and the
+  activation in one pass) and GELU's derivative in the epilogue of fc2's input-gradient GEMM, so no
+  elementwise pass over ``[T, 4C]`` is left; cuBLAS runs the other four GEMMs. quack's epilogues
+  have GELU's tanh approximation only, so this kernel set takes ``activation="gelu_tanh"`` and
+  nothing else (refused by ``DecoderConfig``). Hopper or newer, 16-bit (bf16 autocast). Its launch
+  path is Python per call: it pays where the step runs as CUDA graphs (H100 study train step
+  82.1 -> 78.6 ms; compiled without graphs 84.4 -> 88.6, docs/gpu-notes.md).
 """
 
 from __future__ import annotations
