@@ -25,7 +25,7 @@
 #   te           the TransformerEngine peer (packed-te, eager) beside padded and packed-flash, study preset
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
 # Wheels carried in .whl/ (benchmarks/xformers_wheels.sh download .whl) are installed first, so that
-# xFormers runs; FlashAttention-4 comes with benchmarks/fa4_wheels.sh (two calls) and is used when
+# xFormers runs; FlashAttention-4 comes with benchmarks/fa4_wheels.sh (three calls) and is used when
 # installed. BENCH_ARGS adds flags (e.g. --strategies). Output goes to files under OUT_DIR as it happens.
 set -uo pipefail
 part=$1; out=$2; mkdir -p "$out"
