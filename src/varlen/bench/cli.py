@@ -16,6 +16,7 @@ import torch
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..data.synthetic import sample_lengths
 from ..environment import environment
+from ..models.mlp import GELU_FLAGS
 from .cases import STRATEGIES, WORKLOADS, case_name, grid, order_key, strategies_of
 from .report import UNSTEADY, add_comparisons, add_mfu, print_table, save, unsteady
 from .runner import measure_peak, result_dicts, run_all
@@ -54,7 +55,7 @@ def parse_args(argv):
     p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default=None,
                    help="the decoder's residual stream between blocks: fp32 (autocast's, the default) or bf16 "
                         "(half the bytes of every add, norm input and saved residual; weights stay fp32)")
-    p.add_argument("--gelu", choices=["exact", "tanh"], default=None,
+    p.add_argument("--gelu", choices=list(GELU_FLAGS), default=None,
                    help="the decoder's GELU: exact (erf, the default) or tanh (its approximation, GPT2's)")
     p.add_argument("--mlp-kernel", choices=["torch", "quack"], default=None,
                    help="the decoder's MLP: torch (Linear, GELU, Linear; the default) or quack (quack-kernels' GEMMs "
@@ -123,7 +124,7 @@ def workload_from(args):
         if args.mlp_kernel == "quack" and args.gelu != "tanh":
             usage_error("varlen bench", "--mlp-kernel quack fuses GELU's tanh approximation only: add --gelu tanh (and "
                                         "compare with --gelu tanh --mlp-kernel torch, the same model)")
-        overrides["activation"] = "gelu_tanh" if args.gelu == "tanh" else "gelu"
+        overrides["activation"] = GELU_FLAGS[args.gelu or "exact"]
         overrides["mlp_kernel"] = args.mlp_kernel or "torch"
     if args.fp8:
         if args.model != "decoder":

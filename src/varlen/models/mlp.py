@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KERNELS = ("torch", "quack")
 ACTIVATIONS = {"gelu": "none", "gelu_tanh": "tanh"}  # DecoderConfig.activation -> F.gelu's approximate
+GELU_FLAGS = {"exact": "gelu", "tanh": "gelu_tanh"}  # bench / train --gelu -> DecoderConfig.activation
 
 
 def quack_unavailable() -> str | None:

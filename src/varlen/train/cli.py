@@ -27,6 +27,7 @@ from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
+from ..models.mlp import GELU_FLAGS
 from ..parallel import context_shard, shard_batch
 from ..precision import TOKEN_MULTIPLE, apply_fp8
 from . import checkpoint
@@ -74,7 +75,7 @@ def parse_args(argv):
                    help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
                    help="the decoder's linear layers in float8 with this scaling (torchao)")
-    p.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
+    p.add_argument("--gelu", choices=list(GELU_FLAGS), default="exact",
                    help="the decoder's GELU: exact (erf) or tanh (its approximation, GPT2's)")
     p.add_argument("--mlp-kernel", choices=["torch", "quack"], default="torch",
                    help="the decoder's MLP: torch, or quack's GEMMs with GELU and its derivative in their epilogues "
@@ -286,7 +287,7 @@ def run(args, d: Dist) -> int:
              f"--dtype {dtype}")
     refuse_mlp(args, dtype, on_gpu)
     cfg = DecoderConfig.from_name(args.preset, residual_dtype="bfloat16" if args.residual_dtype == "bf16" else None,
-                                  activation="gelu_tanh" if args.gelu == "tanh" else "gelu", mlp_kernel=args.mlp_kernel)
+                                  activation=GELU_FLAGS[args.gelu], mlp_kernel=args.mlp_kernel)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
 
     report = DataReport()
