@@ -316,11 +316,28 @@ def test_measured_cost_fits_three_weights_or_says_why(monkeypatch):
     from varlen.train.cost import measure_cost
     from varlen.train.distributed import Dist
 
+    from varlen.train import cost as cost_module
+
     cfg = DecoderConfig.from_name("tiny")
     d = Dist(0, 1, 0, torch.device("cpu"))
     model = Decoder(cfg)
+    # a fake clock: the real forward+backward runs, the times come from a known cost model (real
+    # CPU timings made this test fail on a busy machine)
+    truth = CostModel(1.0, 2e-3, 40.0)
+    times = [1e-5 * truth.share(s) for s in cost_module.cost_shares(cfg, d.device)]
+    calls = []
+
+    def fake_time_calls(fn, device, repeat, warmup=0):
+        fn()
+        calls.append(1)
+        return [times[(len(calls) - 1) % len(times)]] * repeat
+
+    monkeypatch.setattr(cost_module, "time_calls", fake_time_calls)
     cost = measure_cost(model, DECODER, cfg, d, None)
-    assert cost.per_token == 1.0 and cost.per_token_sq >= 0 and cost.per_seq >= 0
+    assert len(calls) == len(cost_module.cost_shares(cfg, d.device))
+    assert cost.per_token == 1.0
+    assert cost.per_token_sq == pytest.approx(truth.per_token_sq, rel=1e-6)
+    assert cost.per_seq == pytest.approx(truth.per_seq, rel=1e-6)
     assert all(p.grad is None for p in model.parameters()), "measuring leaves no gradients behind"
 
     def refuse(shares, times):

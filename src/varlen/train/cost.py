@@ -16,13 +16,20 @@ from .data import TrainCollator
 from .distributed import Dist
 
 
+def cost_shares(cfg: DecoderConfig, device: torch.device) -> list[list[int]]:
+    """The shares timed, in order: one token count cut into sequences of 8 tokens up to the longest,
+    and half that count of the longest (so the per-token weight is not only an intercept)."""
+    n = min(1024, cfg.max_len - 1)
+    tokens = (16 if device.type == "cuda" else 4) * n  # a GPU needs a real batch to be busy
+    shares = [[L] * (tokens // L) for L in sorted({min(L, n) for L in (8, 32, 128, n // 2, n)})]
+    return shares + [[n] * (tokens // n // 2)]
+
+
 def measure_cost(model: nn.Module, fam: ModelFamily, cfg: DecoderConfig, d: Dist, autocast=None) -> CostModel:
     """Time forward+backward of the same token count cut into sequences of 8 tokens up to the longest,
     and fit the cost model to it: per sequence, per token and per squared length, in this model on
     this device. Rank 0 measures; every rank gets its weights, so that all split alike."""
     coll = TrainCollator()
-    n = min(1024, cfg.max_len - 1)
-    tokens = (16 if d.device.type == "cuda" else 4) * n  # a GPU needs a real batch to be busy
     g = torch.Generator().manual_seed(0)
 
     def timed(lengths):
@@ -36,8 +43,7 @@ def measure_cost(model: nn.Module, fam: ModelFamily, cfg: DecoderConfig, d: Dist
         model.zero_grad(set_to_none=True)
         return min(ts)
 
-    shares = [[L] * (tokens // L) for L in sorted({min(L, n) for L in (8, 32, 128, n // 2, n)})]
-    shares.append([n] * (tokens // n // 2))  # half the tokens: the per-token weight is not only an intercept
+    shares = cost_shares(cfg, d.device)
     w = torch.full((2,), float("nan"), dtype=torch.float64)
     why = ""
     if d.rank == 0:  # rank 0's weights for every rank, so that all split alike
