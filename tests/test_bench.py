@@ -148,11 +148,12 @@ def test_hf_gpt2_study_part_runs_and_agrees(tmp_path):
             assert by[(s, mode)]["speedup"] is not None
 
 
-def test_model_family_is_checked():
+def test_model_family_is_checked(capsys):
     from varlen.bench.cli import main
 
-    with pytest.raises(SystemExit, match="runs hf-padded"):
+    with pytest.raises(SystemExit) as e:
         main(["--model", "hf-gpt2", "--strategies", "packed-sdpa", "--preset", "tiny"])
+    assert e.value.code == 2 and "runs hf-padded" in capsys.readouterr().err
 
 
 def test_profile_breakdown_and_floors(tmp_path):

@@ -1,18 +1,29 @@
-"""argparse types that refuse a bad number at parse time, with argparse's one-line error."""
+"""argparse types that refuse a bad number or name at parse time, with argparse's one-line error."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import NoReturn
+
+import torch
+
+# A learning rate or any number the run multiplies float32 weights by: beyond this it is inf there.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _number(kind, low, strict: bool, what: str):
     def parse(text: str):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what} (not finite)")
+        if kind is float and abs(value) > FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"{text} is not {what} (it overflows float32, whose largest is "
+                                             f"{FLOAT32_MAX:.3g})")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"{text} is not {what}")
         return value
@@ -24,9 +35,32 @@ def _number(kind, low, strict: bool, what: str):
 positive_int = _number(int, 1, False, "a positive integer")
 nonneg_int = _number(int, 0, False, "an integer >= 0")
 positive_float = _number(float, 0.0, True, "a number > 0")
+nonneg_float = _number(float, 0.0, False, "a number >= 0")
+
+
+def backend_name(text: str) -> str:
+    """``auto``, a backend of :data:`varlen.attention.BACKENDS`, or ``flash:<impl>``: unknown names are
+    refused here, before any data is read (whether it can run on this machine is decided later)."""
+    from .attention.api import backend_module, split_backend
+
+    if text != "auto":
+        try:
+            backend_module(split_backend(text)[0])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+backend_name.__name__ = "an attention backend"
 
 
 def usage_error(prog: str, message: str) -> NoReturn:
     """A bad argument found after parsing: argparse's one-line form and exit code 2."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def runtime_error(prog: str, message: str) -> NoReturn:
+    """A failure while running (a stalled rank, a non-finite loss, a failed save): one line, exit code 1."""
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)

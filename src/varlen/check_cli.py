@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import positive_int, usage_error
+from .argtypes import backend_name, positive_int, usage_error
 
 
 def parse_args(argv):
@@ -27,7 +27,8 @@ def parse_args(argv):
     model.add_argument("--preset", help="varlen's decoder of this preset (tiny, small, study)")
     p.add_argument("--random-init", action="store_true", help="random weights from the config (no weights needed)")
     p.add_argument("--attn-implementation", default="varlen", help="for --hf-config: varlen, sdpa, eager, ...")
-    p.add_argument("--backend", default="auto", help="varlen's kernel: auto, flash, flex, sdpa, reference, ...")
+    p.add_argument("--backend", type=backend_name, default="auto",
+                   help="varlen's kernel: auto, flash, flash:fa4|fa2|torch, flex, sdpa, xformers, reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="the model's dtype (default: float32 on a CPU, bfloat16 on CUDA)")
@@ -62,13 +63,19 @@ def load_model(args):
         config = transformers.AutoConfig.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         usage_error("varlen check", f"--hf-config {path}: not a transformers config ({str(e).splitlines()[0]})")
+    causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if config.model_type not in causal:
+        usage_error("varlen check", f"--hf-config {path}: a {type(config).__name__} ({config.model_type!r}) is not a "
+                                    "causal LM that transformers registers (AutoModelForCausalLM); varlen checks those")
     kw = {"attn_implementation": args.attn_implementation}
-    if args.random_init:
-        model = transformers.AutoModelForCausalLM.from_config(config, **kw)
-    else:
-        if not (path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))):
-            usage_error("varlen check", f"--hf-config {path}: no weights there; pass --random-init")
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw)
+    if not args.random_init and not (path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")))):
+        usage_error("varlen check", f"--hf-config {path}: no weights there; pass --random-init")
+    try:
+        model = (transformers.AutoModelForCausalLM.from_config(config, **kw) if args.random_init else
+                 transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw))
+    except (ValueError, ImportError) as e:  # e.g. an attn_implementation the model does not take
+        usage_error("varlen check", f"--hf-config {path}: transformers cannot build it "
+                                    f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
     hf.use(args.backend, model)
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
     return model.to(args.device, dtype), positions

@@ -79,14 +79,14 @@ def merge(dirs: list[Path], out: Path) -> dict:
     """One report from several partial runs; a later run's case replaces an earlier one's."""
     reports = [json.loads((d / "results.json").read_text()) for d in dirs if (d / "results.json").exists()]
     if not reports:
-        raise SystemExit("varlen bench --merge: no finished run among " + ", ".join(map(str, dirs)))
+        usage_error("varlen bench", "--merge: no finished run among " + ", ".join(map(str, dirs)))
     for d in dirs:  # a run cut short left only cases.jsonl: it ran on the machine of the others
         if not (d / "results.json").exists():
             lines = (d / "cases.jsonl").read_text().splitlines() if (d / "cases.jsonl").exists() else []
             reports.append({**reports[0], "cases": [json.loads(line) for line in lines if line.strip()]})
     gpus = {r["env"].get("gpu") for r in reports}
     if len(gpus) > 1:
-        raise SystemExit(f"varlen bench --merge: runs come from different devices {gpus}; compare only within one")
+        usage_error("varlen bench", f"--merge: runs come from different devices {gpus}; compare only within one")
     cases = {}
     for r in reports:
         for c in r["cases"]:
@@ -154,7 +154,7 @@ def cases_from(args, w) -> list:
     strategies = [s for s in args.strategies.split(",") if s] if args.strategies else family
     wrong = [s for s in strategies if s.partition(":")[0] not in family]
     if wrong:
-        raise SystemExit(f"varlen bench: --model {args.model} runs {','.join(family)}; not {','.join(wrong)}")
+        usage_error("varlen bench", f"--strategies: --model {args.model} runs {','.join(family)}; not {','.join(wrong)}")
     return grid(strategies, [m for m in args.modes.split(",") if m], compile_modes, w)
 
 
