@@ -3,7 +3,8 @@
 # `varlen bench --merge` joins the parts. Usage: benchmarks/run_gpu.sh PART OUT_DIR
 #   smoke        the GPU smoke, under 5 minutes: every backend against float64 (forward and backward,
 #                causal and not, GQA) and every bench strategy (decoder and HF GPT2) for a few steps,
-#                eager and compiled, at a small preset; exits non-zero on any failure. Run it after
+#                eager and compiled, at a small preset, and `varlen train` compiled with a checkpoint
+#                and a resume; exits non-zero on any failure. Run it after
 #                every change to a GPU path and commit what it prints.
 #   tests        GPU tests (pytest -m gpu)
 #   check        `varlen check --device cuda` with the flash backend on the decoder and small random
@@ -62,6 +63,11 @@ case $part in
          python3 -m varlen bench --preset smoke --compile on --cuda-graphs --modes eval,train --jobs 3 --strict \
            --strategies packed-flash:torch$fa4,packed-sdpa,packed-flex --out "$out/smoke-graphs" >"$out/smoke_graphs.log" 2>&1 &
          graphs=$!
+         # varlen train on the GPU: compiled, AdamW with clipping, a checkpoint, resumed from it
+         tr() { python3 -m varlen train --preset small --compile --max-tokens 8192 --optimizer adamw --lr 3e-4 \
+                  --max-grad-norm 1.0 --save-every 3 --no-progress --out "$out/smoke-train" "$@"; }
+         (tr --steps 6 && tr --steps 8 --resume) >"$out/smoke_train.log" 2>&1 &
+         train=$!
          q=0
          if [ -n "$quack" ]; then  # quack's fused MLP: GELU and its derivative in the GEMMs' epilogues
            python3 -m varlen bench --preset smoke --compile both --modes eval,train --strict --gelu tanh \
@@ -74,11 +80,12 @@ case $part in
              >"$out/smoke_te.log" 2>&1 || e=$?
            grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_te.log"
          fi
-         wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?; wait $graphs; g=$?
+         wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?; wait $graphs; g=$?; wait $train; r=$?
          tail -3 "$out/smoke_tests.txt"
          grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_decoder.log" "$out/smoke_hf.log" "$out/smoke_graphs.log"
-         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, quack MLP exit $q, TE peer exit $e, $((SECONDS - start)) s"
-         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] && [ $q -eq 0 ] && [ $e -eq 0 ] ;;
+         grep -hE "resuming|error|step_ms_median" "$out/smoke_train.log" | cut -c1-300
+         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, train exit $r, quack MLP exit $q, TE peer exit $e, $((SECONDS - start)) s"
+         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] && [ $r -eq 0 ] && [ $q -eq 0 ] && [ $e -eq 0 ] ;;
   check)
          python3 - "$out/configs" <<'PY'
 import sys, transformers as t

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -21,7 +20,7 @@ from typing import NoReturn
 
 import torch
 
-from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
+from ..argtypes import backend_name, nonneg_float, nonneg_int, positive_float, positive_int, runtime_error, usage_error
 from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
@@ -33,8 +32,11 @@ from ..precision import TOKEN_MULTIPLE, apply_fp8
 from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
-from .distributed import Dist, per_rank, run_then_teardown, setup, wrap
+from .distributed import Dist, all_agree, from_rank0, per_rank, run_then_teardown, setup, wrap
+from .guard import FiniteGuard, NonFinite
+from .lock import LockHeld, RunLock
 from .step import train_step
+from .watchdog import Watchdog, process_group_timeout
 
 MODELS = ("decoder", "hf-gpt2", "hf-llama")
 
@@ -45,7 +47,8 @@ def parse_args(argv):
     p.add_argument("--preset", default="tiny", help="model size: tiny, small, study")
     p.add_argument("--model", choices=MODELS, default="decoder",
                    help="varlen's decoder, or a stock HF model of the preset's size through varlen.hf")
-    p.add_argument("--backend", default="auto", help="attention backend (varlen.attention)")
+    p.add_argument("--backend", type=backend_name, default="auto",
+                   help="attention backend: auto, flash, flash:fa4|fa2|torch, xformers, flex, sdpa, nested, reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=positive_int, default=20, help="optimizer steps")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="tokens of one optimizer step, all ranks together")
@@ -70,6 +73,9 @@ def parse_args(argv):
     p.add_argument("--static", action="store_true", help="every step has the same shape (filler tokens)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--max-grad-norm", type=positive_float, default=None,
+                   help="scale the gradients down to this total norm when above it (default: no clipping; the "
+                        "norm is logged either way)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
@@ -102,6 +108,9 @@ def parse_args(argv):
     p.add_argument("--allow-change", default="", metavar="FIELD,...",
                    help=f"on --resume, accept these settings differing from the checkpoint's ({', '.join(CONFIG_FIELDS)})")
     p.add_argument("--warmup", type=nonneg_int, default=2, help="steps left out of the summary's timings")
+    p.add_argument("--stall-timeout", type=nonneg_float, default=300.0, metavar="S",
+                   help="end the run (every rank, one line naming the rank that stopped) when no step finishes for "
+                        "S seconds; the first step, which compiles, gets 30 minutes more; 0: no watchdog")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if (args.resume or args.save_every) and args.out is None:
@@ -139,7 +148,8 @@ def parse_args(argv):
 # The settings a checkpoint is tied to: resuming with another value changes what the run computes.
 CONFIG_FIELDS = ("model", "preset", "backend", "data", "data_fingerprint", "num_samples", "max_len", "too_long",
                  "max_tokens", "grad_accum", "split", "cost", "window", "static", "optimizer", "lr", "seed",
-                 "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype", "fp8", "gelu", "mlp_kernel")
+                 "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype", "fp8", "gelu", "mlp_kernel",
+                 "max_grad_norm")
 
 
 def fail(message: str) -> NoReturn:
@@ -148,6 +158,18 @@ def fail(message: str) -> NoReturn:
     if int(os.environ.get("RANK", "0")) == 0:
         usage_error("varlen train", message)
     raise SystemExit(2)
+
+
+def stop(message: str) -> NoReturn:
+    """A failure while training (a non-finite loss, a failed save, out of memory): one line, exit
+    code 1. Every rank gets here alike; rank 0 speaks."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        runtime_error("varlen train", message)
+    raise SystemExit(1)
+
+
+def say(message: str) -> None:
+    print(f"varlen train: {message}", flush=True)
 
 
 def make_plot(log: list[dict], path: Path) -> None:
@@ -171,7 +193,9 @@ def make_plot(log: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    return run_then_teardown(run, args, setup(args.device))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        usage_error("varlen train", "--device cuda: no CUDA device here; pass --device cpu")
+    return run_then_teardown(run, args, setup(args.device, process_group_timeout(args.stall_timeout)))
 
 
 def load_data(args, cfg: DecoderConfig, micro_budget: int, report: DataReport):
@@ -207,7 +231,8 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             **({"residual_dtype": args.residual_dtype} if args.residual_dtype != "fp32" else {}),
             **({"fp8": args.fp8} if args.fp8 else {}),
             **({"gelu": args.gelu} if args.gelu != "exact" else {}),
-            **({"mlp_kernel": args.mlp_kernel} if args.mlp_kernel != "torch" else {})}
+            **({"mlp_kernel": args.mlp_kernel} if args.mlp_kernel != "torch" else {}),
+            **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm is not None else {})}
 
 
 def refuse_mlp(args, dtype: str, on_gpu: bool) -> None:
@@ -224,12 +249,16 @@ def refuse_mlp(args, dtype: str, on_gpu: bool) -> None:
             fail(f"--mlp-kernel quack: {why}")
 
 
-def resume_point(args, d: Dist, config: dict) -> Path | None:
-    """The checkpoint to resume from, or None to start at step 0. An --out holding an earlier run
-    is refused without --resume or --overwrite; a checkpoint of other settings is refused, naming
-    them, unless --allow-change lists them."""
+EARLIER_RUN = ("train_log.jsonl", "summary.json", "train.png")  # what a run writes into --out besides checkpoints
+
+
+def claim_out(args, d: Dist) -> RunLock | None:
+    """--out as a folder this run may write into, locked for this run alone (rank 0 holds the
+    lock for the job); refused in one line when another live run holds it."""
     if args.out is None:
         return None
+    if args.out.exists() and not args.out.is_dir():
+        fail(f"--out {args.out} is a file; --out names a folder")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         probe = args.out / f".write-test-{d.rank}"
@@ -237,35 +266,84 @@ def resume_point(args, d: Dist, config: dict) -> Path | None:
         probe.unlink()
     except OSError as e:
         fail(f"--out {args.out} is not writable ({e.strerror or e})")
+    lock, held = RunLock(args.out), None
+    if d.main:
+        try:
+            took_over = lock.acquire()
+            if took_over:
+                say(took_over)
+        except LockHeld as e:
+            held = str(e)
+    if not all_agree(held is None, d):
+        fail(held or "--out is in use by another run")
+    return lock
+
+
+def resume_point(args, d: Dist, config: dict) -> Path | None:
+    """The checkpoint to resume from (the newest that passes its check), or None to start at step
+    0. An --out holding an earlier run is refused without --resume or --overwrite; a checkpoint
+    of other settings is refused, naming them, unless --allow-change lists them."""
+    if args.out is None:
+        return None
     root = args.out / "checkpoint"
-    found = checkpoint.latest(root)
     if args.overwrite:
         if d.main:
             shutil.rmtree(root, ignore_errors=True)
-            for name in ("train_log.jsonl", "summary.json", "train.png"):
+            for name in EARLIER_RUN:
                 (args.out / name).unlink(missing_ok=True)
         return None
-    if found is None:
-        if args.resume and d.main:
-            print(f"varlen train: no checkpoint in {root}; starting at step 0", flush=True)
-        return None
-    step = int(found.name[len(checkpoint.PREFIX):])
     if not args.resume:
-        fail(f"--out {args.out} holds a checkpoint of an earlier run (step {step}); pass --resume to continue it "
-             "or --overwrite to start over")
+        refuse_earlier_run(args, root)
+        return None
+    found = choose_checkpoint(root, d)
+    if found is None:
+        if d.main:
+            say(f"no checkpoint in {root}; starting at step 0")
+        return None
     allowed = set(filter(None, args.allow_change.split(",")))
     diffs = {k: v for k, v in checkpoint.differences(checkpoint.config_of(found), config).items() if k not in allowed}
     if diffs:
         listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diffs.items())
         fail(f"--resume: this run's settings differ from {found}'s: {listed}. Use that run's settings, or "
              f"--allow-change {','.join(diffs)} if the change is intended")
-    if d.main:
-        print(f"varlen train: resuming from {found} (step {step})", flush=True)
+    if d.main and checkpoint.step_of(found) < args.steps:
+        say(f"resuming from {found} (step {checkpoint.step_of(found)})")
     return found
 
 
-def run(args, d: Dist) -> int:
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
+def refuse_earlier_run(args, root: Path) -> None:
+    """A fresh run into an --out that holds a checkpoint or another run's log: nothing is
+    overwritten without being asked."""
+    found = checkpoint.latest(root)
+    if found is not None:
+        fail(f"--out {args.out} holds a checkpoint of an earlier run (step {checkpoint.step_of(found)}); pass "
+             "--resume to continue it or --overwrite to start over")
+    earlier = [n for n in EARLIER_RUN if (args.out / n).exists()]
+    if earlier:
+        fail(f"--out {args.out} holds an earlier run's {', '.join(earlier)}; pass --overwrite to replace them "
+             "(or --resume to continue that run from a checkpoint)")
+
+
+def choose_checkpoint(root: Path, d: Dist) -> Path | None:
+    """Rank 0 verifies the checkpoints, newest first, naming each one that fails; every rank gets
+    its choice. Refused in one line when every checkpoint fails."""
+    step, why = -1, ""
+    if d.main:
+        try:
+            found = checkpoint.newest_good(root, say=say)
+            step = -1 if found is None else checkpoint.step_of(found)
+        except checkpoint.CheckpointError as e:
+            step, why = -2, str(e)
+    step = from_rank0(step, d)
+    if step == -2:
+        fail(f"--resume: {why}; pass --overwrite to start over")
+    return None if step == -1 else checkpoint.folder(root, step)
+
+
+def settings(args, d: Dist):
+    """The run's derived settings, each refused in one line where it cannot work: the step's token
+    budget (all ranks) and a micro-step's, the context shard, data-parallel groups, the parallelism
+    and the autocast dtype."""
     budget = args.max_tokens or (args.max_tokens_per_rank or 16384) * d.world_size
     micro_budget = budget // args.grad_accum
     if micro_budget < 1:
@@ -274,54 +352,58 @@ def run(args, d: Dist) -> int:
         shard = context_shard(d.rank, d.world_size, args.cp)
     except ValueError as e:
         fail(f"--cp {args.cp}: {e}")
-    dp = d.world_size // args.cp  # data-parallel groups, each sharing its rows over --cp ranks
     parallel = args.parallel or ("ddp" if d.world_size > 1 else "none")
     if parallel == "none" and d.world_size > 1:
         fail("--parallel none with several processes: choose ddp or fsdp2")
     if args.cuda_graphs and d.world_size > 1:
         fail(f"--cuda-graphs runs one process; this run has {d.world_size} (DDP/FSDP2 with CUDA graphs is not supported)")
-    on_gpu = d.device.type == "cuda"
-    dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    dtype = args.dtype or ("bf16" if d.device.type == "cuda" else "fp32")
     if args.residual_dtype == "bf16" and (dtype != "bf16" or args.model != "decoder"):
         fail(f"--residual-dtype bf16 is the decoder's under bf16 autocast; this run has --model {args.model}, "
              f"--dtype {dtype}")
-    refuse_mlp(args, dtype, on_gpu)
+    if args.fp8 and args.model != "decoder":
+        fail(f"--fp8 converts the decoder's nn.Linear layers; --model {args.model} is not converted")
+    refuse_mlp(args, dtype, d.device.type == "cuda")
+    return budget, micro_budget, shard, d.world_size // args.cp, parallel, dtype
+
+
+def run(args, d: Dist) -> int:
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    budget, micro_budget, shard, dp, parallel, dtype = settings(args, d)
+    lock = claim_out(args, d)
+    try:
+        return train(args, d, budget, micro_budget, shard, dp, parallel, dtype)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, parallel: str, dtype: str) -> int:
     cfg = DecoderConfig.from_name(args.preset, residual_dtype="bfloat16" if args.residual_dtype == "bf16" else None,
                                   activation=GELU_FLAGS[args.gelu], mlp_kernel=args.mlp_kernel)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
-
     report = DataReport()
     ds, max_len, too_long = load_data(args, cfg, micro_budget, report)
     config = run_config(args, d, budget, parallel, dtype, max_len, too_long)
     resume_from = resume_point(args, d, config)
+    if resume_from is not None and checkpoint.step_of(resume_from) >= args.steps:
+        return nothing_to_do(args, d, checkpoint.step_of(resume_from))
     fam = family(args.model)
     model = fam.build(cfg, args.backend).to(d.device)
     if args.fp8:
-        if args.model != "decoder":
-            fail(f"--fp8 converts the decoder's nn.Linear layers; --model {args.model} is not converted")
         apply_fp8(model, args.fp8)
-    if args.cost == "measure":
-        cost = measure_cost(model, fam, cfg, d, autocast)
-    else:
-        cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
+    cost = measure_cost(model, fam, cfg, d, autocast) if args.cost == "measure" else \
+        CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
                                  world_size=dp, rank=d.rank // args.cp, split=args.split, cost=cost)
     collate = make_collator(args, sampler, ds, max_len, d.device.type)
     wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
                    compile=args.compile, compile_mode="reduce-overhead" if args.cuda_graphs else None,
-                   static_graph=args.static_graph,
-                   reshard_after_forward=args.reshard_after_forward)
-    fused = on_gpu and parallel != "fsdp2"
+                   static_graph=args.static_graph, reshard_after_forward=args.reshard_after_forward)
     opt_cls = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=args.lr, fused=fused)
-
-    step, batches_done = 0, 0
-    if resume_from is not None:
-        extra = checkpoint.load(resume_from, wrapped, opt, rank=d.rank)
-        step = extra["step"]
-        sampler.load_state_dict(extra["sampler"])
-        batches_done = extra["sampler"]["batches_done"]
+    opt = opt_cls(model.parameters(), lr=args.lr, fused=d.device.type == "cuda" and parallel != "fsdp2")
+    step, batches_done = restore(resume_from, wrapped, opt, sampler, d)
     if d.main:
         info = {"world_size": d.world_size, "parallel": parallel, "cp": args.cp, "split": args.split, "max_tokens": budget,
                 "grad_accum": args.grad_accum, "per_rank_budget": ceil_div(micro_budget, d.world_size), "data": args.data,
@@ -335,6 +417,32 @@ def run(args, d: Dist) -> int:
         compiled_late = graph_count() - loop.graphs_after_warmup if args.compile else None
         write_summary(args, d, log, loop.step, parallel, budget, sampler, report, compiled_late)
     return 0
+
+
+def nothing_to_do(args, d: Dist, step: int) -> int:
+    """--resume from a checkpoint at or past --steps: said, and nothing in --out touched."""
+    if step > args.steps:
+        fail(f"--resume: the newest checkpoint is at step {step}, past --steps {args.steps}; nothing was changed. "
+             f"Pass --steps above {step} to train on")
+    if d.main:
+        say(f"the newest checkpoint is at step {step} = --steps; nothing to do (pass a larger --steps to train on)")
+    return 0
+
+
+def restore(found: Path | None, wrapped, opt, sampler, d: Dist) -> tuple[int, int]:
+    """Model, optimizer, sampler and RNG from checkpoint ``found``; (step, batches done in its
+    epoch). A checkpoint that passed its check but cannot be loaded on some rank: one line."""
+    if found is None:
+        return 0, 0
+    why = None
+    try:
+        extra = checkpoint.load(found, wrapped, opt, rank=d.rank)
+    except checkpoint.CheckpointError as e:
+        why = str(e)
+    if not all_agree(why is None, d):
+        fail(f"--resume: {why or f'another rank could not load {found}'}; pass --overwrite to start over")
+    sampler.load_state_dict(extra["sampler"])
+    return extra["step"], extra["sampler"]["batches_done"]
 
 
 def make_collator(args, sampler, ds, max_len: int, device_type: str) -> TrainCollator:
@@ -365,6 +473,7 @@ class Loop:
         self.step = 0
         self.batches_done = 0
         self.graphs_after_warmup = 0  # graph_count() once the warm-up steps have run
+        self.guard = FiniteGuard(wrapped.parameters())
 
     def batches(self):
         on_gpu = self.d.device.type == "cuda"
@@ -404,15 +513,19 @@ class Loop:
             if args.compile:
                 mark_dynamic(b)
             micro.append(b)
-        stats = train_step(self.wrapped, micro, self.opt, self.fwd, autocast=self.autocast)
+        read = {}
+
+        def before_update(stats):  # the one host read of the step, before the update
+            read["loss"], read["grad_norm"] = self.guard.before_update(stats, self.step + 1)
+
+        stats = train_step(self.wrapped, micro, self.opt, self.fwd, autocast=self.autocast,
+                           max_grad_norm=args.max_grad_norm, before_update=before_update)
+        self.guard.after_update(self.step + 1)
         step_ms = 1e3 * since(t0, d.device)
         rank_tokens = per_rank(stats.local_tokens, d, torch.int64)
         self.step += 1
-        row = {"step": self.step, "loss": float(stats.loss), "tokens": int(rank_tokens.sum()),
-               "targets": int(stats.targets), "step_ms": round(step_ms, 3), "rank_tokens": [int(x) for x in rank_tokens]}
-        if not math.isfinite(row["loss"]):
-            raise SystemExit(f"varlen train: loss is {row['loss']} at step {self.step}")
-        return row
+        return {"step": self.step, "loss": read["loss"], "grad_norm": read["grad_norm"], "tokens": int(rank_tokens.sum()),
+                "targets": int(stats.targets), "step_ms": round(step_ms, 3), "rank_tokens": [int(x) for x in rank_tokens]}
 
     def watch_compiles(self, steps_run: int) -> None:
         """Graphs made after the warm-up steps (recompiles: one-off steps of tens of seconds that a
@@ -427,37 +540,75 @@ class Loop:
         args, d = self.args, self.d
         self.step, self.batches_done = step, batches_done
         self.trim_log()
-        progress = None
-        if d.main and not args.no_progress:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # the train extra brings it
-                tqdm = None
-            progress = tqdm and tqdm(total=args.steps, initial=step, desc="varlen train", unit="step", file=sys.stderr)
+        progress = self.progress_bar(step)
         self.it = self.batches()
         self.graphs_after_warmup = graph_count()
         collector = GarbageCollection(args.gc_every)
+        watchdog = Watchdog(args.stall_timeout, d.rank, d.world_size)
         log: list[dict] = []
-        while self.step < args.steps:
-            collector.step()
-            row = self.one_step()
-            log.append(row)
-            self.watch_compiles(len(log))
-            if d.main and self.log_path:
-                with open(self.log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+        try:
+            while self.step < args.steps:
+                collector.step()
+                log.append(self.guarded_step())
+                watchdog.beat(self.step)
+                self.watch_compiles(len(log))
+                self.record(log[-1], progress)
+                if args.save_every and self.step % args.save_every == 0:
+                    watchdog.beat()
+                    self.save()
+                    watchdog.beat()
+            self.guarded(self.guard.check_weights)  # the last update's weights, before the summary
+        finally:
+            watchdog.close()
+            self.it.close()  # releases the DataLoader (and its workers) now, not at interpreter exit
+            collector.close()
             if progress:
-                progress.set_postfix(loss=f"{row['loss']:.4f}", ktok_s=f"{row['tokens'] / row['step_ms']:.1f}")
-                progress.update(1)
-            if args.save_every and self.step % args.save_every == 0:
-                checkpoint.save(args.out / "checkpoint", self.wrapped, self.opt, step=self.step,
-                                sampler_state=self.sampler.state_dict(self.batches_done), rank=d.rank,
-                                config=self.config, keep=args.keep)
-        self.it.close()  # releases the DataLoader (and its workers) now, not at interpreter exit
-        collector.close()
-        if progress:
-            progress.close()
+                progress.close()
         return log
+
+    def guarded_step(self) -> dict:
+        return self.guarded(self.one_step)
+
+    def guarded(self, fn):
+        """``fn()``, with a non-finite value or running out of memory ended in one line (exit 1)."""
+        try:
+            return fn()
+        except NonFinite as e:
+            stop(str(e))
+        except (MemoryError, torch.OutOfMemoryError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            stop(f"out of memory in step {self.step + 1} ({first}); lower --max-tokens or raise --grad-accum")
+
+    def save(self) -> None:
+        """A checkpoint of the step just made, once its weights are known finite; a failed save
+        (a full disk) ends the run in one line, its partial folder removed, the previous kept."""
+        self.guarded(self.guard.check_weights)
+        args, d = self.args, self.d
+        try:
+            checkpoint.save(args.out / "checkpoint", self.wrapped, self.opt, step=self.step,
+                            sampler_state=self.sampler.state_dict(self.batches_done), rank=d.rank,
+                            config=self.config, keep=args.keep)
+        except checkpoint.SAVE_ERRORS as e:
+            kept = checkpoint.latest(args.out / "checkpoint")
+            stop(f"saving the checkpoint of step {self.step} failed ({checkpoint.describe(e)}); its partial folder was "
+                 f"removed, {'the newest checkpoint is ' + str(kept) if kept else 'no checkpoint is left'}")
+
+    def record(self, row: dict, progress) -> None:
+        if self.d.main and self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if progress:
+            progress.set_postfix(loss=f"{row['loss']:.4f}", ktok_s=f"{row['tokens'] / row['step_ms']:.1f}")
+            progress.update(1)
+
+    def progress_bar(self, step: int):
+        if not self.d.main or self.args.no_progress:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # the train extra brings it
+            return None
+        return tqdm(total=self.args.steps, initial=step, desc="varlen train", unit="step", file=sys.stderr)
 
 
 def write_summary(args, d: Dist, log: list[dict], step: int, parallel: str, budget: int, sampler,

@@ -48,10 +48,10 @@ def check_row(row, where: str, vocab_size: int) -> list[int]:
     return list(row)
 
 
-def fit_rows(rows, longest: int, too_long: str, report: DataReport) -> list[list[int]]:
+def fit_rows(rows, longest: int, too_long: str, report: DataReport, source: str) -> list[list[int]]:
     """Rows with at least 2 tokens and at most ``longest + 1`` (a row of n tokens makes a sample
     of n - 1 inputs), the long ones handled as ``too_long`` says: "error", "truncate" or "drop".
-    ``rows`` yields ``(where, ids)``."""
+    ``rows`` yields ``(where, ids)``; ``source`` names the file or dataset in messages."""
     kept = []
     for where, ids in rows:
         report.rows += 1
@@ -69,8 +69,8 @@ def fit_rows(rows, longest: int, too_long: str, report: DataReport) -> list[list
             ids = ids[: longest + 1]
         kept.append(ids)
     if not kept:
-        raise DataError(f"no sample left: {report.rows} rows, {report.dropped_short} with fewer than 2 tokens, "
-                        f"{report.dropped_long} too long")
+        raise DataError(f"{source}: no sample left: {report.rows} rows, {report.dropped_short} with fewer than 2 "
+                        f"tokens, {report.dropped_long} too long")
     return kept
 
 
@@ -78,9 +78,13 @@ def jsonl_rows(path: Path, vocab_size: int):
     """``(where, ids)`` for every non-blank line of a JSONL file, streamed, checked."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
                 yield where, []  # counted with the short rows
                 continue
@@ -119,11 +123,11 @@ def load(spec: str, *, num_samples: int, max_len: int, vocab_size: int, seed: in
     report = report if report is not None else DataReport()
     longest = min(max_len, longest or max_len)
     if spec.endswith(".jsonl"):
-        return TokenDataset(fit_rows(jsonl_rows(Path(spec), vocab_size), longest, too_long, report))
+        return TokenDataset(fit_rows(jsonl_rows(Path(spec), vocab_size), longest, too_long, report, spec))
     if spec.startswith("hf:"):
         ds, name = hf_dataset(spec)
         rows = ((f"{name} row {i}", check_row(r, f"{name} row {i}", vocab_size)) for i, r in enumerate(ds["input_ids"]))
-        return TokenDataset(fit_rows(rows, longest, too_long, report))
+        return TokenDataset(fit_rows(rows, longest, too_long, report, name))
     return SyntheticDataset(num_samples, max_len=max_len, vocab_size=vocab_size, length_dist=spec, seed=seed)
 
 
@@ -133,11 +137,21 @@ def hf_dataset(spec: str):
     except ImportError as e:
         raise DataError(f"--data hf:... needs the datasets package ({e}); pip install -e '.[train]'") from e
     name, _, split = spec[3:].partition(":")
-    ds = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name, split=split or "train")
+    if not name:
+        raise DataError("--data hf: names no dataset (hf:DIR[:SPLIT] or hf:HUB_NAME[:SPLIT])")
+    try:
+        ds = datasets.load_from_disk(name) if Path(name).exists() else datasets.load_dataset(name, split=split or "train")
+    except Exception as e:  # datasets raises many kinds here (not found, not a dataset, no connection)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        what = "a folder that is no saved dataset" if Path(name).is_dir() else "no saved dataset folder here"
+        raise DataError(f"{name}: {what}, and not a dataset the hub gave ({first})") from None
     if isinstance(ds, datasets.DatasetDict):
         if (split or "train") not in ds:
             raise DataError(f"{name} has splits {list(ds)}; name one: hf:{name}:SPLIT")
         ds = ds[split or "train"]
+    elif split and Path(name).exists():
+        raise DataError(f"{name} is one split saved alone (a Dataset, not a DatasetDict), so ':{split}' names nothing "
+                        f"in it; pass hf:{name}")
     if "input_ids" not in ds.column_names:
         raise DataError(f"{name} has columns {ds.column_names}, no input_ids "
                         "(tokenize it first: dataset.map(lambda r: tokenizer(r['text'])))")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,21 +22,39 @@ class Dist:
         return self.rank == 0
 
 
-def setup(device: str) -> Dist:
+def setup(device: str, timeout: timedelta | None = None) -> Dist:
     """Join the process group that torchrun describes (gloo on CPU, NCCL on CUDA); one process
-    without torchrun."""
+    without torchrun. ``timeout``: how long a collective may wait before it fails (a backstop
+    behind ``--stall-timeout``'s watchdog)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("varlen train: --device cuda but no CUDA device here; pass --device cpu")
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
     if (world > 1 or "MASTER_ADDR" in os.environ) and not dist.is_initialized():  # torchrun, even of 1
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
+                                timeout=timeout)
     return Dist(rank, world, local, dev)
+
+
+def from_rank0(value: int, d: Dist) -> int:
+    """Rank 0's ``value`` on every rank (a decision rank 0 made alone, e.g. which checkpoint passed)."""
+    if d.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=d.device)
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
+def all_agree(ok: bool, d: Dist) -> bool:
+    """Whether ``ok`` holds on every rank (so that all ranks stop together, none left waiting)."""
+    if d.world_size == 1:
+        return ok
+    t = torch.tensor([int(ok)], dtype=torch.int64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def per_rank(value: float, d: Dist, dtype: torch.dtype = torch.float64) -> torch.Tensor:

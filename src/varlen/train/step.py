@@ -27,6 +27,14 @@ class StepStats:
     loss: Tensor  # mean CE over the step's global targets (a device scalar: read it when logging)
     targets: Tensor  # global number of target tokens
     local_tokens: int  # tokens (filler excluded) this rank processed
+    grad_norm: Tensor | None = None  # the gradients' total 2-norm before clipping (device scalar; with an optimizer)
+
+
+def total_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of all ``tensors`` together, as one device scalar, the same on every rank (FSDP2's
+    sharded DTensors are reduced over their mesh). Non-finite if any element is."""
+    norm = torch.nn.utils.get_total_norm([t.detach() for t in tensors], foreach=tensors[0].device.type != "cpu")
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def _world(group) -> int:
@@ -58,8 +66,13 @@ def _labels(batch: PackedBatch | dict) -> Tensor:
 
 def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dict],
                optimizer: torch.optim.Optimizer | None, forward: Callable[[torch.nn.Module, PackedBatch | dict], Tensor],
-               *, group=None, autocast=None) -> StepStats:
+               *, group=None, autocast=None, max_grad_norm: float | None = None,
+               before_update: Callable[[StepStats], None] | None = None) -> StepStats:
     """Forward/backward every micro-batch, then one optimizer step (skipped when ``optimizer`` is None).
+
+    With an optimizer the gradients' total norm is measured (``grad_norm``), the gradients are
+    scaled down to ``max_grad_norm`` where given, and ``before_update(stats)`` runs before the
+    update: raising there (a non-finite loss or norm) leaves the weights as they were.
 
     ``forward(model, batch)`` returns logits aligned with the batch's labels (a collator's dict
     or a :class:`PackedBatch`). ``model`` may be
@@ -96,7 +109,14 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dic
         tokens += batch.tokens if isinstance(batch, PackedBatch) else int(batch["labels"].numel())
     if world > 1:
         dist.all_reduce(total, group=group)
+    stats = StepStats(total / n, n, tokens)
     if optimizer is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        stats.grad_norm = total_norm([p.grad for p in params]) if params else torch.zeros((), device=n.device)
+        if max_grad_norm is not None and params:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, stats.grad_norm)
+        if before_update is not None:
+            before_update(stats)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return StepStats(total / n, n, tokens)
+    return stats
