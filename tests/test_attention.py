@@ -128,7 +128,7 @@ def _bad_inputs():
     ok = torch.zeros(7, 2, 8)
     yield "tokens", (torch.zeros(6, 2, 8), ok, ok, info), "6 tokens but cu_seqlens ends at 7"
     yield "rank", (torch.zeros(7, 16), ok, ok, info), "packed \\[T, H, D\\]"
-    yield "kv", (ok, ok, torch.zeros(7, 1, 8), info), "k and v shapes differ"
+    yield "kv", (ok, ok, torch.zeros(7, 1, 8), info), "k and v differ in tokens or heads"
     yield "head", (ok, torch.zeros(7, 2, 4), torch.zeros(7, 2, 4), info), "head sizes differ"
     yield "gqa", (torch.zeros(7, 3, 8), ok, ok, info), "multiple of k/v heads"
     yield "device", (ok, ok.to("meta"), ok.to("meta"), info), "different devices"
@@ -380,3 +380,31 @@ def test_flash_implementations_without_softcap_say_so(monkeypatch):
     assert impl == "fa2"  # flash-attn 2.x caps; FA4 and torch's FA2 do not
     assert whys == [] and flash.impl_reasons("fa4", torch.empty(1, 2, 64), k, True, (-1, -1), 1.0) == [
         "no logit soft-capping (flash-attn 2.x has it)"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dv", [8, 24])
+@pytest.mark.parametrize("lengths", ["len1", "many_tiny", "max_len"])
+def test_v_head_size_unlike_qk_mla(backend, dv, lengths):
+    # multi-head latent attention (DeepSeek): v's head size differs from q's and k's
+    lengths = _lengths(lengths, 3)
+    g = torch.Generator().manual_seed(dv)
+    t = sum(lengths)
+    q, k = torch.randn(t, 4, 16, generator=g), torch.randn(t, 2, 16, generator=g)
+    v = torch.randn(t, 2, dv, generator=g)
+    info = SeqInfo.from_lengths(lengths)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    if backend_reasons(backend, q, k, k, info, True, (-1, -1)):
+        pytest.skip(f"{backend} cannot run here")
+    out = attention(q, k, v, info, causal=True, backend=backend)
+    assert out.shape == (t, 4, dv)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    truth = truth_attention(q64, k64, v64, lengths, causal=True)
+    base_q, base_k, base_v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    base = truth_attention(base_q, base_k, base_v, lengths, causal=True, dtype=torch.float32)
+    assert max_err(out, truth) <= bound(max_err(base, truth), torch.float32)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(dout.float()), truth.backward(dout), base.backward(dout.float())
+    magnitude = max(x.grad.abs().max().item() for x in (q64, k64, v64))
+    for x, x64, xb in ((q, q64, base_q), (k, k64, base_k), (v, v64, base_v)):
+        assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.float32, magnitude)

@@ -118,6 +118,8 @@ class HFSubject(Subject):
     def reference(self, model, dtype):
         ref = copy.deepcopy(model).to(dtype)
         ref.set_attn_implementation("eager")
+        if dtype == torch.float64 and hasattr(ref, "set_experts_implementation"):
+            ref.set_experts_implementation("eager")  # MoE's grouped_mm takes no float64
         return ref
 
     def alone(self, model, ids):
@@ -254,7 +256,15 @@ def check(model, *, lengths: list[int] | None = None, max_len: int = 256, vocab_
 
     subject = DecoderSubject(model) if isinstance(model, Decoder) else HFSubject(model)
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    vocab = vocab_size or (model.cfg.vocab_size if not subject.hf else model.config.vocab_size)
+    if subject.hf:
+        from .hf import PackingRefused
+        from .packable import refusal
+
+        why = refusal(model)
+        if why:  # refused before any check runs: the model cannot be packed exactly
+            raise PackingRefused(why)
+        _reaches_varlen(model)
+    vocab = vocab_size or (model.cfg.vocab_size if not subject.hf else model.config.get_text_config().vocab_size)
     g = torch.Generator().manual_seed(seed)
     lengths = lengths or [1, max_len] + torch.randint(1, max_len + 1, (5,), generator=g).tolist()
     samples = [torch.randint(2, vocab, (n,), generator=g) for n in lengths]
@@ -272,6 +282,20 @@ def check(model, *, lengths: list[int] | None = None, max_len: int = 256, vocab_
     if compile:
         _compiled(report, subject, model, truth_model, device, vocab, max_len, compile_batches, g, tol)
     return report
+
+
+def _reaches_varlen(model) -> None:
+    """A model that was given ``attn_implementation="varlen"`` but never calls it: NotVarlen."""
+    from .hf import NAME, NotVarlen, reaches_varlen
+
+    if model.config._attn_implementation != NAME:
+        return
+    reached, error = reaches_varlen(model)
+    if not reached:
+        raise NotVarlen(f"{type(model).__name__} computes attention itself, not through transformers' attention "
+                        f"registry, so attn_implementation='varlen' never runs{f' ({error})' if error else ''}")
+    if error:
+        raise RuntimeError(f"{type(model).__name__} fails on one plain row through varlen: {error}")
 
 
 def _to(batch: dict, device) -> dict:

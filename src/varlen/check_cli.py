@@ -22,6 +22,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="varlen check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--all-architectures", nargs="*", metavar="TYPE",
+                       help="the compatibility matrix: every causal LM type the installed transformers registers "
+                            "(or these), each tiny and random, checked on the CPU in its own process")
     model.add_argument("--hf-config", type=Path, metavar="PATH",
                        help="an HF causal LM: a model folder, or a folder / config.json (with --random-init)")
     model.add_argument("--preset", help="varlen's decoder of this preset (tiny, small, study)")
@@ -37,7 +40,37 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="also check a compiled model over random batches")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument("--markdown", type=Path, default=None, help="--all-architectures: write the matrix as Markdown")
+    p.add_argument("--jobs", type=positive_int, default=1, help="--all-architectures: architectures at once")
+    p.add_argument("--timeout", type=positive_int, default=900, help="--all-architectures: seconds an architecture")
     return p.parse_args(argv)
+
+
+def all_architectures(args) -> int:
+    """Check every causal-LM type (or the ones named); exits 1 when one is wrong or crashed."""
+    import json
+    import time
+
+    import transformers
+
+    from . import matrix
+
+    types = args.all_architectures or matrix.causal_lm_types()
+    unknown = sorted(set(types) - set(matrix.causal_lm_types()))
+    if unknown:
+        usage_error("varlen check", f"--all-architectures: not causal-LM types of transformers "
+                                    f"{transformers.__version__}: {', '.join(unknown)}")
+    say = lambda o: print(f"{o.model_type:32s} {o.outcome:14s} {o.seconds:6.1f} s  {o.reason[:160]}", flush=True)  # noqa: E731
+    outcomes = matrix.run_matrix(types, jobs=args.jobs, timeout=args.timeout, progress=say)
+    versions = {"transformers": transformers.__version__, "torch": torch.__version__,
+                "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        args.json.write_text(json.dumps({"versions": versions, "outcomes": matrix.to_dicts(outcomes)}, indent=1))
+    if args.markdown:
+        args.markdown.write_text(matrix.markdown(outcomes, versions))
+    counts = {k: sum(o.outcome == k for o in outcomes) for k in matrix.KINDS}
+    print("varlen check --all-architectures: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 1 if counts["wrong"] or counts["crash"] else 0
 
 
 def load_model(args):
@@ -76,7 +109,11 @@ def load_model(args):
     except (ValueError, ImportError) as e:  # e.g. an attn_implementation the model does not take
         usage_error("varlen check", f"--hf-config {path}: transformers cannot build it "
                                     f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
-    hf.use(args.backend, model)
+    try:
+        hf.use(args.backend, model)
+    except hf.PackingRefused as e:
+        print(f"varlen check: FAILED before any check could run: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
     return model.to(args.device, dtype), positions
 
@@ -85,14 +122,17 @@ def main(argv=None) -> int:
     from .check import check
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.all_architectures is not None:
+        return all_architectures(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         usage_error("varlen check", "--device cuda but no CUDA device here")
     model, positions = load_model(args)
     from .attention import BackendUnavailable
+    from .hf import PackingRefused
 
     try:
         report = check(model, max_len=min(args.max_len, positions), seed=args.seed, compile=args.compile)
-    except BackendUnavailable as e:  # a feature the kernel cannot honour is refused: say it in one line
+    except (BackendUnavailable, PackingRefused) as e:  # refused: a feature varlen cannot honour, in one line
         print(f"varlen check: FAILED before any check could run: {e}", file=sys.stderr)
         return 1
     print(report.table())

@@ -21,13 +21,14 @@ for packed rows when ``use_cache=True`` and silently attends across samples).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .attention import BACKENDS, attention
+from .attention import BACKENDS, BackendUnavailable, attention
 from .attention.api import split_backend
 from .attention.common import band, soft_cap, window_bounds
 from .data.collate import IGNORE_INDEX
@@ -35,6 +36,45 @@ from .parallel.context import ulysses_attention
 from .seqinfo import SeqInfo
 
 NAME = "varlen"
+
+
+class PackingRefused(ValueError):
+    """A model, or a feature of it, that varlen cannot pack exactly: the message names the layer."""
+
+
+class NotVarlen(PackingRefused):
+    """A model whose attention does not go through transformers' attention registry, so
+    ``attn_implementation="varlen"`` never reaches it."""
+
+
+def reaches_varlen(model: torch.nn.Module) -> tuple[bool, str]:
+    """Whether a forward of ``model`` on one short row calls varlen's attention at all (some modeling
+    files compute attention themselves and accept the name without using it); and the error the
+    forward raised, if any."""
+    from transformers import AttentionInterface
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return varlen_attention_forward(*args, **kwargs)
+
+    device, training = next(model.parameters()).device, model.training
+    AttentionInterface.register(NAME, counting)
+    error = ""
+    try:
+        with torch.no_grad():
+            model.train(False)  # what a forward reaches, not what training would refuse (dropout)
+            model(input_ids=torch.tensor([[2, 3, 4, 5]], device=device), use_cache=False)
+    except (PackingRefused, BackendUnavailable):  # refusals say themselves
+        raise
+    except Exception as e:  # a model whose own attention cannot take what the name hands it
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    finally:
+        AttentionInterface.register(NAME, varlen_attention_forward)
+        model.train(training)
+    return bool(calls), error
+
 _STATE = {"backend": "auto"}
 # The last batch's metadata: every layer of a forward sees the same position_ids / mask tensor.
 # The tensor itself is kept, so its identity cannot pass to a later batch's tensor.
@@ -50,9 +90,31 @@ def use(backend: str = "auto", model: torch.nn.Module | None = None) -> None:
     if model is None:
         _STATE["backend"] = backend
         return
+    from .packable import refusal
+
+    why = refusal(model)
+    if why:  # refused when chosen, not when the first packed batch arrives
+        raise PackingRefused(f"varlen cannot pack this model exactly: {why}; train it on padded rows instead")
     # every config the model's modules hold: a composite model's text config is another object
     for config in {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}.values():
         config.varlen_backend = backend
+
+
+def refuse_packing(config) -> None:
+    """Packed rows reached a model with layers that would mix its samples: one line, before any kernel."""
+    if config is None:
+        return
+    ref, why = _REFUSALS.get(id(config), (None, None))
+    if ref is None or ref() is not config:  # once per config: decided from it alone (all a layer sees)
+        from .packable import config_refusal
+
+        why = config_refusal(config) or ""
+        _REFUSALS[id(config)] = (weakref.ref(config), why)
+    if why:
+        raise PackingRefused(f"varlen cannot pack this model exactly: {why}; train it on padded rows instead")
+
+
+_REFUSALS: dict[int, tuple] = {}  # id(config) -> (weak reference to it, the refusal or "")
 
 
 def backend_of(module: torch.nn.Module) -> str:
@@ -114,9 +176,11 @@ def _check_positions(pos: Tensor | None, info: SeqInfo, rows: int) -> None:
     if info.num_seqs == rows:
         return
     if pos is None:
-        raise ValueError(
-            f"varlen: the batch's sequence metadata packs {info.num_seqs} samples into {rows} row(s) but no "
-            "position_ids were given; pass the collator's position_ids (restarting at 0 per sample)"
+        raise PackingRefused(
+            f"varlen: the batch's sequence metadata packs {info.num_seqs} samples into {rows} row(s) but the "
+            "attention layer got no position_ids (the model does not pass them, or the batch had none), so "
+            "nothing shows that positions restart with each sample; pass the collator's position_ids, or use "
+            "padded rows with this model"
         )
     pos = pos.expand(rows, -1).reshape(-1)
     if pos.numel() != info.total_tokens:
@@ -222,8 +286,8 @@ def check_features(module: torch.nn.Module, dropout: float, kwargs: dict) -> Non
         if key in METADATA or key in HARMLESS or value is None or value is False:
             continue
         what = REFUSED.get(key, f"the attention argument {key}={value!r}, unknown to varlen")
-        raise ValueError(f"varlen attention cannot honour {what} ({type(module).__name__}); "
-                         "refusing rather than ignoring it")
+        raise PackingRefused(f"varlen attention cannot honour {what} ({type(module).__name__}); "
+                             "refusing rather than ignoring it")
 
 
 def varlen_attention_forward(
@@ -240,6 +304,9 @@ def varlen_attention_forward(
     **kwargs,
 ) -> tuple[Tensor, None]:  # [B, L, H, D]
     check_features(module, dropout, kwargs)
+    if attention_mask is not None and attention_mask.dim() != 2:  # varlen's mask function hands over 2-D or None
+        raise PackingRefused(f"varlen attention cannot honour the {attention_mask.dim()}-D attention mask or bias "
+                             f"{type(module).__name__} built itself; refusing rather than ignoring it")
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     b, h, length, d = query.shape
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
@@ -250,14 +317,18 @@ def varlen_attention_forward(
                                  softcap=softcap or 0.0, backend=backend_of(module))
         return out, None
     info, indices = batch_info(b, length, query.device, attention_mask, kwargs)
-    q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], d) for x in (query, key, value))  # [B*L, H, D]
+    if info.num_seqs > b:  # packed rows: every other layer must keep the samples apart too
+        refuse_packing(getattr(module, "config", None))
+    # [B*L, H, D]; v's head size may differ (MLA)
+    q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], x.shape[-1]) for x in (query, key, value))
     if indices is not None:
         q, k, v = q[indices], k[indices], v[indices]
     out = attention(q, k, v, info, causal=causal, scale=scaling, window_size=window, softcap=softcap or 0.0,
                     backend=backend_of(module))
+    dv = value.shape[-1]
     if indices is not None:
-        out = out.new_zeros(b * length, h, d).index_copy(0, indices, out)
-    return out.view(b, length, h, d), None
+        out = out.new_zeros(b * length, h, dv).index_copy(0, indices, out)
+    return out.view(b, length, h, dv), None
 
 
 def _context_attention(query: Tensor, key: Tensor, value: Tensor, kwargs: dict, **kw) -> Tensor:

@@ -60,8 +60,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, window_size) ->
             raise ValueError(f"{name} must be floating point, got {x.dtype}")
         if x.shape[0] != info.total_tokens:
             raise ValueError(f"{name} has {x.shape[0]} tokens but cu_seqlens ends at {info.total_tokens}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v differ in tokens or heads: {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"q and k head sizes differ: {q.shape[-1]} vs {k.shape[-1]}")
     if q.shape[1] % k.shape[1]:
@@ -160,7 +160,7 @@ def _decide(device, dtype, heads, kv_heads, head_dim, causal, window_size, softc
 def attention(
     q: Tensor,  # [T, H, D]
     k: Tensor,  # [T, Hkv, D]
-    v: Tensor,  # [T, Hkv, D]
+    v: Tensor,  # [T, Hkv, Dv]
     info: SeqInfo,
     *,
     causal: bool = False,
@@ -168,18 +168,34 @@ def attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     backend: str = "auto",
-) -> Tensor:  # [T, H, D]
+) -> Tensor:  # [T, H, Dv]
     """Attention inside each sequence of a packed batch.
 
     ``backend``: ``"auto"``, one of :data:`BACKENDS`, or ``"flash:fa4"`` / ``"flash:fa2"`` /
     ``"flash:torch"`` for one FlashAttention implementation.
 
     ``window_size=(left, right)`` limits query i to keys ``i-left .. i+right`` (-1: unbounded);
-    ``causal=True`` sets ``right=0``. k/v may have fewer heads than q (GQA). ``softcap > 0`` caps
+    ``causal=True`` sets ``right=0``. k/v may have fewer heads than q (GQA), v another head size than
+    q and k (MLA; scale defaults to q's size). ``softcap > 0`` caps
     the scaled scores at ``softcap * tanh(score / softcap)`` (Gemma 2); backends that cannot refuse.
     """
+    if isinstance(v, Tensor) and isinstance(q, Tensor) and v.shape[-1] != q.shape[-1]:
+        check_inputs(q, k, v, info, window_size)  # q and k must still agree
+        return _mixed_head_dims(q, k, v, info, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                                backend=backend)
     m, kw = _resolve(q, k, v, info, causal, scale, window_size, softcap, backend)
     return m.attention(q, k, v, info, causal=causal, **kw)
+
+
+def _mixed_head_dims(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, scale, **kw) -> Tensor:  # [T, H, Dv]
+    """v's head size unlike q's and k's (multi-head latent attention, DeepSeek: 192 and 128): all three
+    zero-padded to the larger size, which changes no score (q.k gains zero terms) and no output
+    column that is kept (v's padding is zero), then the output cut back to v's size. Exact on every
+    backend, for the padded size's compute."""
+    size = max(q.shape[-1], v.shape[-1])
+    pad = lambda x: x if x.shape[-1] == size else torch.nn.functional.pad(x, (0, size - x.shape[-1]))  # noqa: E731
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return attention(pad(q), pad(k), pad(v), info, scale=scale, **kw)[..., : v.shape[-1]]
 
 
 def attention_qkvpacked(
