@@ -8,8 +8,9 @@
 #                every change to a GPU path and commit what it prints.
 #   tests        GPU tests (pytest -m gpu)
 #   check        `varlen check --device cuda` with the flash backend on the decoder and small random
-#                Llama, Qwen2, Mistral (sliding window) and Gemma 2 (soft-capping) configs, and on
-#                transformers' own sdpa, which must report the leak (exit 1)
+#                Llama, Qwen2, Mistral (sliding window) and Gemma 2 (soft-capping) configs; DeepSeek-V3
+#                (MLA, MoE) and Mixtral (MoE) on every backend; transformers' own sdpa, which must report
+#                the leak (exit 1); a Mamba model, which must be refused before any check (exit 1)
 #   eval-eager | train-eager | eval-compiled | train-compiled   one slice of the study
 #   profile      the study's padded and packed-flash cases, compiled, with --profile (where the time goes)
 #   lognormal    the study preset on long-tailed lengths, compiled and profiled: padded, longest, packed
@@ -93,8 +94,16 @@ base = dict(num_hidden_layers=2, hidden_size=512, num_attention_heads=8, num_key
             intermediate_size=1024, vocab_size=1000, max_position_embeddings=4096)
 for name, cfg in {"llama": t.LlamaConfig(**base), "qwen2": t.Qwen2Config(**base),
                   "mistral": t.MistralConfig(**base, sliding_window=128),
-                  "gemma2": t.Gemma2Config(**base, head_dim=64, sliding_window=128)}.items():
+                  "gemma2": t.Gemma2Config(**base, head_dim=64, sliding_window=128),
+                  # MLA at DeepSeek-V3's head sizes (q/k 128 + 64 rotary, v 128), MoE with a shared expert
+                  "deepseek_v3": t.DeepseekV3Config(**{**base, "num_key_value_heads": 8}, qk_nope_head_dim=128,
+                                                    qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=128,
+                                                    q_lora_rank=256, n_routed_experts=4, num_experts_per_tok=2,
+                                                    moe_intermediate_size=256, first_k_dense_replace=1, n_group=1,
+                                                    topk_group=1),
+                  "mixtral": t.MixtralConfig(**base, num_local_experts=4, num_experts_per_tok=2)}.items():
     cfg.save_pretrained(f"{sys.argv[1]}/{name}")
+t.MambaConfig(num_hidden_layers=2, hidden_size=256, vocab_size=1000).save_pretrained(f"{sys.argv[1]}/mamba")
 PY
          run() { name=$1; shift; python3 -m varlen check --device cuda --max-len 1024 --json "$out/check-$name.json" "$@" \
                    >"$out/check-$name.txt" 2>&1; echo "check $name: exit $?"; }
@@ -102,6 +111,11 @@ PY
          run decoder-small-compiled --preset small --backend flash --compile
          for m in llama qwen2 mistral gemma2; do run "$m" --hf-config "$out/configs/$m" --random-init --backend flash; done
          run gemma2-flex --hf-config "$out/configs/gemma2" --random-init --backend flex
+         for b in flash flex sdpa ${fa4:+flash:fa4}; do  # one process per backend at once (each is small)
+           (for m in deepseek_v3 mixtral; do run "$m-${b/:/-}" --hf-config "$out/configs/$m" --random-init --backend "$b"
+            done) &
+         done
+         run mamba-refused --hf-config "$out/configs/mamba" --random-init --backend flash; wait
          run llama-hf-sdpa --hf-config "$out/configs/llama" --random-init --attn-implementation sdpa ;;
   tests) python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_gpu.py ${TEST_ARGS:-} >"$out/gpu_tests.txt" 2>&1
          tail -15 "$out/gpu_tests.txt" ;;
