@@ -192,7 +192,7 @@ def test_pack_rows_filler_stays_inside_the_samples_positions():
     # position ids never pass a model's range (the decoder's learned positions)
     from varlen.data import PackRowsCollator
 
-    samples = [(torch.arange(n), torch.arange(n)) for n in (50, 7, 30)]
+    samples = [(torch.arange(n), torch.arange(n) + 1) for n in (50, 7, 30)]
     batch = PackRowsCollator(row_len=400)(samples)
     assert batch["position_ids"].max().item() == 49
     info = batch["info"]

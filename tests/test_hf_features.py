@@ -118,14 +118,16 @@ def test_softcap_and_window_match_eager(sliding_window, decode):
 
 
 def test_packed_rows_collator_ignores_sample_starts_for_hf():
-    # PackRowsCollator for HF models (labels = input_ids; the model shifts): no token learns to
-    # predict the next sample's first; the decoder's rows (targets given) keep theirs
+    # PackRowsCollator told the labels are HF's (labels = input_ids; the model shifts): no token
+    # learns to predict the next sample's first; shifted targets keep every first target
     from varlen.data import PackRowsCollator
+    from varlen.loss import Labels
 
     samples = [(torch.arange(1, n + 1), torch.arange(1, n + 1)) for n in (3, 4, 2)]
-    hf = PackRowsCollator(row_len=10, info_key="varlen_info")(samples)
+    hf = PackRowsCollator(row_len=10, info_key="varlen_info", labels=Labels.UNSHIFTED)(samples)
     starts = hf["varlen_info"].cu_seqlens[:-1].long()
     assert (hf["labels"].flatten()[starts] == -100).all()
-    plain = PackRowsCollator(row_len=10)(samples)
-    live = plain["labels"].flatten()[plain["info"].cu_seqlens[:-1].long()]
+    shifted = [(x, x + 1) for x, _ in samples]
+    plain = PackRowsCollator(row_len=10, info_key="varlen_info")(shifted)
+    live = plain["labels"].flatten()[plain["varlen_info"].cu_seqlens[:-1].long()]
     assert (live != -100).sum() == 3  # the three samples' own first targets; filler is ignored

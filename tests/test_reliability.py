@@ -263,7 +263,7 @@ def test_long_and_empty_rows_are_counted(tmp_path, capsys):
     (["--steps", "-1"], "argument --steps: -1 is not a positive integer"),
     (["--lr", "0"], "argument --lr: 0 is not a number > 0"),
     (["--grad-accum", "x"], "argument --grad-accum: 'x' is not a positive integer"),
-    (["--max-len", "400"], "--max-len 400: preset tiny has 256 positions, so samples of at most 255 tokens"),
+    (["--max-len", "400"], "--max-len 400: preset tiny takes samples of at most 255 tokens"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--resume"], "--resume and --save-every need --out"),
     (["--allow-change", "colour"], "--allow-change: unknown field(s) colour"),
@@ -353,7 +353,7 @@ def test_compiled_sdpa_pads_to_the_batch_bucket_not_the_bound():
 
     assert pads_to_max_seqlen("sdpa", "cpu") and pads_to_max_seqlen("auto", "cpu")
     assert not pads_to_max_seqlen("flex", "cpu") and not pads_to_max_seqlen("reference", "cpu")
-    samples = [(torch.arange(n), torch.arange(n)) for n in (100, 37, 5)]
+    samples = [(torch.arange(n), torch.arange(n) + 1) for n in (100, 37, 5)]
     assert PackCollator(max_seqlen=5000)(samples)["info"].max_seqlen == 5000
     info = PackCollator(max_seqlen=5000, bucket_max_seqlen=True)(samples)["info"]
     assert info.max_seqlen == 128 and info.lengths == (100, 37, 5)

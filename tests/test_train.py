@@ -429,8 +429,8 @@ def test_static_rows_grow_past_the_planned_size_in_whole_tiles():
     # --static plans the busiest share of one epoch; a larger one later is padded to the next 128 tokens
     collate = TrainCollator(pad_to=200, max_seqlen=64)
     assert collate.pad_to == 256
-    small = [(torch.arange(1, 41), torch.arange(1, 41))] * 3   # 120 tokens -> the planned 256
-    large = [(torch.arange(1, 61), torch.arange(1, 61))] * 5   # 300 tokens -> 384, not an error
+    small = [(torch.arange(1, 41), torch.arange(2, 42))] * 3   # 120 tokens -> the planned 256
+    large = [(torch.arange(1, 61), torch.arange(2, 62))] * 5   # 300 tokens -> 384, not an error
     assert collate(small).input_ids.numel() == 256 and collate(large).input_ids.numel() == 384
     assert collate(large).tokens == 300 and (collate(large).labels[300:] == -100).all()
 

@@ -2,7 +2,8 @@
 
 from .attention import BACKENDS, BackendUnavailable, attention, attention_qkvpacked, backend_status, choose_backend
 from .data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, move_batch
-from .models import Decoder, DecoderConfig, lm_loss
+from .loss import IGNORE_INDEX, Labels, lm_loss
+from .models import Decoder, DecoderConfig
 from .seqinfo import SeqInfo
 
 __version__ = "0.1.0"
@@ -23,5 +24,7 @@ __all__ = [
     "backend_status",
     "choose_backend",
     "lm_loss",
+    "IGNORE_INDEX",
+    "Labels",
     "move_batch",
 ]

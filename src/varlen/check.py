@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data.collate import IGNORE_INDEX
+from .loss import IGNORE_INDEX, Labels, ignore_starts
 from .seqinfo import SeqInfo
 
 
@@ -141,8 +141,8 @@ class HFSubject(Subject):
         for flash in (False, True):
             b = DataCollatorWithFlattening(return_flash_attn_kwargs=flash)(feats)
             out[f"DataCollatorWithFlattening{' + flash kwargs' if flash else ''}"] = (b, flat)
-        collate = PackRowsCollator(row_len=_row_len(samples), info_key="varlen_info")
-        out["PackRowsCollator(info_key='varlen_info')"] = (collate([(s, s) for s in samples]), _row_layout(collate, samples))
+        collate = PackRowsCollator(row_len=_row_len(samples), info_key="varlen_info", labels=Labels.UNSHIFTED)
+        out["PackRowsCollator(info_key='varlen_info', labels=UNSHIFTED)"] = (collate([(s, s) for s in samples]), _row_layout(collate, samples))
         rows, where = _rows(samples)
         out["[B, L] packed rows, all-ones attention_mask"] = (rows, where)
         out["padded rows + attention_mask"] = _padded(samples)
@@ -224,9 +224,7 @@ def _rows(samples) -> tuple[dict, list[Tensor]]:
             where.append(torch.arange(len(s)) + r * width + sum(len(x) for x in row_ids))
             row_ids.append(s)
             row_pos.append(torch.arange(len(s)))
-            lab = s.clone()
-            lab[0] = IGNORE_INDEX
-            row_lab.append(lab)
+            row_lab.append(ignore_starts(s, torch.zeros(1)))
         pad = width - sum(len(x) for x in row_ids)
         row_ids.append(torch.zeros(pad, dtype=torch.long))
         row_pos.append(torch.arange(pad))

@@ -31,7 +31,7 @@ from torch import Tensor
 from .attention import BACKENDS, BackendUnavailable, attention
 from .attention.api import split_backend
 from .attention.common import band, soft_cap, window_bounds
-from .data.collate import IGNORE_INDEX
+from .loss import IGNORE_INDEX, Labels
 from .parallel.context import ulysses_attention
 from .seqinfo import SeqInfo
 
@@ -361,9 +361,10 @@ def register() -> None:
 class VarlenCollator:
     """Samples (dicts with ``input_ids`` and optional ``labels``) -> one packed row ``[1, T]``.
 
-    Returns ``input_ids``, ``labels``, ``position_ids`` (restarting at 0) and ``varlen_info``. The
-    first label of every sample is ``ignore_index``, so no token learns to predict the next
-    sample's first token (HF models shift labels inside the loss).
+    Returns ``input_ids``, ``labels``, ``position_ids`` (restarting at 0) and ``varlen_info``. HF
+    models shift labels inside their loss, so the labels are unshifted (``Labels.UNSHIFTED``;
+    the inputs where a sample has none) and the first label of every sample is ignored: no token
+    learns to predict the next sample's first. Shifted labels are refused.
     """
 
     ignore_index: int = IGNORE_INDEX
@@ -375,22 +376,20 @@ class VarlenCollator:
         ids, labels = [], []
         for i, f in enumerate(features):
             x = torch.as_tensor(f["input_ids"]).long().flatten()
-            y = torch.as_tensor(f["labels"]).long().flatten() if f.get("labels") is not None else x.clone()
+            y = torch.as_tensor(f["labels"]).long().flatten() if f.get("labels") is not None else x
             if y.shape != x.shape:
                 raise ValueError(f"sample {i}: labels ({y.numel()}) and input_ids ({x.numel()}) differ in length")
             if x.numel() == 0:
                 raise ValueError(f"sample {i} is empty")
-            y = y.clone()
-            y[0] = self.ignore_index
+            Labels.UNSHIFTED.check(x, y, f"sample {i}")
             ids.append(x)
             labels.append(y)
         info = SeqInfo.from_lengths([len(x) for x in ids], max_seqlen=self.max_seqlen)
         return {
             "input_ids": torch.cat(ids)[None],
-            "labels": torch.cat(labels)[None],
+            "labels": Labels.UNSHIFTED.packed(torch.cat(labels), info.cu_seqlens[:-1])[None],
             "position_ids": info.position_ids[None],
             "varlen_info": info,
         }
-
 
 register()

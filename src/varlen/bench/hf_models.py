@@ -1,13 +1,15 @@
 """The study's HuggingFace part (docs/study.md): a stock ``GPT2LMHeadModel`` of the study's size,
 padded on HF's ``sdpa``, packed on HF's own ``sdpa`` path, and packed through ``varlen``.
 
-Each sample's first label is ignored in every strategy, so that a packed row never learns
-across a sample boundary and all strategies train on the same predictions.
+HF models shift their labels (``Labels.UNSHIFTED``): a packed row ignores each sample's first
+label, so it never learns across a sample boundary, and a padded row never uses it, so all
+strategies train on the same predictions.
 """
 
 from __future__ import annotations
 
-from ..data.collate import IGNORE_INDEX, as_pairs, pad_pairs
+from ..data.collate import as_pairs, pad_pairs
+from ..loss import IGNORE_INDEX
 from ..models import HF_GPT2, DecoderConfig
 from .cases import Strategy, padded_length
 
@@ -26,9 +28,7 @@ class HFPadCollator:
 
     def __call__(self, samples):
         # HF shifts labels inside its loss: labels are the inputs themselves
-        batch = pad_pairs([(x, x) for x, _ in as_pairs(samples)], self.length, 0, IGNORE_INDEX)
-        batch["labels"][:, 0] = IGNORE_INDEX
-        return batch
+        return pad_pairs([(x, x) for x, _ in as_pairs(samples)], self.length, 0, IGNORE_INDEX)
 
 
 class HFPackCollator:

@@ -1,8 +1,8 @@
 """Batching variable-length samples: collators and synthetic data."""
 
+from ..loss import IGNORE_INDEX, Labels
 from .collate import (
     COLLATORS,
-    IGNORE_INDEX,
     NestedCollator,
     PackCollator,
     PackRowsCollator,
@@ -19,6 +19,7 @@ from .synthetic import LENGTH_DISTS, SyntheticDataset, sample_lengths
 __all__ = [
     "COLLATORS",
     "IGNORE_INDEX",
+    "Labels",
     "LENGTH_DISTS",
     "NestedCollator",
     "CostModel",

@@ -1,8 +1,12 @@
 """Collators for the four ways to batch variable-length samples; each is a DataLoader ``collate_fn``.
 
-Samples are ``(input_ids, targets)`` pairs or dicts with ``input_ids`` and ``labels``, targets
-already aligned with inputs (position t predicts ``targets[t]``). Padding gets token ``pad_id``
-in the inputs and ``ignore_index`` in the targets, so it never reaches the loss.
+Samples are ``(input_ids, labels)`` pairs or dicts with ``input_ids`` and ``labels``. Each
+collator is told what the labels mean (``labels=``, :class:`varlen.loss.Labels`): ``SHIFTED``
+(the default: position t predicts ``labels[t]``, varlen's decoder) or ``UNSHIFTED`` (the labels
+are the inputs and the model shifts them, HF), so a packed row ignores exactly the labels that
+would cross a sample boundary; labels that plainly follow the other convention are refused.
+Padding gets token ``pad_id`` in the inputs and ``ignore_index`` in the labels, so it never
+reaches the loss.
 """
 
 from __future__ import annotations
@@ -14,16 +18,16 @@ import torch
 from torch import Tensor
 
 from ..buckets import ceil_div, pow2_bucket, round_up, seqlen_bucket, token_bucket
+from ..loss import IGNORE_INDEX, Labels
 from ..seqinfo import SeqInfo
 from .batch import PackedBatch
 from .binpack import best_fit_decreasing
 
-IGNORE_INDEX = -100
 
-
-def as_pairs(samples: Sequence[Any]) -> list[tuple[Tensor, Tensor]]:
+def as_pairs(samples: Sequence[Any], labels: Labels = Labels.SHIFTED) -> list[tuple[Tensor, Tensor]]:
     """Samples as ``(input_ids, labels)`` pairs of 1-D int64 tensors: each sample a mapping with
-    those keys or a pair; a malformed one is named by its index."""
+    those keys or a pair; a malformed one, or one whose labels follow the other convention than
+    ``labels``, is named by its index."""
     if not samples:
         raise ValueError("empty batch: no samples")
     out = []
@@ -40,7 +44,9 @@ def as_pairs(samples: Sequence[Any]) -> list[tuple[Tensor, Tensor]]:
             )
         if inp.numel() == 0:
             raise ValueError(f"sample {i} is empty")
-        out.append((inp.long(), tgt.long()))
+        inp, tgt = inp.long(), tgt.long()
+        labels.check(inp, tgt, f"sample {i}")
+        out.append((inp, tgt))
     return out
 
 
@@ -66,9 +72,13 @@ class PadCollator:
     length: int = 1024
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
+    labels: Labels = Labels.SHIFTED  # each row holds one sample: no boundary to guard
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", Labels(self.labels))
 
     def __call__(self, samples):
-        return pad_pairs(as_pairs(samples), self.length, self.pad_id, self.ignore_index)
+        return pad_pairs(as_pairs(samples, self.labels), self.length, self.pad_id, self.ignore_index)
 
 
 @dataclass(frozen=True)
@@ -88,8 +98,10 @@ class PadToLongestCollator:
     bucket: str = "pow2"  # "pow2" | "multiple"
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
+    labels: Labels = Labels.SHIFTED  # each row holds one sample: no boundary to guard
 
     def __post_init__(self):
+        object.__setattr__(self, "labels", Labels(self.labels))
         if self.bucket not in ("pow2", "multiple"):
             raise ValueError(f"bucket must be 'pow2' or 'multiple', got {self.bucket!r}")
         if self.min_length < 1 or (self.max_length is not None and self.max_length < self.min_length):
@@ -105,7 +117,7 @@ class PadToLongestCollator:
         return n if self.max_length is None else min(n, self.max_length)
 
     def __call__(self, samples):
-        pairs = as_pairs(samples)
+        pairs = as_pairs(samples, self.labels)
         return pad_pairs(pairs, self.length(max(len(i) for i, _ in pairs)), self.pad_id, self.ignore_index)
 
 
@@ -137,9 +149,13 @@ class PackCollator:
     bucket_max_seqlen: bool = False
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
+    labels: Labels = Labels.SHIFTED  # UNSHIFTED: each sample's first label is ignored
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", Labels(self.labels))
 
     def __call__(self, samples):
-        pairs = as_pairs(samples)
+        pairs = as_pairs(samples, self.labels)
         lengths = [len(i) for i, _ in pairs]
         total = sum(lengths)
         if self.pad_to is not None and total > self.pad_to:
@@ -156,9 +172,10 @@ class PackCollator:
             filler = split_filler(target - total, len(lengths), self.num_seqs, cap)
         info = SeqInfo.from_lengths(lengths + filler, max_seqlen=max_seqlen)
         pad = sum(filler)
+        labels = torch.cat([t for _, t in pairs] + [torch.full((pad,), self.ignore_index, dtype=torch.long)])
         return {
             "input_ids": torch.cat([i for i, _ in pairs] + [torch.full((pad,), self.pad_id, dtype=torch.long)]),
-            "labels": torch.cat([t for _, t in pairs] + [torch.full((pad,), self.ignore_index, dtype=torch.long)]),
+            "labels": self.labels.packed(labels, info.cu_seqlens[:len(pairs)]),
             "info": info,
         }
 
@@ -207,9 +224,9 @@ class PackRowsCollator:
     their own, no longer than the batch's longest sample so that their positions stay inside the
     model's range; ignored labels). Returns ``input_ids``/``labels``/``position_ids`` ``[B, L]``
     (positions restart at 0 per sample and per filler) and ``info`` for the ``B * L`` flattened
-    tokens. ``rows`` pads the batch to that many rows (static shapes). For HF models
-    (``info_key="varlen_info"``, labels = input_ids) each sample's first label is ignored
-    (``ignore_starts``), so no token learns to predict the next sample's first.
+    tokens. ``rows`` pads the batch to that many rows (static shapes). HF models take
+    ``info_key="varlen_info"`` and, with labels = input_ids, ``labels=Labels.UNSHIFTED``: each
+    sample's first label is then ignored, so no token learns to predict the next sample's first.
     """
 
     row_len: int
@@ -217,12 +234,13 @@ class PackRowsCollator:
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
     info_key: str = "info"  # "varlen_info" for HF models through varlen.hf
-    # HF models shift labels inside their loss (labels = input_ids): the label at each sample's start
-    # would train the previous sample's last token to predict it. Ignored by default for HF rows.
-    ignore_starts: bool | None = None
+    labels: Labels = Labels.SHIFTED
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", Labels(self.labels))
 
     def __call__(self, samples):
-        pairs = as_pairs(samples)
+        pairs = as_pairs(samples, self.labels)
         lengths = [len(i) for i, _ in pairs]
         if max(lengths) > self.row_len:
             raise ValueError(f"a sample has {max(lengths)} tokens, more than row_len={self.row_len}")
@@ -240,10 +258,7 @@ class PackRowsCollator:
             seq_lengths += [lengths[i] for i in g] + filler_lengths(pad, max(lengths))
         info = SeqInfo.from_lengths(seq_lengths, max_seqlen=self.row_len)
         shape = (len(groups), self.row_len)
-        labels = torch.cat(labels)
-        hf_rows = self.info_key == "varlen_info" if self.ignore_starts is None else self.ignore_starts
-        if hf_rows:
-            labels[info.cu_seqlens[:-1].long()] = self.ignore_index
+        labels = self.labels.packed(torch.cat(labels), info.cu_seqlens[:-1])
         return {
             "input_ids": torch.cat(ids).view(shape),
             "labels": labels.view(shape),
@@ -261,9 +276,13 @@ class NestedCollator:
     """
 
     max_seqlen: int | None = None
+    labels: Labels = Labels.SHIFTED  # each sample its own sequence: no boundary to guard
+
+    def __post_init__(self):
+        object.__setattr__(self, "labels", Labels(self.labels))
 
     def __call__(self, samples):
-        pairs = as_pairs(samples)
+        pairs = as_pairs(samples, self.labels)
         info = SeqInfo.from_lengths([len(i) for i, _ in pairs], max_seqlen=self.max_seqlen)
         return {
             "input_ids": info.nested(torch.cat([i for i, _ in pairs])),

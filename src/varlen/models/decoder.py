@@ -19,13 +19,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..attention import attention_qkvpacked
 from ..attention.nested import nested_sdpa
 from ..attention.sdpa import padded_attention, padded_mask
-from ..data.collate import IGNORE_INDEX
+from ..loss import lm_loss  # noqa: F401  (varlen.models.lm_loss, as before)
 from ..parallel.context import ContextShard, ulysses_attention
 from ..seqinfo import SeqInfo
 from .mlp import ACTIVATIONS, MLP_KERNELS, check_batch
@@ -220,13 +219,6 @@ def _check_residual(x: Tensor, residual_dtype: str) -> None:
         raise ValueError(f"residual_dtype={residual_dtype!r} needs autocast (torch.autocast('{x.device.type}', "
                          f"dtype=torch.{residual_dtype})): without it the float32 weights meet {residual_dtype} "
                          "activations")
-
-
-def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Mean cross-entropy over real targets, for packed, padded or nested logits."""
-    if logits.is_nested:
-        logits, labels = logits.values(), labels.values()
-    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index)
 
 
 def forward_batch(model: Decoder, batch: dict, **kw) -> Tensor:

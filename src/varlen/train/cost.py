@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import CostModel, move_batch
+from ..loss import IGNORE_INDEX
 from ..measure import time_calls
 from ..models import DecoderConfig, ModelFamily
 from .data import TrainCollator
@@ -33,7 +34,8 @@ def measure_cost(model: nn.Module, fam: ModelFamily, cfg: DecoderConfig, d: Dist
     g = torch.Generator().manual_seed(0)
 
     def timed(lengths):
-        samples = [(torch.randint(1, cfg.vocab_size, (L,), generator=g),) * 2 for L in lengths]
+        ids = [torch.randint(1, cfg.vocab_size, (L,), generator=g) for L in lengths]
+        samples = [(x, torch.full_like(x, IGNORE_INDEX)) for x in ids]  # timed on logits: no labels read
         batch = move_batch(coll(samples), d.device)
         def fwd_bwd():
             with autocast or nullcontext():

@@ -15,11 +15,10 @@ from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.batch import PackedBatch
-from ..data.collate import IGNORE_INDEX
+from ..loss import cross_entropy_sum, num_targets
 
 
 @dataclass
@@ -51,7 +50,7 @@ def count_targets(micro_batches: Sequence[dict], group=None, device=None, async_
     device = device or _labels(micro_batches[0]).device
     n = torch.zeros((), dtype=torch.int64, device=device)
     for b in micro_batches:
-        n += (_labels(b) != IGNORE_INDEX).sum()
+        n += num_targets(_labels(b))
     work = dist.all_reduce(n, group=group, async_op=True) if _world(group) > 1 else None
     if not async_op:
         if work is not None:
@@ -96,11 +95,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dic
             model.set_requires_gradient_sync(last)
         with sync:
             with autocast or nullcontext():
-                logits = forward(model, batch)
-                if logits.dtype != torch.float64:  # the loss in float32 at least, also under bf16
-                    logits = logits.float()
-                ce = F.cross_entropy(logits.flatten(0, -2), _labels(batch).flatten(),
-                                     ignore_index=IGNORE_INDEX, reduction="sum")
+                ce = cross_entropy_sum(forward(model, batch), _labels(batch))  # float32 at least, also under bf16
             if i == 0:
                 counted()
                 n = n.clamp_min(1)

@@ -1,0 +1,143 @@
+"""The label convention is stated, never guessed: every collator x convention x model family gives
+each sample's own next-token loss, computed alone in float64, and loses no target."""
+
+import pytest
+import torch
+
+from varlen import SeqInfo
+from varlen.data import NestedCollator, PackCollator, PackRowsCollator, PadCollator, PadToLongestCollator
+from varlen.hf import VarlenCollator
+from varlen.loss import IGNORE_INDEX, Labels, cross_entropy_sum, lm_loss, num_targets
+from varlen.models import DECODER, HF_LLAMA, PRESETS, forward_batch
+
+LENGTHS = (1, 2, 7, 13, 5, 1, 3)  # length 1: a sample with no target
+
+
+def _tokens(seed=0, lengths=LENGTHS, vocab=1024):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g) for n in lengths]
+
+
+def _pairs(tokens, convention: Labels):
+    if convention is Labels.UNSHIFTED:  # HF: the labels are the inputs
+        return [(s, s.clone()) for s in tokens]
+    return [(s, torch.cat([s[1:], torch.tensor([IGNORE_INDEX])])) for s in tokens]
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    cfg = PRESETS["tiny"]
+    return {"decoder": DECODER.build(cfg, "reference").double().eval(),
+            "hf-llama": HF_LLAMA.build(cfg, "reference").double().eval()}
+
+
+def _alone(name, model, s):
+    if name == "decoder":
+        return model(s, info=SeqInfo.from_lengths([len(s)]), causal=True)
+    return model(input_ids=s[None], use_cache=False).logits[0]
+
+
+def _forward(name, model, batch):
+    if name == "decoder":
+        return forward_batch(model, batch, causal=True)
+    if "attention_mask" in batch:  # padded rows
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    if "info" in batch:  # one packed row [T] with varlen's metadata
+        info = batch["info"]
+        return model(input_ids=batch["input_ids"][None], position_ids=info.position_ids[None], varlen_info=info,
+                     use_cache=False).logits[0]
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], varlen_info=batch["varlen_info"],
+                 use_cache=False).logits
+
+
+def _collators(name, convention):
+    rows_key = "info" if name == "decoder" else "varlen_info"
+    out = {
+        "PadCollator": PadCollator(length=16, labels=convention),
+        "PadToLongestCollator": PadToLongestCollator(min_length=4, labels=convention),
+        "PackCollator": PackCollator(labels=convention),
+        "PackRowsCollator": PackRowsCollator(row_len=20, info_key=rows_key, labels=convention),
+    }
+    if name == "decoder":
+        out["NestedCollator"] = NestedCollator(labels=convention)
+    elif convention is Labels.UNSHIFTED:
+        out["VarlenCollator"] = lambda pairs: VarlenCollator()([{"input_ids": x, "labels": y} for x, y in pairs])
+    return out
+
+
+@pytest.mark.parametrize("convention", list(Labels))
+@pytest.mark.parametrize("name", ["decoder", "hf-llama"])
+def test_every_collator_gives_each_samples_own_loss(models, name, convention):
+    model, tokens = models[name], _tokens(seed=LENGTHS.index(1) + len(name))
+    with torch.no_grad():
+        want = torch.cat([cross_entropy_sum(_alone(name, model, s)[:-1], s[1:])[None] for s in tokens])
+    n_want = sum(len(s) - 1 for s in tokens)
+    for cname, collate in _collators(name, convention).items():
+        batch = collate(_pairs(tokens, convention))
+        labels = convention.aligned(batch["labels"])
+        flat = labels.values() if labels.is_nested else labels
+        assert num_targets(flat).item() == n_want, f"{cname}: targets lost or added"
+        if labels.is_nested:  # causal nested SDPA runs on CUDA only: the targets must be the packed row's
+            packed = PackCollator(labels=convention)(_pairs(tokens, convention))["labels"]
+            assert torch.equal(flat, convention.aligned(packed)), cname
+            continue
+        with torch.no_grad():
+            got = lm_loss(_forward(name, model, batch), labels)
+        # float64 throughout: the sums differ only in rounding order (~1e-16 per term)
+        torch.testing.assert_close(got, want.sum() / n_want, rtol=1e-10, atol=0, msg=lambda m: f"{cname}: {m}")
+
+
+def test_shifted_pairs_for_hf_rows_keep_their_first_target():
+    # the bug this module ends: (input_ids, targets) pairs in rows for HF's keys lost each
+    # sample's first target, because the convention was guessed from info_key
+    pairs = _pairs(_tokens(1), Labels.SHIFTED)
+    batch = PackRowsCollator(row_len=20, info_key="varlen_info")(pairs)
+    assert num_targets(batch["labels"]).item() == sum(len(s) - 1 for s, _ in pairs)
+    unshifted = PackRowsCollator(row_len=20, info_key="varlen_info", labels="unshifted")(
+        _pairs(_tokens(1), Labels.UNSHIFTED))
+    starts = unshifted["varlen_info"].cu_seqlens[:-1].long()
+    assert (unshifted["labels"].flatten()[starts] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("collate", [PadCollator(length=16), PadToLongestCollator(), PackCollator(),
+                                     PackRowsCollator(row_len=20), NestedCollator()])
+def test_labels_of_the_other_convention_are_refused(collate):
+    tokens = _tokens(2)
+    with pytest.raises(ValueError, match=r"sample 2: its labels are its input_ids \(Labels.UNSHIFTED"):
+        collate(_pairs(tokens, Labels.UNSHIFTED))
+    other = type(collate)(**{**collate.__dict__, "labels": Labels.UNSHIFTED})
+    with pytest.raises(ValueError, match=r"sample 2: its labels are its input_ids shifted by one"):
+        other(_pairs(tokens, Labels.SHIFTED))
+    with pytest.raises(ValueError, match="shifted by one"):
+        VarlenCollator()([{"input_ids": x, "labels": y} for x, y in _pairs(tokens, Labels.SHIFTED)])
+
+
+def test_labels_that_fit_both_or_neither_convention_pass():
+    same = torch.full((6,), 7)  # a run of one token: shifted and unshifted labels look alike
+    for convention in Labels:
+        PackCollator(labels=convention)([(same, same.clone())])
+    custom = torch.arange(10, 16)  # targets of the user's own making: neither, accepted
+    PackCollator()([(torch.arange(6), custom)])
+    PackCollator(labels=Labels.UNSHIFTED)([(torch.arange(6), custom)])
+    # a prompt's labels ignored (chat): the answer's labels still decide
+    ids = torch.arange(1, 9)
+    chat = ids.clone()
+    chat[:4] = IGNORE_INDEX
+    with pytest.raises(ValueError, match="its labels are its input_ids"):
+        PackCollator()([(ids, chat)])
+    assert num_targets(PackCollator(labels=Labels.UNSHIFTED)([(ids, chat)])["labels"]).item() == 4
+
+
+def test_unknown_convention_is_refused():
+    with pytest.raises(ValueError, match="'next' is not a valid Labels"):
+        PackCollator(labels="next")
+
+
+def test_loss_is_float32_at_least_and_zero_without_targets():
+    logits = torch.randn(5, 11, dtype=torch.bfloat16)
+    labels = torch.full((5,), IGNORE_INDEX)
+    assert lm_loss(logits, labels).item() == 0.0
+    labels[2] = 3
+    assert cross_entropy_sum(logits, labels).dtype == torch.float32
+    assert cross_entropy_sum(logits.double(), labels).dtype == torch.float64
