@@ -69,6 +69,19 @@ case $part in
                   --max-grad-norm 1.0 --save-every 3 --no-progress --out "$out/smoke-train" "$@"; }
          (tr --steps 6 && tr --steps 8 --resume) >"$out/smoke_train.log" 2>&1 &
          train=$!
+         # fine-tuning a saved HF folder (stdlib documents, its own BPE tokenizer): compiled, bf16, eval, export
+         (python3 -c "import sys; from pathlib import Path; from varlen.corpus import *
+docs = stdlib_documents(limit=300); tok = train_tokenizer(docs, 2048); o = Path(sys.argv[1])
+save_model_folder(o / 'model', tok, 'llama', hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                  max_position_embeddings=4096); write_text_jsonl(docs, o / 'docs.jsonl')" "$out/smoke-ft" &&
+          python3 -m varlen train --model "$out/smoke-ft/model" --data "$out/smoke-ft/docs.jsonl" --max-len 4096 \
+            --truncate --max-tokens 16384 --compile --optimizer adamw --lr 2e-3 --lr-schedule cosine --warmup-steps 2 \
+            --max-grad-norm 1.0 --eval-split 0.05 --eval-every 10 --steps 20 --no-progress --out "$out/smoke-ft/run" \
+            --export "$out/smoke-ft/export" &&
+          python3 -c "import json, sys; log = [json.loads(x) for x in open(sys.argv[1])]
+print('finetune: loss', round(log[0]['loss'], 3), '->', round(log[-1]['loss'], 3), 'held out', [round(r['eval_loss'], 3) for r in log if 'eval_loss' in r])" \
+            "$out/smoke-ft/run/train_log.jsonl") >"$out/smoke_finetune.log" 2>&1 &
+         ft=$!
          q=0
          if [ -n "$quack" ]; then  # quack's fused MLP: GELU and its derivative in the GEMMs' epilogues
            python3 -m varlen bench --preset smoke --compile both --modes eval,train --strict --gelu tanh \
@@ -81,12 +94,13 @@ case $part in
              >"$out/smoke_te.log" 2>&1 || e=$?
            grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_te.log"
          fi
-         wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?; wait $graphs; g=$?; wait $train; r=$?
+         wait $tests; t=$?; wait $decoder; d=$?; wait $hf; h=$?; wait $graphs; g=$?; wait $train; r=$?; wait $ft; f=$?
          tail -3 "$out/smoke_tests.txt"
          grep -hE "ms/step|FAILED|n/a here|failed:" "$out/smoke_decoder.log" "$out/smoke_hf.log" "$out/smoke_graphs.log"
          grep -hE "resuming|error|step_ms_median" "$out/smoke_train.log" | cut -c1-300
-         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, train exit $r, quack MLP exit $q, TE peer exit $e, $((SECONDS - start)) s"
-         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] && [ $r -eq 0 ] && [ $q -eq 0 ] && [ $e -eq 0 ] ;;
+         grep -hE "finetune:|error|step_ms_median|exported" "$out/smoke_finetune.log" | cut -c1-300
+         echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, train exit $r, finetune exit $f, quack MLP exit $q, TE peer exit $e, $((SECONDS - start)) s"
+         [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] && [ $r -eq 0 ] && [ $f -eq 0 ] && [ $q -eq 0 ] && [ $e -eq 0 ] ;;
   check)
          python3 - "$out/configs" <<'PY'
 import sys, transformers as t
@@ -160,7 +174,7 @@ PY
          for g in off on; do
            flag=; [ $g = on ] && flag=--cuda-graphs
            python3 -m varlen train --preset study --data lognormal --compile $flag --steps ${STEPS:-80} \
-             --max-tokens ${TOKENS:-6144} --warmup 30 --seed 0 --no-progress --out "$out/train-graphs-$g" \
+             --max-tokens ${TOKENS:-6144} --timing-warmup 30 --seed 0 --no-progress --out "$out/train-graphs-$g" \
              >"$out/train-graphs-$g.log" 2>&1
            python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print('$g:', {k: s.get(k) for k in ('step_ms_mean', 'step_ms_median', 'compiled_after_warmup', 'tokens_per_s', 'peak_mem_gib')}, 'last loss', s['losses'][-1])" \
              "$out/train-graphs-$g/summary.json" || tail -5 "$out/train-graphs-$g.log"

@@ -229,7 +229,7 @@ def test_changed_data_file_is_refused_on_resume(tmp_path, capsys):
     ('["abc", 2]', r"d.jsonl:3: token 0 is 'abc', not an integer id; tokenize the text first"),
     ('[1, -4, 2]', r"d.jsonl:3: token 1 is -4, outside the model's vocabulary 0..1023"),
     ('[1, 1024]', r"d.jsonl:3: token 1 is 1024, outside the model's vocabulary 0..1023"),
-    ('{"ids": [1, 2]}', r"d.jsonl:3: an object without 'input_ids' \(keys: ids\)"),
+    ('{"ids": [1, 2]}', r"d.jsonl:3: an object without 'input_ids', 'text' or 'messages' \(keys: ids\)"),
     ('[1, 2', r"d.jsonl:3: not JSON"),
     ('"text"', r"d.jsonl:3: expected a list of token ids, got str"),
     ("[" + ", ".join(["5"] * 300) + "]", r"d.jsonl:3: a sample of 299 tokens, longer than the longest a step takes "

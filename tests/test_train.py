@@ -459,7 +459,7 @@ def test_summary_counts_graphs_compiled_after_the_warmup(tmp_path, capsys):
               "--data", str(data), "--no-progress"]
     for warmup, counted in ((0, lambda n: n >= 1), (1, lambda n: n == 0)):
         out = tmp_path / f"w{warmup}"
-        assert main([*common, "--warmup", str(warmup), "--out", str(out)]) == 0
+        assert main([*common, "--timing-warmup", str(warmup), "--out", str(out)]) == 0
         summary = json.loads((out / "summary.json").read_text())
         assert counted(summary["compiled_after_warmup"]), (warmup, summary["compiled_after_warmup"])
         assert summary["step_ms_median"] == pytest.approx(statistics.median(r["step_ms"] for r in _log(out)[warmup:]))

@@ -259,11 +259,12 @@ def _decode_step(query, key, value, attention_mask, scaling, causal, window, sof
 
 # What transformers' attention call sites pass beside q/k/v/mask (inventory of its modeling files:
 # docs/hf-attention-kwargs.md). Read here: the batch's sequence metadata. Harmless: the cache is
-# the model's business. Refused when set: features varlen cannot honour; any other argument with a
+# the model's business, and so are the loss's arguments that reach attention through **kwargs.
+# Refused when set: features varlen cannot honour; any other argument with a
 # value is refused too, by name, rather than ignored.
 METADATA = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "varlen_info",
             "varlen_context", "seq_idx")  # seq_idx: TRL's sequence index per token, for linear-attention layers
-HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch")
+HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch", "shift_labels")
 REFUSED = {
     "s_aux": "attention sinks (auxiliary logits, GPT-OSS)",
     "sinks": "attention sinks (auxiliary logits)",

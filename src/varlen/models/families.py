@@ -4,6 +4,7 @@ batch through it, and count its FLOPs. Nothing else branches on a model's name."
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -74,6 +75,59 @@ class HFFamily(ModelFamily):
 
 
 @dataclass(frozen=True)
+class PretrainedFamily(HFFamily):
+    """A causal LM saved in a local folder (``config.json`` and safetensors weights, as
+    ``save_pretrained`` writes them), loaded by transformers with its attention through varlen.
+    Nothing in the folder runs as code: no remote code, no pickled weights."""
+
+    path: str = ""
+
+    def hf_config(self):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path, local_files_only=True)
+        except Exception as e:  # transformers raises many kinds for a folder that is no model
+            raise ValueError(f"{self.path}: no model config could be read ({_first_line(e)})") from None
+
+    def sizes(self) -> DecoderConfig:
+        return decoder_sizes(self.hf_config())
+
+    def build(self, cfg: DecoderConfig, backend: str = "auto", attn_implementation: str = "varlen") -> nn.Module:
+        import torch
+        import transformers
+
+        from .. import hf
+
+        hf.register()
+        self.hf_config()  # a folder that is no model: one line
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                self.path, attn_implementation=attn_implementation, dtype=torch.float32, use_safetensors=True,
+                local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"{self.path}: transformers could not load it as a causal LM from safetensors weights "
+                             f"({_first_line(e)})") from None
+        hf.use(backend, model)
+        return model
+
+
+def decoder_sizes(config) -> DecoderConfig:
+    """A transformers config's sizes as the decoder's (what the token budget, the cost model and the
+    FLOPs count read); ``max_len - 1`` is the longest sample it takes."""
+    c = config.get_text_config()
+    dim, heads = c.hidden_size, c.num_attention_heads
+    return DecoderConfig(vocab_size=c.vocab_size, max_len=getattr(c, "max_position_embeddings", 1 << 20) + 1,
+                         dim=dim - dim % heads, n_layers=c.num_hidden_layers, n_heads=heads,
+                         mlp_ratio=max(1, round(getattr(c, "intermediate_size", 4 * dim) / dim)))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@dataclass(frozen=True)
 class TEFamily(ModelFamily):
     """The decoder's shape in TransformerEngine's layers (:mod:`varlen.models.te_decoder`): a peer
     with its own fused attention, eager only."""
@@ -127,7 +181,10 @@ FAMILIES = {f.name: f for f in (DECODER, HF_GPT2, HF_LLAMA, TE_DECODER)}
 
 
 def family(name: str) -> ModelFamily:
-    """The family of a name: ``decoder``, ``hf-gpt2``, ``hf-llama``, ``te-decoder``."""
-    if name not in FAMILIES:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(FAMILIES)}")
-    return FAMILIES[name]
+    """The family of a name: ``decoder``, ``hf-gpt2``, ``hf-llama``, ``te-decoder``, or a local
+    folder holding a saved causal LM."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if os.path.isdir(name):
+        return PretrainedFamily(f"folder {name}", path=name)
+    raise ValueError(f"unknown model {name!r}: neither one of {sorted(FAMILIES)} nor a model folder")

@@ -1,5 +1,6 @@
 """``varlen train`` / ``python -m varlen.train``: packed training under torchrun.
 
+    varlen train --model DIR --data docs.jsonl --optimizer adamw --lr-schedule cosine --export OUT
     torchrun --standalone --nproc-per-node 2 -m varlen.train --preset tiny --device cpu \\
         --steps 5 --max-tokens 4096 --seed 0 --out DIR
 
@@ -26,6 +27,7 @@ from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
+from ..models.families import PretrainedFamily
 from ..models.mlp import GELU_FLAGS
 from ..parallel import context_shard, shard_batch
 from ..precision import TOKEN_MULTIPLE, apply_fp8
@@ -34,19 +36,24 @@ from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
 from .distributed import Dist, all_agree, from_rank0, per_rank, run_then_teardown, setup, wrap
 from .guard import FiniteGuard, NonFinite
+from .evaluate import evaluate, hold_out
+from .export import export, export_refusal
 from .lock import LockHeld, RunLock
+from .optim import SCHEDULES, Schedule, make_optimizer
+from .text import TextError, load_tokenizer
 from .step import train_step
 from .watchdog import Watchdog, process_group_timeout
 
-MODELS = ("decoder", "hf-gpt2", "hf-llama")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="varlen train", description=__doc__,
+    p = argparse.ArgumentParser(prog="varlen train", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model size: tiny, small, study")
-    p.add_argument("--model", choices=MODELS, default="decoder",
-                   help="varlen's decoder, or a stock HF model of the preset's size through varlen.hf")
+    p.add_argument("--preset", default=None, help="model size of decoder / hf-gpt2 / hf-llama: tiny (default), small, study")
+    p.add_argument("--model", default="decoder", metavar="NAME|DIR",
+                   help="a folder holding a saved HF causal LM (config.json, safetensors weights, tokenizer files) to "
+                        "fine-tune; or, for the study, varlen's decoder, hf-gpt2 or hf-llama of --preset's size with "
+                        "random weights")
     p.add_argument("--backend", type=backend_name, default="auto",
                    help="attention backend: auto, flash, flash:fa4|fa2|torch, xformers, flex, sdpa, nested, reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +62,13 @@ def parse_args(argv):
     p.add_argument("--max-tokens-per-rank", type=positive_int, default=None, help="alternatively: tokens per rank and step")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-steps per optimizer step")
     p.add_argument("--data", default="uniform",
-                   help="uniform | lognormal | fixed | a file of lengths | FILE.jsonl | hf:NAME_OR_PATH[:split]")
+                   help="uniform | lognormal | fixed | a file of lengths | FILE.jsonl | hf:NAME_OR_PATH[:split]; JSONL "
+                        "rows and dataset columns hold token ids, text ({\"text\": ...}, EOS appended) or chat "
+                        "({\"messages\": [...]}, the loss on assistant turns only), the last two for --model DIR")
+    p.add_argument("--eval-split", type=fraction, default=0.0, metavar="F",
+                   help="hold out this fraction of the samples (chosen by --seed) and evaluate on them")
+    p.add_argument("--eval-every", type=nonneg_int, default=0, metavar="N",
+                   help="evaluate every N steps (and after the last); 0: after the last step only")
     long = p.add_mutually_exclusive_group()
     long.add_argument("--truncate", action="store_true", help="cut samples longer than a step takes (default: an error)")
     long.add_argument("--drop-long", action="store_true", help="drop samples longer than a step takes")
@@ -72,7 +85,14 @@ def parse_args(argv):
     p.add_argument("--window", type=positive_int, default=None, help="samples packed together (default ~32 batches' worth)")
     p.add_argument("--static", action="store_true", help="every step has the same shape (filler tokens)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="the peak learning rate")
+    p.add_argument("--weight-decay", type=nonneg_float, default=None,
+                   help="AdamW's decoupled weight decay (default 0.01), on linear layers' matrices only (not on biases, "
+                        "norms, embeddings)")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default="constant",
+                   help="after the warm-up: constant, or linear / cosine decay to --min-lr-ratio x --lr at --steps")
+    p.add_argument("--warmup-steps", type=nonneg_int, default=0, help="learning-rate warm-up: linear from 0 over N steps")
+    p.add_argument("--min-lr-ratio", type=fraction, default=0.0, help="where linear / cosine decay ends, as a fraction of --lr")
     p.add_argument("--max-grad-norm", type=positive_float, default=None,
                    help="scale the gradients down to this total norm when above it (default: no clipping; the "
                         "norm is logged either way)")
@@ -107,7 +127,11 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
     p.add_argument("--allow-change", default="", metavar="FIELD,...",
                    help=f"on --resume, accept these settings differing from the checkpoint's ({', '.join(CONFIG_FIELDS)})")
-    p.add_argument("--warmup", type=nonneg_int, default=2, help="steps left out of the summary's timings")
+    p.add_argument("--timing-warmup", type=nonneg_int, default=2, metavar="N",
+                   help="steps left out of the summary's timings (not the learning rate's: --warmup-steps)")
+    p.add_argument("--warmup", type=renamed_warmup, help=argparse.SUPPRESS)
+    p.add_argument("--export", type=Path, default=None, metavar="DIR",
+                   help="after training, write the model as a save_pretrained folder (safetensors, config, tokenizer)")
     p.add_argument("--stall-timeout", type=nonneg_float, default=300.0, metavar="S",
                    help="end the run (every rank, one line naming the rank that stopped) when no step finishes for "
                         "S seconds; the first step, which compiles, gets 30 minutes more; 0: no watchdog")
@@ -134,22 +158,59 @@ def parse_args(argv):
     if unknown:
         p.error(f"--allow-change: unknown field(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIG_FIELDS)}")
     try:
-        cfg = DecoderConfig.from_name(args.preset)
+        cfg = model_config(args)
     except ValueError as e:
         p.error(str(e))
+    if not os.path.isdir(args.model):
+        args.preset = args.preset or "tiny"
     if cfg.n_heads % args.cp:
-        p.error(f"--cp {args.cp}: context parallelism splits the heads, and preset {args.preset} has {cfg.n_heads}")
+        p.error(f"--cp {args.cp}: context parallelism splits the heads, and {model_label(args)} has {cfg.n_heads}")
     if args.max_len is not None and args.max_len >= cfg.max_len:
-        p.error(f"--max-len {args.max_len}: preset {args.preset} has {cfg.max_len} positions, so samples of at most "
-                f"{cfg.max_len - 1} tokens; choose a larger preset or a shorter --max-len")
+        p.error(f"--max-len {args.max_len}: {model_label(args)} takes samples of at most {cfg.max_len - 1} tokens; "
+                "choose a larger model or a shorter --max-len")
+    if args.weight_decay is not None and args.optimizer != "adamw":
+        p.error("--weight-decay is AdamW's: add --optimizer adamw")
+    args.weight_decay = 0.01 if args.weight_decay is None else args.weight_decay
+    if args.eval_every and not args.eval_split:
+        p.error("--eval-every needs held-out samples: add --eval-split F")
+    if args.warmup_steps >= args.steps and args.lr_schedule != "constant":
+        p.error(f"--warmup-steps {args.warmup_steps} leaves no step of the {args.lr_schedule} decay within "
+                f"--steps {args.steps}")
     return args
+
+
+def renamed_warmup(_value: str):
+    raise argparse.ArgumentTypeError("renamed: --timing-warmup N leaves N steps out of the timings, --warmup-steps N "
+                                     "warms the learning rate up")
+
+
+def fraction(text: str) -> float:
+    value = nonneg_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction below 1")
+    return value
+
+
+def model_config(args) -> DecoderConfig:
+    """The sizes of the model trained: a preset's, or those of the folder's config."""
+    fam = family(args.model)
+    if isinstance(fam, PretrainedFamily):
+        if args.preset is not None:
+            raise ValueError(f"--preset sizes the study's models; --model {args.model} is a folder with its own config")
+        return fam.sizes()
+    return DecoderConfig.from_name(args.preset or "tiny")
+
+
+def model_label(args) -> str:
+    return f"--model {args.model}" if os.path.isdir(args.model) else f"preset {args.preset or 'tiny'}"
 
 
 # The settings a checkpoint is tied to: resuming with another value changes what the run computes.
 CONFIG_FIELDS = ("model", "preset", "backend", "data", "data_fingerprint", "num_samples", "max_len", "too_long",
                  "max_tokens", "grad_accum", "split", "cost", "window", "static", "optimizer", "lr", "seed",
                  "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype", "fp8", "gelu", "mlp_kernel",
-                 "max_grad_norm")
+                 "max_grad_norm", "weight_decay", "lr_schedule", "warmup_steps", "min_lr_ratio", "schedule_steps",
+                 "eval_split")
 
 
 def fail(message: str) -> NoReturn:
@@ -182,7 +243,11 @@ def make_plot(log: list[dict], path: Path) -> None:
         return
     steps = [r["step"] for r in log]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(steps, [r["loss"] for r in log])
+    a.plot(steps, [r["loss"] for r in log], label="train")
+    evals = [r for r in log if "eval_loss" in r]
+    if evals:
+        a.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held out")
+        a.legend()
     a.set(xlabel="step", ylabel="loss", title="loss")
     b.plot(steps, [r["tokens"] / r["step_ms"] for r in log])
     b.set(xlabel="step", ylabel="k tokens / s", title="throughput")
@@ -198,7 +263,7 @@ def main(argv=None) -> int:
     return run_then_teardown(run, args, setup(args.device, process_group_timeout(args.stall_timeout)))
 
 
-def load_data(args, cfg: DecoderConfig, micro_budget: int, report: DataReport):
+def load_data(args, cfg: DecoderConfig, micro_budget: int, report: DataReport, tokenizer=None):
     """The dataset, every row checked; samples longer than a step takes follow --truncate /
     --drop-long, else stop the run with the row named."""
     max_len = args.max_len or cfg.max_len - 1
@@ -206,7 +271,7 @@ def load_data(args, cfg: DecoderConfig, micro_budget: int, report: DataReport):
     too_long = "truncate" if args.truncate else "drop" if args.drop_long else "error"
     try:
         ds = load(args.data, num_samples=args.num_samples, max_len=max_len, vocab_size=cfg.vocab_size,
-                  seed=args.seed, too_long=too_long, report=report, longest=longest)
+                  seed=args.seed, too_long=too_long, report=report, longest=longest, tokenizer=tokenizer)
     except (DataError, ValueError) as e:
         fail(str(e))
     if max(ds.lengths) > micro_budget:  # synthetic lengths up to --max-len
@@ -232,7 +297,12 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             **({"fp8": args.fp8} if args.fp8 else {}),
             **({"gelu": args.gelu} if args.gelu != "exact" else {}),
             **({"mlp_kernel": args.mlp_kernel} if args.mlp_kernel != "torch" else {}),
-            **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm is not None else {})}
+            **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm is not None else {}),
+            **({"weight_decay": args.weight_decay} if args.optimizer == "adamw" else {}),
+            **({"lr_schedule": args.lr_schedule, "schedule_steps": args.steps, "min_lr_ratio": args.min_lr_ratio}
+               if args.lr_schedule != "constant" else {}),
+            **({"warmup_steps": args.warmup_steps} if args.warmup_steps else {}),
+            **({"eval_split": args.eval_split} if args.eval_split else {})}
 
 
 def refuse_mlp(args, dtype: str, on_gpu: bool) -> None:
@@ -249,7 +319,8 @@ def refuse_mlp(args, dtype: str, on_gpu: bool) -> None:
             fail(f"--mlp-kernel quack: {why}")
 
 
-EARLIER_RUN = ("train_log.jsonl", "summary.json", "train.png")  # what a run writes into --out besides checkpoints
+# what a run writes into --out besides checkpoints
+EARLIER_RUN = ("train_log.jsonl", "summary.json", "train.png", "tensorboard")
 
 
 def claim_out(args, d: Dist) -> RunLock | None:
@@ -290,7 +361,8 @@ def resume_point(args, d: Dist, config: dict) -> Path | None:
         if d.main:
             shutil.rmtree(root, ignore_errors=True)
             for name in EARLIER_RUN:
-                (args.out / name).unlink(missing_ok=True)
+                path = args.out / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         return None
     if not args.resume:
         refuse_earlier_run(args, root)
@@ -344,6 +416,9 @@ def settings(args, d: Dist):
     """The run's derived settings, each refused in one line where it cannot work: the step's token
     budget (all ranks) and a micro-step's, the context shard, data-parallel groups, the parallelism
     and the autocast dtype."""
+    why = args.export and export_refusal(args.export, args.model, family(args.model).hf, args.overwrite)
+    if why:
+        fail(why)
     budget = args.max_tokens or (args.max_tokens_per_rank or 16384) * d.world_size
     micro_budget = budget // args.grad_accum
     if micro_budget < 1:
@@ -379,19 +454,20 @@ def run(args, d: Dist) -> int:
 
 
 def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, parallel: str, dtype: str) -> int:
-    cfg = DecoderConfig.from_name(args.preset, residual_dtype="bfloat16" if args.residual_dtype == "bf16" else None,
-                                  activation=GELU_FLAGS[args.gelu], mlp_kernel=args.mlp_kernel)
+    fam = family(args.model)
+    cfg = model_config(args) if isinstance(fam, PretrainedFamily) else DecoderConfig.from_name(
+        args.preset, residual_dtype="bfloat16" if args.residual_dtype == "bf16" else None,
+        activation=GELU_FLAGS[args.gelu], mlp_kernel=args.mlp_kernel)
+    tokenizer = model_tokenizer(args, fam)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
     report = DataReport()
-    ds, max_len, too_long = load_data(args, cfg, micro_budget, report)
+    ds, max_len, too_long = load_data(args, cfg, micro_budget, report, tokenizer)
+    ds, held_out = hold_out(ds, args.eval_split, args.seed)
     config = run_config(args, d, budget, parallel, dtype, max_len, too_long)
     resume_from = resume_point(args, d, config)
     if resume_from is not None and checkpoint.step_of(resume_from) >= args.steps:
         return nothing_to_do(args, d, checkpoint.step_of(resume_from))
-    fam = family(args.model)
-    model = fam.build(cfg, args.backend).to(d.device)
-    if args.fp8:
-        apply_fp8(model, args.fp8)
+    model = build_model(args, fam, cfg).to(d.device)
     cost = measure_cost(model, fam, cfg, d, autocast) if args.cost == "measure" else \
         CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
@@ -401,22 +477,55 @@ def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
                    compile=args.compile, compile_mode="reduce-overhead" if args.cuda_graphs else None,
                    static_graph=args.static_graph, reshard_after_forward=args.reshard_after_forward)
-    opt_cls = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=args.lr, fused=d.device.type == "cuda" and parallel != "fsdp2")
+    opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay,
+                         fused=d.device.type == "cuda" and parallel != "fsdp2")
     step, batches_done = restore(resume_from, wrapped, opt, sampler, d)
     if d.main:
         info = {"world_size": d.world_size, "parallel": parallel, "cp": args.cp, "split": args.split, "max_tokens": budget,
                 "grad_accum": args.grad_accum, "per_rank_budget": ceil_div(micro_budget, d.world_size), "data": args.data,
                 "model": args.model, "preset": args.preset, "packing_efficiency": round(sampler.efficiency(), 4),
                 "cost_per_token_sq": cost.per_token_sq, "cost_per_seq": cost.per_seq, "resumed_at": step,
-                "data_report": vars(report)}
+                "held_out": len(held_out) if held_out else 0, "data_report": vars(report)}
         print("varlen train:", json.dumps(info), flush=True)
-    loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast, shard)
+    evaluator = None if held_out is None else (lambda: evaluate(
+        wrapped, fam.logits, held_out, make_collator(args, sampler, ds, max_len, d.device.type, plain=True),
+        micro_budget, device=d.device, dp=dp, dp_rank=d.rank // args.cp, shard=shard, autocast=autocast))
+    loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast, shard, evaluator)
     log = loop.run(step, batches_done)
     if d.main:
         compiled_late = graph_count() - loop.graphs_after_warmup if args.compile else None
         write_summary(args, d, log, loop.step, parallel, budget, sampler, report, compiled_late)
+    if args.export:
+        export(model, args.export, tokenizer, d.main)
+        if d.main:
+            say(f"exported to {args.export} (AutoModelForCausalLM.from_pretrained loads it)")
     return 0
+
+
+def model_tokenizer(args, fam):
+    """The folder's tokenizer, where it has one (text and chat rows, and --export, need it)."""
+    if not isinstance(fam, PretrainedFamily):
+        return None
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((Path(args.model) / n).exists() for n in names):
+        return None
+    try:
+        return load_tokenizer(Path(args.model))
+    except TextError as e:
+        fail(str(e))
+
+
+def build_model(args, fam, cfg: DecoderConfig):
+    """The model, in training mode (from_pretrained leaves it in eval mode), fp8-converted where asked;
+    a folder transformers cannot load, or a model varlen cannot pack, is one line."""
+    try:
+        model = fam.build(cfg, args.backend)
+    except ValueError as e:  # varlen.hf.PackingRefused too
+        fail(f"--model {args.model}: {e}" if str(args.model) not in str(e) else str(e))
+    model.train()
+    if args.fp8:
+        apply_fp8(model, args.fp8)
+    return model
 
 
 def nothing_to_do(args, d: Dist, step: int) -> int:
@@ -445,11 +554,15 @@ def restore(found: Path | None, wrapped, opt, sampler, d: Dist) -> tuple[int, in
     return extra["step"], extra["sampler"]["batches_done"]
 
 
-def make_collator(args, sampler, ds, max_len: int, device_type: str) -> TrainCollator:
+def make_collator(args, sampler, ds, max_len: int, device_type: str, plain: bool = False) -> TrainCollator:
     """Rows as the flags shape them: ``--static`` one token count (the busiest rank's share),
-    ``--cuda-graphs`` one number of sequences and one of 8 row sizes an octave."""
+    ``--cuda-graphs`` one number of sequences and one of 8 row sizes an octave; ``plain``: neither
+    (evaluation)."""
     # rows split evenly over the context group, each slice a whole number of fp8 GEMM tiles
     multiple_of = args.cp * (TOKEN_MULTIPLE if args.fp8 else 1)
+    if plain:
+        return TrainCollator(max_seqlen=max_len, multiple_of=multiple_of,
+                             bucket_max_seqlen=pads_to_max_seqlen(args.backend, device_type))
     shares = [s for b in sampler.global_batches() for s in sampler.shares(b)] if args.static or args.cuda_graphs else []
     row = max((sum(ds.lengths[i] for i in s) for s in shares), default=0)
     # planned from this epoch's rows; a later epoch's larger row gets a shape of its own (TrainCollator)
@@ -464,8 +577,12 @@ def make_collator(args, sampler, ds, max_len: int, device_type: str) -> TrainCol
 class Loop:
     """The training loop: steps, the log, progress and checkpoints."""
 
-    def __init__(self, args, d: Dist, wrapped, opt, sampler, ds, collate, config: dict, autocast, shard=None):
+    def __init__(self, args, d: Dist, wrapped, opt, sampler, ds, collate, config: dict, autocast, shard=None,
+                 evaluator=None):
         self.args, self.d, self.wrapped, self.opt, self.sampler = args, d, wrapped, opt, sampler
+        self.schedule = Schedule(args.lr_schedule, args.lr, args.warmup_steps, args.steps, args.min_lr_ratio)
+        self.evaluator = evaluator  # () -> {"eval_loss", "eval_ppl", "eval_targets"}, every rank
+        self.board = None  # a TensorBoard writer, while run() runs
         self.shard = shard  # context parallelism: this rank's slice of each row
         self.ds, self.collate, self.config, self.autocast = ds, collate, config, autocast
         self.fwd = family(args.model).logits
@@ -514,6 +631,7 @@ class Loop:
                 mark_dynamic(b)
             micro.append(b)
         read = {}
+        lr = self.schedule.apply(self.opt, self.step + 1)
 
         def before_update(stats):  # the one host read of the step, before the update
             read["loss"], read["grad_norm"] = self.guard.before_update(stats, self.step + 1)
@@ -524,7 +642,8 @@ class Loop:
         step_ms = 1e3 * since(t0, d.device)
         rank_tokens = per_rank(stats.local_tokens, d, torch.int64)
         self.step += 1
-        return {"step": self.step, "loss": read["loss"], "grad_norm": read["grad_norm"], "tokens": int(rank_tokens.sum()),
+        return {"step": self.step, "loss": read["loss"], "grad_norm": read["grad_norm"], "lr": lr,
+                "tokens": int(rank_tokens.sum()),
                 "targets": int(stats.targets), "step_ms": round(step_ms, 3), "rank_tokens": [int(x) for x in rank_tokens]}
 
     def watch_compiles(self, steps_run: int) -> None:
@@ -533,13 +652,14 @@ class Loop:
         if steps_run == 1 and self.args.cuda_graphs and compile_counter("inductor", "cudagraph_skips"):
             fail("--cuda-graphs: Inductor ran the model without CUDA graphs (its 'skipping cudagraphs' log line "
                  "says why); refusing to train as if graphed")
-        if steps_run == self.args.warmup:
+        if steps_run == self.args.timing_warmup:
             self.graphs_after_warmup = graph_count()
 
     def run(self, step: int, batches_done: int) -> list[dict]:
         args, d = self.args, self.d
         self.step, self.batches_done = step, batches_done
         self.trim_log()
+        self.board = tensorboard(args.out, self.d.main, step)
         progress = self.progress_bar(step)
         self.it = self.batches()
         self.graphs_after_warmup = graph_count()
@@ -552,6 +672,9 @@ class Loop:
                 log.append(self.guarded_step())
                 watchdog.beat(self.step)
                 self.watch_compiles(len(log))
+                if self.evaluator and (self.step == args.steps or args.eval_every and self.step % args.eval_every == 0):
+                    log[-1].update(self.guarded(self.evaluator))
+                    watchdog.beat(self.step)
                 self.record(log[-1], progress)
                 if args.save_every and self.step % args.save_every == 0:
                     watchdog.beat()
@@ -564,6 +687,8 @@ class Loop:
             collector.close()
             if progress:
                 progress.close()
+            if self.board is not None:
+                self.board.close()
         return log
 
     def guarded_step(self) -> dict:
@@ -597,6 +722,11 @@ class Loop:
         if self.d.main and self.log_path:
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for key in ("loss", "grad_norm", "lr", "eval_loss", "eval_ppl"):
+                if row.get(key) is not None:
+                    self.board.add_scalar(key, row[key], row["step"])
+            self.board.add_scalar("tokens_per_s", 1e3 * row["tokens"] / row["step_ms"], row["step"])
         if progress:
             progress.set_postfix(loss=f"{row['loss']:.4f}", ktok_s=f"{row['tokens'] / row['step_ms']:.1f}")
             progress.update(1)
@@ -611,12 +741,24 @@ class Loop:
         return tqdm(total=self.args.steps, initial=step, desc="varlen train", unit="step", file=sys.stderr)
 
 
+def tensorboard(out: Path | None, main: bool, step: int):
+    """A TensorBoard writer into OUT/tensorboard where tensorboard is installed (rank 0); a resumed
+    run drops the events written after its checkpoint, as the log does."""
+    if out is None or not main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the train extra brings it
+        return None
+    return SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+
+
 def write_summary(args, d: Dist, log: list[dict], step: int, parallel: str, budget: int, sampler,
                   report: DataReport, compiled_late: int | None) -> None:
     """``compiled_late``: graphs torch.compile made after the warm-up steps (each a one-off step of
     seconds inside ``step_ms_mean``; ``step_ms_median`` leaves them out)."""
     on_gpu = d.device.type == "cuda"
-    timed = log[args.warmup:] or log
+    timed = log[args.timing_warmup:] or log
     summary = {"steps": step, "world_size": d.world_size, "parallel": parallel, "split": args.split,
                "data": args.data, "max_tokens": budget,
                "step_ms_mean": sum(r["step_ms"] for r in timed) / len(timed) if timed else None,

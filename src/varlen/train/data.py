@@ -1,4 +1,5 @@
-"""Training data: synthetic lengths (the study's), a JSONL file of token ids, or an HF dataset."""
+"""Training data: synthetic lengths (the study's), a JSONL file or an HF dataset of token ids, text or
+chat conversations (the last two tokenised with the model's tokenizer, ``varlen.train.text``)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import torch
 from torch.utils.data import Dataset
 
 from ..buckets import graph_num_seqs, round_up
-from ..data import IGNORE_INDEX, PackCollator, PackedBatch, SyntheticDataset
+from ..data import PackCollator, PackedBatch, SyntheticDataset
+from ..loss import IGNORE_INDEX
 from ..data.collate import filler_lengths
 from ..seqinfo import SeqInfo
+from .text import TextError, chat_ids, text_ids
 
 
 class DataError(ValueError):
@@ -31,15 +34,26 @@ class DataReport:
     dropped_long: int = 0  # rows longer than that, dropped (--drop-long)
 
 
-def check_row(row, where: str, vocab_size: int) -> list[int]:
-    """One row's token ids as ints, or a DataError naming ``where`` and what to do."""
+def check_row(row, where: str, vocab_size: int, tokenizer=None) -> tuple[list[int], list[bool] | None]:
+    """One row as ``(ids, trained)``: token ids (a list, ``{"input_ids"}``, ``{"text"}`` tokenised with
+    EOS, ``{"messages"}`` through the chat template) and which tokens are trained targets (None:
+    all); a :class:`DataError` naming ``where`` and what to do otherwise."""
+    trained = None
     if isinstance(row, dict):
-        if "input_ids" not in row:
-            raise DataError(f"{where}: an object without 'input_ids' (keys: {', '.join(map(str, row)) or 'none'}); "
-                            "each line is a list of token ids or an object with 'input_ids'")
-        row = row["input_ids"]
+        if "input_ids" in row:
+            row = row["input_ids"]
+        elif "text" in row or "messages" in row:
+            return _text_row(row, where, vocab_size, tokenizer)
+        else:
+            raise DataError(f"{where}: an object without 'input_ids', 'text' or 'messages' (keys: "
+                            f"{', '.join(map(str, row)) or 'none'}); each line is a list of token ids or an object "
+                            "with one of those")
     if not isinstance(row, (list, tuple)):
         raise DataError(f"{where}: expected a list of token ids, got {type(row).__name__}")
+    return _check_ids(row, where, vocab_size), trained
+
+
+def _check_ids(row, where: str, vocab_size: int) -> list[int]:
     for j, t in enumerate(row):
         if isinstance(t, bool) or not isinstance(t, int):
             raise DataError(f"{where}: token {j} is {t!r}, not an integer id; tokenize the text first")
@@ -48,14 +62,30 @@ def check_row(row, where: str, vocab_size: int) -> list[int]:
     return list(row)
 
 
-def fit_rows(rows, longest: int, too_long: str, report: DataReport, source: str) -> list[list[int]]:
+def _text_row(row: dict, where: str, vocab_size: int, tokenizer) -> tuple[list[int], list[bool] | None]:
+    key = "text" if "text" in row else "messages"
+    if tokenizer is None:
+        raise DataError(f"{where}: a '{key}' row needs the model's tokenizer: train a model folder (--model DIR "
+                        "with tokenizer files), or give token ids")
+    try:
+        ids, trained = (text_ids(tokenizer, row["text"], where), None) if key == "text" else \
+            chat_ids(tokenizer, row["messages"], where)
+    except TextError as e:
+        raise DataError(str(e)) from None
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise DataError(f"{where}: the tokenizer gave id {bad}, outside the model's vocabulary 0..{vocab_size - 1}")
+    return ids, trained
+
+
+def fit_rows(rows, longest: int, too_long: str, report: DataReport, source: str) -> list[tuple]:
     """Rows with at least 2 tokens and at most ``longest + 1`` (a row of n tokens makes a sample
     of n - 1 inputs), the long ones handled as ``too_long`` says: "error", "truncate" or "drop".
-    ``rows`` yields ``(where, ids)``; ``source`` names the file or dataset in messages."""
+    ``rows`` yields ``(where, (ids, trained))``; ``source`` names the file or dataset in messages."""
     kept = []
-    for where, ids in rows:
+    for where, (ids, trained) in rows:
         report.rows += 1
-        if len(ids) < 2:
+        if len(ids) < 2 or (trained is not None and not any(trained[1:])):
             report.dropped_short += 1
             continue
         if len(ids) - 1 > longest:
@@ -66,15 +96,15 @@ def fit_rows(rows, longest: int, too_long: str, report: DataReport, source: str)
                 report.dropped_long += 1
                 continue
             report.truncated += 1
-            ids = ids[: longest + 1]
-        kept.append(ids)
+            ids, trained = ids[: longest + 1], trained if trained is None else trained[: longest + 1]
+        kept.append((ids, trained))
     if not kept:
         raise DataError(f"{source}: no sample left: {report.rows} rows, {report.dropped_short} with fewer than 2 "
-                        f"tokens, {report.dropped_long} too long")
+                        f"tokens (or no trained target), {report.dropped_long} too long")
     return kept
 
 
-def jsonl_rows(path: Path, vocab_size: int):
+def jsonl_rows(path: Path, vocab_size: int, tokenizer=None):
     """``(where, ids)`` for every non-blank line of a JSONL file, streamed, checked."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -86,35 +116,41 @@ def jsonl_rows(path: Path, vocab_size: int):
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
             if not line.strip():
-                yield where, []  # counted with the short rows
+                yield where, ([], None)  # counted with the short rows
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
-            yield where, check_row(obj, where, vocab_size)
+            yield where, check_row(obj, where, vocab_size, tokenizer)
 
 
 class TokenDataset(Dataset):
-    """Samples of token ids -> ``(input_ids, targets)`` shifted by one; lengths known up front."""
+    """Samples of token ids -> ``(input_ids, targets)`` shifted by one (``Labels.SHIFTED``), a
+    target ignored where its token is not trained (a chat's prompt); lengths known up front."""
 
-    def __init__(self, rows: list[list[int]]):
+    def __init__(self, rows: list[tuple[list[int], list[bool] | None]]):
         self.rows = rows
-        self.lengths = [len(r) - 1 for r in rows]
+        self.lengths = [len(ids) - 1 for ids, _ in rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i):
-        t = torch.tensor(self.rows[i], dtype=torch.long)
-        return t[:-1], t[1:]
+        ids, trained = self.rows[i]
+        t = torch.tensor(ids, dtype=torch.long)
+        targets = t[1:]
+        if trained is not None:
+            targets = targets.masked_fill(~torch.tensor(trained[1:]), IGNORE_INDEX)
+        return t[:-1], targets
 
 
 def load(spec: str, *, num_samples: int, max_len: int, vocab_size: int, seed: int, too_long: str = "error",
-         report: DataReport | None = None, longest: int | None = None):
+         report: DataReport | None = None, longest: int | None = None, tokenizer=None):
     """``uniform`` / ``lognormal`` / ``fixed`` / a lengths file: synthetic; ``*.jsonl``: one sample a
-    line (a list of ids, or an object with ``input_ids``); ``hf:NAME_OR_PATH[:split]``: an HF
-    ``datasets`` dataset with an ``input_ids`` column (a saved dataset folder or a hub name).
+    line (a list of ids, or an object with ``input_ids``, ``text`` or ``messages``);
+    ``hf:NAME_OR_PATH[:split]``: an HF ``datasets`` dataset with one of those columns (a saved
+    dataset folder or a hub name). Text and chat need ``tokenizer``.
 
     Token files are checked row by row before training (one streamed pass): every problem is a
     :class:`DataError` naming the file and line (or dataset row). ``max_len`` is the longest
@@ -123,10 +159,12 @@ def load(spec: str, *, num_samples: int, max_len: int, vocab_size: int, seed: in
     report = report if report is not None else DataReport()
     longest = min(max_len, longest or max_len)
     if spec.endswith(".jsonl"):
-        return TokenDataset(fit_rows(jsonl_rows(Path(spec), vocab_size), longest, too_long, report, spec))
+        return TokenDataset(fit_rows(jsonl_rows(Path(spec), vocab_size, tokenizer), longest, too_long, report, spec))
     if spec.startswith("hf:"):
         ds, name = hf_dataset(spec)
-        rows = ((f"{name} row {i}", check_row(r, f"{name} row {i}", vocab_size)) for i, r in enumerate(ds["input_ids"]))
+        column = next(c for c in ("input_ids", "text", "messages") if c in ds.column_names)
+        rows = ((f"{name} row {i}", check_row(r if column == "input_ids" else {column: r}, f"{name} row {i}",
+                                              vocab_size, tokenizer)) for i, r in enumerate(ds[column]))
         return TokenDataset(fit_rows(rows, longest, too_long, report, name))
     return SyntheticDataset(num_samples, max_len=max_len, vocab_size=vocab_size, length_dist=spec, seed=seed)
 
@@ -152,9 +190,8 @@ def hf_dataset(spec: str):
     elif split and Path(name).exists():
         raise DataError(f"{name} is one split saved alone (a Dataset, not a DatasetDict), so ':{split}' names nothing "
                         f"in it; pass hf:{name}")
-    if "input_ids" not in ds.column_names:
-        raise DataError(f"{name} has columns {ds.column_names}, no input_ids "
-                        "(tokenize it first: dataset.map(lambda r: tokenizer(r['text'])))")
+    if not {"input_ids", "text", "messages"} & set(ds.column_names):
+        raise DataError(f"{name} has columns {ds.column_names}: none of input_ids, text, messages")
     return ds, name
 
 
