@@ -273,3 +273,25 @@ def test_shifted_row_collator_drops_last_tokens_and_honours_masks():
     assert empty["input_ids"].shape == (1, 1) and empty["shift_labels"].tolist() == [[IGNORE_INDEX]]
     with pytest.raises(ValueError, match="sample 0 has 1 token"):
         ShiftedRowCollator()([{"input_ids": [3]}])
+
+
+def test_loss_chunk_trains_as_the_full_logits_do(corpus, tmp_path, capsys):
+    args = ["--model", corpus["qwen2"], "--data", corpus["docs"], "--steps", 4, "--lr", 3e-3, "--eval-split", 0.1]
+    assert _train([*args, "--out", tmp_path / "full"], capsys)[0] == 0
+    code, err = _train([*args, "--loss-chunk", 100, "--out", tmp_path / "chunked"], capsys)
+    assert code == 0, err
+    want, got = _log(tmp_path / "full"), _log(tmp_path / "chunked")
+    # float32 sums of the same logits in chunks: rounding only
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+    assert got[-1]["eval_loss"] == pytest.approx(want[-1]["eval_loss"], rel=1e-5)
+
+
+def test_loss_chunk_is_refused_where_the_head_is_more_than_a_matrix(corpus, tmp_path, capsys):
+    from varlen.corpus import save_model_folder
+
+    gemma2 = save_model_folder(tmp_path / "gemma2", corpus["tok"], "gemma2", head_dim=16)
+    for args, msg in (([], "--loss-chunk: varlen's decoder keeps its head"),
+                      (["--model", gemma2, "--data", corpus["docs"]], "--loss-chunk: model type gemma2's logits are not "
+                                                                      "known to be its head alone")):
+        code, err = _train([*args, "--loss-chunk", 64, "--steps", 1, "--max-len", 200], capsys)
+        assert code == 2 and msg in err, err

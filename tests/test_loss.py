@@ -141,3 +141,76 @@ def test_loss_is_float32_at_least_and_zero_without_targets():
     labels[2] = 3
     assert cross_entropy_sum(logits, labels).dtype == torch.float32
     assert cross_entropy_sum(logits.double(), labels).dtype == torch.float64
+
+
+# ------------------------------------------------------------------ the head applied inside the loss
+@pytest.mark.parametrize("chunk", [1, 7, 37, 1000])
+def test_linear_cross_entropy_equals_the_full_logits(chunk):
+    from varlen.loss import linear_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(chunk)
+    hidden = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[[0, 5, 36]] = IGNORE_INDEX
+    want = cross_entropy_sum(hidden @ weight.T, labels)
+    gh, gw = torch.autograd.grad(0.3 * want, (hidden, weight))
+    got = linear_cross_entropy_sum(hidden, weight, labels, chunk=chunk)
+    h, w = torch.autograd.grad(0.3 * got, (hidden, weight))
+    # float64 sums in another order: a few ulps of the largest term
+    for a, b in ((got, want), (h, gh), (w, gw)):
+        torch.testing.assert_close(a, b, rtol=0, atol=64 * torch.finfo(torch.float64).eps * b.abs().max().item())
+    none = linear_cross_entropy_sum(hidden[:1], weight, torch.tensor([IGNORE_INDEX]))
+    assert none.item() == 0.0 and torch.autograd.grad(none, hidden)[0].abs().max() == 0
+
+
+def test_linear_cross_entropy_under_autocast_matches_the_heads_own_precision():
+    # bf16 GEMMs as the model's head under autocast, logits upcast to float32 as HF's loss does
+    from varlen.loss import linear_cross_entropy_sum
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 32, generator=g, requires_grad=True)
+    weight = torch.randn(300, 32, generator=g, requires_grad=True)
+    labels = torch.randint(0, 300, (64,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = cross_entropy_sum(hidden @ weight.T, labels)
+        got = linear_cross_entropy_sum(hidden, weight, labels, chunk=16)
+    gw_want, = torch.autograd.grad(want, weight)
+    gw_got, = torch.autograd.grad(got, weight)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)  # the same bf16 logits, float32 sums
+    # the weight's gradient: bf16 products accumulated over 64 rows in another grouping
+    torch.testing.assert_close(gw_got, gw_want, rtol=0, atol=4 * 2 ** -8 * gw_want.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma", "qwen3", "phi3", "olmo2"])
+def test_hidden_states_and_chunked_head_equal_the_models_logits(kind):
+    # every model type allowed a chunked head: its own logits' loss and gradients, float64
+    from varlen.loss import linear_cross_entropy_sum
+    from varlen.matrix import tiny_config
+    from varlen.models.families import HiddenStates, head_refusal
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation="eager").double().eval()  # no dropout
+    assert head_refusal(model) is None
+    ids = torch.randint(1, model.config.vocab_size, (1, 23))
+    labels = torch.cat([ids[:, 1:], torch.full((1, 1), IGNORE_INDEX)], 1)
+    want = cross_entropy_sum(model(input_ids=ids, use_cache=False).logits, labels)
+    grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    hidden = HiddenStates(model)
+    got = linear_cross_entropy_sum(hidden(input_ids=ids, use_cache=False), hidden.head_weight, labels, chunk=5)
+    mine = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for (name, _), a, b in zip(model.named_parameters(), mine, grads):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12 * max(1.0, b.abs().max().item()), msg=name)
+
+
+def test_heads_with_more_than_a_linear_layer_are_refused():
+    from varlen.matrix import tiny_config
+    from varlen.models.families import head_refusal
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("gemma2"))  # final logit soft-capping
+    assert "model type gemma2's logits are not known to be its head alone" in head_refusal(model)

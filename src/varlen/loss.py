@@ -92,3 +92,50 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     ``Labels.SHIFTED`` labels aligned with ``logits``."""
     flat = labels.values() if labels.is_nested else labels
     return cross_entropy_sum(logits, labels) / num_targets(flat).clamp_min(1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` without the ``[T, V]`` logits at once: chunk by
+    chunk, the gradients of hidden and weight are made in the forward pass (as Liger's fused
+    linear cross-entropy does), so no chunk's logits are kept for backward and none is recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, compute: torch.dtype):
+        w = weight.to(compute)
+        total = torch.zeros((), dtype=torch.float64 if compute == torch.float64 else torch.float32,
+                            device=hidden.device)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros_like(weight, dtype=total.dtype)
+        for s in range(0, hidden.shape[0], chunk):
+            h, y = hidden[s:s + chunk].to(compute), labels[s:s + chunk]
+            logits = (h @ w.T).to(total.dtype)  # as the model's head gives them, then upcast (HF's loss)
+            live = y != IGNORE_INDEX
+            picked = torch.where(live, y, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, picked[:, None])[:, 0]) * live).sum()
+            p = torch.exp(logits - lse[:, None])  # d(loss)/d(logits): softmax - one-hot, on live rows
+            p[torch.arange(len(y), device=y.device), picked] -= 1
+            p = (p * live[:, None]).to(compute)
+            grad_h[s:s + chunk] = (p @ w).to(hidden.dtype)
+            grad_w += (p.T @ h).to(total.dtype)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total.to(grad_h.dtype), grad_w * grad_total.to(grad_w.dtype), None, None, None
+
+
+def linear_cross_entropy_sum(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int = 4096) -> Tensor:
+    """``cross_entropy_sum(hidden @ weight.T, labels)`` for an LM head without a bias or anything after
+    it, ``chunk`` rows of logits at a time: peak memory one chunk's ``[chunk, V]`` float32 logits
+    instead of all ``T``'s (8 GiB at 16K tokens and a 128K vocabulary). Under autocast the GEMMs run
+    in its dtype, as the model's head would. ``hidden`` [..., D], ``labels`` [...] aligned."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    device = hidden.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                         chunk, compute)

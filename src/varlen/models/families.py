@@ -112,6 +112,40 @@ class PretrainedFamily(HFFamily):
         return model
 
 
+# causal LMs whose logits are their last hidden states times the head's weight, nothing after it
+# (no soft-capping, scaling or auxiliary loss): the head can be applied chunk by chunk inside the loss
+PLAIN_HEADS = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "olmo2", "gemma")
+
+
+class HiddenStates(nn.Module):
+    """An HF causal LM without its head: ``forward`` returns the last hidden states ``[B, L, D]``, so
+    the loss can apply the head chunk by chunk (``varlen.loss.linear_cross_entropy_sum``). The LM
+    stays a submodule: its head's weight is among these parameters (DDP reduces its gradient)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)
+
+    def forward(self, **kwargs) -> Tensor:
+        return self.lm.base_model(**kwargs).last_hidden_state
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.lm.get_output_embeddings().weight
+
+
+def head_refusal(model: nn.Module) -> str | None:
+    """Why the loss cannot apply this model's head chunk by chunk, or None."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in PLAIN_HEADS:
+        return (f"model type {kind}'s logits are not known to be its head alone (soft-capping, scaling and "
+                f"auxiliary losses would be dropped); chunked for {', '.join(PLAIN_HEADS)}")
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        return "its head has a bias"
+    return None
+
+
 def decoder_sizes(config) -> DecoderConfig:
     """A transformers config's sizes as the decoder's (what the token budget, the cost model and the
     FLOPs count read); ``max_len - 1`` is the longest sample it takes."""

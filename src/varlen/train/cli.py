@@ -27,7 +27,8 @@ from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
-from ..models.families import PretrainedFamily
+from ..loss import cross_entropy_sum, linear_cross_entropy_sum
+from ..models.families import HiddenStates, PretrainedFamily, head_refusal
 from ..models.mlp import GELU_FLAGS
 from ..parallel import context_shard, shard_batch
 from ..precision import TOKEN_MULTIPLE, apply_fp8
@@ -96,6 +97,9 @@ def parse_args(argv):
     p.add_argument("--max-grad-norm", type=positive_float, default=None,
                    help="scale the gradients down to this total norm when above it (default: no clipping; the "
                         "norm is logged either way)")
+    p.add_argument("--loss-chunk", type=nonneg_int, default=0, metavar="N",
+                   help="HF models: apply the LM head inside the loss, N tokens at a time, never holding all [T, vocab] "
+                        "logits (large vocabularies); 0: the model's own logits")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
@@ -210,7 +214,7 @@ CONFIG_FIELDS = ("model", "preset", "backend", "data", "data_fingerprint", "num_
                  "max_tokens", "grad_accum", "split", "cost", "window", "static", "optimizer", "lr", "seed",
                  "world_size", "parallel", "cp", "dtype", "reduce_dtype", "residual_dtype", "fp8", "gelu", "mlp_kernel",
                  "max_grad_norm", "weight_decay", "lr_schedule", "warmup_steps", "min_lr_ratio", "schedule_steps",
-                 "eval_split")
+                 "eval_split", "loss_chunk")
 
 
 def fail(message: str) -> NoReturn:
@@ -302,7 +306,8 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             **({"lr_schedule": args.lr_schedule, "schedule_steps": args.steps, "min_lr_ratio": args.min_lr_ratio}
                if args.lr_schedule != "constant" else {}),
             **({"warmup_steps": args.warmup_steps} if args.warmup_steps else {}),
-            **({"eval_split": args.eval_split} if args.eval_split else {})}
+            **({"eval_split": args.eval_split} if args.eval_split else {}),
+            **({"loss_chunk": args.loss_chunk} if args.loss_chunk else {})}
 
 
 def refuse_mlp(args, dtype: str, on_gpu: bool) -> None:
@@ -473,7 +478,8 @@ def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=args.window, seed=args.seed,
                                  world_size=dp, rank=d.rank // args.cp, split=args.split, cost=cost)
     collate = make_collator(args, sampler, ds, max_len, d.device.type)
-    wrapped = wrap(model, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
+    trained, forward, loss_sum = head_in_loss(args, fam, model, parallel)
+    wrapped = wrap(trained, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
                    compile=args.compile, compile_mode="reduce-overhead" if args.cuda_graphs else None,
                    static_graph=args.static_graph, reshard_after_forward=args.reshard_after_forward)
@@ -488,9 +494,10 @@ def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
                 "held_out": len(held_out) if held_out else 0, "data_report": vars(report)}
         print("varlen train:", json.dumps(info), flush=True)
     evaluator = None if held_out is None else (lambda: evaluate(
-        wrapped, fam.logits, held_out, make_collator(args, sampler, ds, max_len, d.device.type, plain=True),
-        micro_budget, device=d.device, dp=dp, dp_rank=d.rank // args.cp, shard=shard, autocast=autocast))
-    loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast, shard, evaluator)
+        wrapped, forward, held_out, make_collator(args, sampler, ds, max_len, d.device.type, plain=True),
+        micro_budget, device=d.device, dp=dp, dp_rank=d.rank // args.cp, shard=shard, autocast=autocast,
+        loss_sum=loss_sum))
+    loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast, shard, evaluator, forward, loss_sum)
     log = loop.run(step, batches_done)
     if d.main:
         compiled_late = graph_count() - loop.graphs_after_warmup if args.compile else None
@@ -500,6 +507,26 @@ def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
         if d.main:
             say(f"exported to {args.export} (AutoModelForCausalLM.from_pretrained loads it)")
     return 0
+
+
+def head_in_loss(args, fam, model, parallel: str):
+    """(the module to wrap, forward, loss_sum): the model and its logits' cross-entropy, or with
+    --loss-chunk the model without its head and the head applied in the loss, chunk by chunk."""
+    if not args.loss_chunk:
+        return model, fam.logits, cross_entropy_sum
+    why = "varlen's decoder keeps its head (a small vocabulary)" if not fam.hf else head_refusal(model) or (
+        "under FSDP2 the head's weight is sharded outside its module" if parallel == "fsdp2" else None)
+    if why:
+        fail(f"--loss-chunk: {why}")
+    hidden = HiddenStates(model)
+
+    def forward(m, batch):
+        return m(**batch.hf_kwargs(), use_cache=False)
+
+    def loss_sum(h, labels):
+        return linear_cross_entropy_sum(h, hidden.head_weight, labels, chunk=args.loss_chunk)
+
+    return hidden, forward, loss_sum
 
 
 def model_tokenizer(args, fam):
@@ -578,14 +605,15 @@ class Loop:
     """The training loop: steps, the log, progress and checkpoints."""
 
     def __init__(self, args, d: Dist, wrapped, opt, sampler, ds, collate, config: dict, autocast, shard=None,
-                 evaluator=None):
+                 evaluator=None, forward=None, loss_sum=cross_entropy_sum):
         self.args, self.d, self.wrapped, self.opt, self.sampler = args, d, wrapped, opt, sampler
         self.schedule = Schedule(args.lr_schedule, args.lr, args.warmup_steps, args.steps, args.min_lr_ratio)
         self.evaluator = evaluator  # () -> {"eval_loss", "eval_ppl", "eval_targets"}, every rank
         self.board = None  # a TensorBoard writer, while run() runs
         self.shard = shard  # context parallelism: this rank's slice of each row
         self.ds, self.collate, self.config, self.autocast = ds, collate, config, autocast
-        self.fwd = family(args.model).logits
+        self.fwd = forward or family(args.model).logits
+        self.loss_sum = loss_sum
         self.log_path = args.out / "train_log.jsonl" if args.out else None
         self.step = 0
         self.batches_done = 0
@@ -637,7 +665,7 @@ class Loop:
             read["loss"], read["grad_norm"] = self.guard.before_update(stats, self.step + 1)
 
         stats = train_step(self.wrapped, micro, self.opt, self.fwd, autocast=self.autocast,
-                           max_grad_norm=args.max_grad_norm, before_update=before_update)
+                           max_grad_norm=args.max_grad_norm, before_update=before_update, loss_sum=self.loss_sum)
         self.guard.after_update(self.step + 1)
         step_ms = 1e3 * since(t0, d.device)
         rank_tokens = per_rank(stats.local_tokens, d, torch.int64)

@@ -44,7 +44,7 @@ def hold_out(ds, fraction: float, seed: int) -> tuple[Part, Part | None]:
 
 @torch.no_grad()
 def evaluate(model, forward, part: Part, collate, budget: int, *, device, dp: int, dp_rank: int, shard=None,
-             autocast=None) -> dict:
+             autocast=None, loss_sum=cross_entropy_sum) -> dict:
     """Every held-out sample once, packed into rows of ``budget`` tokens, the data-parallel ranks
     sharing them (each runs the same number of batches, so FSDP2's collectives match)."""
     sampler = TokenBudgetSampler(part.lengths, budget, seed=0, world_size=dp, rank=dp_rank)
@@ -56,7 +56,7 @@ def evaluate(model, forward, part: Part, collate, budget: int, *, device, dp: in
         for b in loader:
             b = move_batch(b if shard is None else shard_batch(b, shard), device)
             with autocast or nullcontext():
-                total += cross_entropy_sum(forward(model, b), b.labels).double()
+                total += loss_sum(forward(model, b), b.labels).double()
             n += num_targets(b.labels)
     finally:
         model.train()

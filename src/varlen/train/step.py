@@ -66,7 +66,8 @@ def _labels(batch: PackedBatch | dict) -> Tensor:
 def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dict],
                optimizer: torch.optim.Optimizer | None, forward: Callable[[torch.nn.Module, PackedBatch | dict], Tensor],
                *, group=None, autocast=None, max_grad_norm: float | None = None,
-               before_update: Callable[[StepStats], None] | None = None) -> StepStats:
+               before_update: Callable[[StepStats], None] | None = None,
+               loss_sum: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum) -> StepStats:
     """Forward/backward every micro-batch, then one optimizer step (skipped when ``optimizer`` is None).
 
     With an optimizer the gradients' total norm is measured (``grad_norm``), the gradients are
@@ -74,7 +75,8 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dic
     update: raising there (a non-finite loss or norm) leaves the weights as they were.
 
     ``forward(model, batch)`` returns logits aligned with the batch's labels (a collator's dict
-    or a :class:`PackedBatch`). ``model`` may be
+    or a :class:`PackedBatch`), and ``loss_sum(output, labels)`` sums their cross-entropy (or
+    ``forward`` returns hidden states and ``loss_sum`` applies the head, chunked). ``model`` may be
     DDP-wrapped (gradient sync only on the last micro-batch) or FSDP2-sharded; both average
     gradients over ranks, which the ``world`` factor undoes so that the sum over ranks divided by
     the global target count is what remains.
@@ -95,7 +97,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dic
             model.set_requires_gradient_sync(last)
         with sync:
             with autocast or nullcontext():
-                ce = cross_entropy_sum(forward(model, batch), _labels(batch))  # float32 at least, also under bf16
+                ce = loss_sum(forward(model, batch), _labels(batch))  # float32 at least, also under bf16
             if i == 0:
                 counted()
                 n = n.clamp_min(1)
