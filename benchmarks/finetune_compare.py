@@ -8,7 +8,8 @@ Runs (``--only`` picks):
   longest), ``attn_implementation="sdpa"``, bf16;
 - ``hf-flattening``: ``Trainer`` with ``DataCollatorWithFlattening`` (transformers' own padding-free
   path), ``sdpa``, ``torch_compile=True``;
-- ``varlen-train``: ``varlen train --model DIR --compile``;
+- ``varlen-train``: ``varlen train --model DIR --compile``; ``varlen-train-chunked`` with
+  ``--loss-chunk 4096`` (the head inside the loss: no [T, vocab] logits at once);
 - ``varlen-trainer``: ``Trainer`` with varlen's batches (``varlen.trainer``) and attention.
 
 The Trainer runs take ``--batch`` samples a device step (their own batching); the varlen runs take
@@ -34,7 +35,7 @@ SIZES = {  # Llama-shaped, GQA; "1b": about 1.25B parameters with a 128K vocabul
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab=2048,
                  max_position_embeddings=1024),
 }
-RUNS = ("hf-padded", "hf-flattening", "varlen-train", "varlen-trainer")
+RUNS = ("hf-padded", "hf-flattening", "varlen-train", "varlen-train-chunked", "varlen-trainer")
 
 
 def prepare(out: Path, size: str, docs_limit: int | None) -> tuple[Path, Path]:
@@ -134,19 +135,20 @@ def hf_run(name: str, model_dir: Path, data: Path, args) -> dict:
     return summarise(name, timer.ms, counted["tokens"], losses, args)
 
 
-def varlen_run(model_dir: Path, data: Path, args) -> dict:
+def varlen_run(name: str, model_dir: Path, data: Path, args) -> dict:
     import torch
 
-    out = args.out / "varlen-train"
+    out = args.out / name
     cmd = [sys.executable, "-m", "varlen.train", "--model", str(model_dir), "--data", str(data), "--max-len",
            str(args.max_len), "--truncate", "--max-tokens", str(args.max_tokens), "--steps", str(args.steps),
            "--optimizer", "adamw", "--lr", "2e-4", "--weight-decay", "0", "--max-grad-norm", "1.0", "--compile",
            "--backend", args.backend, *([] if torch.cuda.is_available() else ["--device", "cpu"]), "--timing-warmup", str(args.timing_warmup), "--no-progress", "--overwrite",
-           "--out", str(out)]
-    subprocess.run(cmd, check=True)
+           "--out", str(out), *(["--loss-chunk", "4096"] if name.endswith("chunked") else [])]
+    if subprocess.run(cmd).returncode != 0:
+        return None
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     s = json.loads((out / "summary.json").read_text())
-    rec = summarise("varlen-train", [r["step_ms"] for r in log], [r["tokens"] for r in log],
+    rec = summarise(name, [r["step_ms"] for r in log], [r["tokens"] for r in log],
                     [r["loss"] for r in log], args)
     rec["peak_mem_gib"] = s["peak_mem_gib"]
     rec["tokens_per_s_summary"] = s["tokens_per_s"]
@@ -182,9 +184,10 @@ def main() -> None:
         return
     records = []
     for name in args.only.split(","):
-        if name == "varlen-train":
-            rec = varlen_run(model_dir, data, args)
-            (args.out / f"{name}.json").write_text(json.dumps(rec, indent=1))
+        if name.startswith("varlen-train"):
+            rec = varlen_run(name, model_dir, data, args)
+            if rec is not None:
+                (args.out / f"{name}.json").write_text(json.dumps(rec, indent=1))
         else:
             subprocess.run([sys.executable, *sys.argv, "--one", name], check=False, env=os.environ)
         path = args.out / f"{name}.json"
