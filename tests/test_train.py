@@ -266,12 +266,15 @@ def test_hf_dataset_on_disk_trains_like_the_same_jsonl(tmp_path):
     kw = dict(num_samples=0, max_len=50, vocab_size=256, seed=0, too_long="truncate")
     a, b = load(f"hf:{tmp_path / 'ds'}", **kw), load(str(tmp_path / "rows.jsonl"), **kw)
     assert a.rows == b.rows and a.lengths == b.lengths and max(a.lengths) == 50
-    assert load(f"hf:{tmp_path / 'dd'}:validation", **kw).rows == [r[:51] for r in rows[:5]]
+    assert load(f"hf:{tmp_path / 'dd'}:validation", **kw).rows == [(r[:51], None) for r in rows[:5]]
     with pytest.raises(DataError, match="splits \\['validation'\\]; name one"):
         load(f"hf:{tmp_path / 'dd'}", **kw)
     datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "text"))
-    with pytest.raises(DataError, match="input_ids"):
+    with pytest.raises(DataError, match="text row 0: a 'text' row needs the model's tokenizer"):
         load(f"hf:{tmp_path / 'text'}", **kw)
+    datasets.Dataset.from_dict({"body": ["a"]}).save_to_disk(str(tmp_path / "body"))
+    with pytest.raises(DataError, match=r"columns \['body'\]: none of input_ids, text, messages"):
+        load(f"hf:{tmp_path / 'body'}", **kw)
     with pytest.raises(DataError, match=r"ds row 3: a sample of 55 tokens, longer than"):  # the default: an error
         load(f"hf:{tmp_path / 'ds'}", **{**kw, "too_long": "error"})
     common = [sys.executable, "-m", "varlen.train", "--preset", "tiny", "--device", "cpu", "--steps", "3",
