@@ -295,3 +295,17 @@ def test_loss_chunk_is_refused_where_the_head_is_more_than_a_matrix(corpus, tmp_
                                                                       "known to be its head alone")):
         code, err = _train([*args, "--loss-chunk", 64, "--steps", 1, "--max-len", 200], capsys)
         assert code == 2 and msg in err, err
+
+
+def test_token_rows_live_in_a_mapped_file_that_is_gone_from_disk():
+    import tempfile
+
+    from varlen.train.data import TokenDataset
+
+    before = set(Path(tempfile.gettempdir()).glob("varlen-tokens-*"))
+    ds = TokenDataset(iter([([1, 2, 3], None), ([4, 5, 6, 7], [False, False, True, True])]))
+    assert set(Path(tempfile.gettempdir()).glob("varlen-tokens-*")) == before  # unlinked once mapped
+    assert ds.ids.dtype == torch.int32 and ds.ids.numel() == 7 and ds.lengths == [2, 3]
+    assert ds.rows == [([1, 2, 3], [True] * 3), ([4, 5, 6, 7], [False, False, True, True])]
+    x, y = ds[1]
+    assert x.tolist() == [4, 5, 6] and y.tolist() == [IGNORE_INDEX, 6, 7] and x.dtype == torch.int64

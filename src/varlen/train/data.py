@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
+from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -78,11 +80,12 @@ def _text_row(row: dict, where: str, vocab_size: int, tokenizer) -> tuple[list[i
     return ids, trained
 
 
-def fit_rows(rows, longest: int, too_long: str, report: DataReport, source: str) -> list[tuple]:
+def fit_rows(rows, longest: int, too_long: str, report: DataReport, source: str):
     """Rows with at least 2 tokens and at most ``longest + 1`` (a row of n tokens makes a sample
-    of n - 1 inputs), the long ones handled as ``too_long`` says: "error", "truncate" or "drop".
-    ``rows`` yields ``(where, (ids, trained))``; ``source`` names the file or dataset in messages."""
-    kept = []
+    of n - 1 inputs), the long ones handled as ``too_long`` says: "error", "truncate" or "drop";
+    yielded one at a time. ``rows`` yields ``(where, (ids, trained))``; ``source`` names the file
+    or dataset in messages."""
+    kept = 0
     for where, (ids, trained) in rows:
         report.rows += 1
         if len(ids) < 2 or (trained is not None and not any(trained[1:])):
@@ -97,11 +100,11 @@ def fit_rows(rows, longest: int, too_long: str, report: DataReport, source: str)
                 continue
             report.truncated += 1
             ids, trained = ids[: longest + 1], trained if trained is None else trained[: longest + 1]
-        kept.append((ids, trained))
+        kept += 1
+        yield ids, trained
     if not kept:
         raise DataError(f"{source}: no sample left: {report.rows} rows, {report.dropped_short} with fewer than 2 "
                         f"tokens (or no trained target), {report.dropped_long} too long")
-    return kept
 
 
 def jsonl_rows(path: Path, vocab_size: int, tokenizer=None):
@@ -127,21 +130,48 @@ def jsonl_rows(path: Path, vocab_size: int, tokenizer=None):
 
 class TokenDataset(Dataset):
     """Samples of token ids -> ``(input_ids, targets)`` shifted by one (``Labels.SHIFTED``), a
-    target ignored where its token is not trained (a chat's prompt); lengths known up front."""
+    target ignored where its token is not trained (a chat's prompt).
 
-    def __init__(self, rows: list[tuple[list[int], list[bool] | None]]):
-        self.rows = rows
-        self.lengths = [len(ids) - 1 for ids, _ in rows]
+    The rows are written as they come into one flat file of int32 ids (and one of a byte per id
+    saying whether it is trained) and mapped back into memory: 4-5 bytes a token and 8 a row in
+    this process, however large the corpus, the pages read as samples are. The files are unlinked
+    once mapped, so nothing is left behind, even by a killed run."""
+
+    def __init__(self, rows):
+        with tempfile.TemporaryDirectory(prefix="varlen-tokens-") as tmp:
+            ids_path, mask_path = Path(tmp) / "ids.i32", Path(tmp) / "trained.u8"
+            offsets, masked = [0], False
+            with open(ids_path, "wb") as ids_file, open(mask_path, "wb") as mask_file:
+                for ids, trained in rows:
+                    ids_file.write(array("i", ids).tobytes())
+                    mask_file.write(bytes(trained) if trained is not None else b"\x01" * len(ids))
+                    masked |= trained is not None
+                    offsets.append(offsets[-1] + len(ids))
+            n = offsets[-1]
+            self.ids = torch.from_file(str(ids_path), shared=True, size=n, dtype=torch.int32)
+            self.trained = torch.from_file(str(mask_path), shared=True, size=n, dtype=torch.bool) if masked else None
+        self.offsets = torch.tensor(offsets, dtype=torch.int64)
+        self.lengths = (self.offsets[1:] - self.offsets[:-1] - 1).tolist()
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.lengths)
+
+    def row(self, i: int) -> tuple[list[int], list[bool] | None]:
+        """Row ``i`` as it was read: its ids and which are trained (None: all)."""
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[a:b].tolist(), None if self.trained is None else self.trained[a:b].tolist()
+
+    @property
+    def rows(self) -> list[tuple[list[int], list[bool] | None]]:
+        """Every row (for small data: tests, inspection)."""
+        return [self.row(i) for i in range(len(self))]
 
     def __getitem__(self, i):
-        ids, trained = self.rows[i]
-        t = torch.tensor(ids, dtype=torch.long)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        t = self.ids[a:b].long()
         targets = t[1:]
-        if trained is not None:
-            targets = targets.masked_fill(~torch.tensor(trained[1:]), IGNORE_INDEX)
+        if self.trained is not None:
+            targets = targets.masked_fill(~self.trained[a + 1:b], IGNORE_INDEX)
         return t[:-1], targets
 
 
