@@ -14,6 +14,7 @@ from varlen.train.data import load
 from varlen.trainer import token_budget_trainer
 
 model_dir, data, out, steps, lr, max_tokens, seed, kind = sys.argv[1:9]
+resume = sys.argv[9] if len(sys.argv) > 9 else None  # "save": checkpoints every 2 steps; a folder: resume from it
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="varlen", dtype=torch.float32)
 varlen.hf.use("auto", model)
@@ -31,10 +32,10 @@ else:
     train = [{"input_ids": ids} for ids, _ in rows]
 args = Args(output_dir=out, max_steps=int(steps), learning_rate=float(lr), optim="sgd",
                          lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, seed=int(seed),
-                         use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, report_to=[], save_strategy="no", logging_steps=1,
+                         use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, report_to=[], save_strategy="steps" if resume == "save" else "no", save_steps=2, logging_steps=1,
                          dataloader_num_workers=0, disable_tqdm=True, **precision)
 trainer = token_budget_trainer(base)(model=model, args=args, train_dataset=train, max_tokens=int(max_tokens), **extra)
-trainer.train()
+trainer.train(resume_from_checkpoint=resume if resume not in (None, "save") else None)
 if args.process_index == 0:
     (Path(out) / "world.txt").write_text(str(args.world_size))
     save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, str(Path(out) / "weights.safetensors"))
