@@ -264,7 +264,8 @@ def _decode_step(query, key, value, attention_mask, scaling, causal, window, sof
 # value is refused too, by name, rather than ignored.
 METADATA = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "varlen_info",
             "varlen_context", "seq_idx")  # seq_idx: TRL's sequence index per token, for linear-attention layers
-HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch", "shift_labels")
+HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch", "shift_labels",
+            "labels", "logits_to_keep")
 REFUSED = {
     "s_aux": "attention sinks (auxiliary logits, GPT-OSS)",
     "sinks": "attention sinks (auxiliary logits)",
