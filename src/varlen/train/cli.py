@@ -46,10 +46,19 @@ from .step import train_step
 from .watchdog import Watchdog, process_group_timeout
 
 
-
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="varlen train", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add in (model_and_data_args, parallel_args, optimizer_args, lever_args, run_args):
+        add(p)
+    args = p.parse_args(argv)
+    check_flags(p, args)
+    check_model(p, args)
+    return args
+
+
+def model_and_data_args(p: argparse.ArgumentParser) -> None:
+    """The model trained and the data it trains on."""
     p.add_argument("--preset", default=None, help="model size of decoder / hf-gpt2 / hf-llama: tiny (default), small, study")
     p.add_argument("--model", default="decoder", metavar="NAME|DIR",
                    help="a folder holding a saved HF causal LM (config.json, safetensors weights, tokenizer files) to "
@@ -76,6 +85,10 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=positive_int, default=100_000, help="synthetic samples in an epoch")
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="longest sample (default and most: the preset's positions - 1)")
+
+
+def parallel_args(p: argparse.ArgumentParser) -> None:
+    """How a step is split over ranks and shaped."""
     p.add_argument("--parallel", choices=["none", "ddp", "fsdp2"], default=None, help="default: ddp on several processes")
     p.add_argument("--cp", type=positive_int, default=1,
                    help="context parallelism: N ranks share each packed row, a slice each (Ulysses)")
@@ -85,6 +98,10 @@ def parse_args(argv):
                    help="the cost model's weights: from FLOPs, or timed once on this device and model")
     p.add_argument("--window", type=positive_int, default=None, help="samples packed together (default ~32 batches' worth)")
     p.add_argument("--static", action="store_true", help="every step has the same shape (filler tokens)")
+
+
+def optimizer_args(p: argparse.ArgumentParser) -> None:
+    """The optimizer, its schedule and the loss."""
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="the peak learning rate")
     p.add_argument("--weight-decay", type=nonneg_float, default=None,
@@ -100,6 +117,10 @@ def parse_args(argv):
     p.add_argument("--loss-chunk", type=nonneg_int, default=0, metavar="N",
                    help="HF models: apply the LM head inside the loss, N tokens at a time, never holding all [T, vocab] "
                         "logits (large vocabularies); 0: the model's own logits")
+
+
+def lever_args(p: argparse.ArgumentParser) -> None:
+    """Precision, the decoder's kernels, data-parallel wrapping, compilation."""
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
@@ -123,6 +144,10 @@ def parse_args(argv):
     p.add_argument("--num-workers", type=nonneg_int, default=None, help="DataLoader workers (default 2 on CUDA, 0 on CPU)")
     p.add_argument("--gc-every", type=nonneg_int, default=50,
                    help="Python's collector off, a collection every N steps on all ranks at once (0: Python's own)")
+
+
+def run_args(p: argparse.ArgumentParser) -> None:
+    """Seed, output, checkpoints and what the run reports."""
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="train_log.jsonl, train.png, summary.json, checkpoint/")
     p.add_argument("--save-every", type=nonneg_int, default=0, help="checkpoint every N steps into OUT/checkpoint")
@@ -140,7 +165,10 @@ def parse_args(argv):
                    help="end the run (every rank, one line naming the rank that stopped) when no step finishes for "
                         "S seconds; the first step, which compiles, gets 30 minutes more; 0: no watchdog")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+
+
+def check_flags(p: argparse.ArgumentParser, args) -> None:
+    """Flags that cannot work together: one line each (exit 2), before anything runs."""
     if (args.resume or args.save_every) and args.out is None:
         p.error("--resume and --save-every need --out")
     if args.resume and args.overwrite:
@@ -161,6 +189,10 @@ def parse_args(argv):
     unknown = set(filter(None, args.allow_change.split(","))) - set(CONFIG_FIELDS)
     if unknown:
         p.error(f"--allow-change: unknown field(s) {', '.join(sorted(unknown))}; choose from {', '.join(CONFIG_FIELDS)}")
+
+
+def check_model(p: argparse.ArgumentParser, args) -> None:
+    """The model's sizes against --cp and --max-len; the optimizer's and schedule's flags."""
     try:
         cfg = model_config(args)
     except ValueError as e:
@@ -180,7 +212,6 @@ def parse_args(argv):
     if args.warmup_steps >= args.steps and args.lr_schedule != "constant":
         p.error(f"--warmup-steps {args.warmup_steps} leaves no step of the {args.lr_schedule} decay within "
                 f"--steps {args.steps}")
-    return args
 
 
 def renamed_warmup(_value: str):
