@@ -1,4 +1,4 @@
-"""FP8 linears (``varlen.precision.apply_fp8``, torchao's float8): the right layers converted, the
+"""FP8 linears (``varlen.fp8.apply_fp8``, torchao's float8): the right layers converted, the
 step's loss and gradients within float8's own rounding of float64, refused where nothing would run
 in fp8. torchao emulates the fp8 GEMMs on the CPU, so the numerics are checked here; the speed only
 on a GPU (``benchmarks/run_gpu.sh levers``)."""
@@ -15,7 +15,7 @@ from torch import nn
 
 from varlen import SeqInfo
 from varlen.models import Decoder, DecoderConfig, lm_loss
-from varlen.precision import apply_fp8, fp8_eligible
+from varlen.fp8 import apply_fp8, fp8_eligible
 
 LENGTHS = [64, 32, 1, 31, 96]  # 224 tokens: float8 GEMMs take multiples of 16
 

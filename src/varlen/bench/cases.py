@@ -141,7 +141,7 @@ class Workload:
     autotune: bool = False
     # the decoder's residual stream between blocks (DecoderConfig.residual_dtype): None = autocast's float32
     residual_dtype: str | None = None
-    fp8: str | None = None  # the decoder's linears in float8 (varlen.precision recipe), None: bf16 autocast
+    fp8: str | None = None  # the decoder's linears in float8 (varlen.fp8 recipe), None: bf16 autocast
     activation: str = "gelu"  # the decoder's GELU (DecoderConfig.activation)
     mlp_kernel: str = "torch"  # the decoder's MLP kernels (DecoderConfig.mlp_kernel)
 

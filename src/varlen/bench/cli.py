@@ -15,7 +15,7 @@ import torch
 
 from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
 from ..data.synthetic import sample_lengths
-from ..environment import environment
+from ..info import environment
 from ..models.mlp import GELU_FLAGS
 from .cases import STRATEGIES, WORKLOADS, case_name, grid, order_key, strategies_of
 from .report import UNSTEADY, add_comparisons, add_mfu, print_table, save, unsteady

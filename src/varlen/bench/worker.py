@@ -23,7 +23,7 @@ from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollat
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
 from ..models import DecoderConfig, family, lm_loss
-from ..precision import TOKEN_MULTIPLE, apply_fp8
+from ..fp8 import TOKEN_MULTIPLE, apply_fp8
 from . import hf_models
 from .cases import Case, Result, padded_length
 

@@ -2,7 +2,7 @@
 counters, closed-form FLOPs, the matmul and GEMM floors, and the profiler's breakdown of a step.
 Imports neither ``bench`` nor ``train``."""
 
-from .collector import GarbageCollection
+from .gc_policy import GarbageCollection
 from .flops import attention_flops, linear_flops, step_flops
 from .timing import compile_counter, graph_count, since, start, synchronize, time_calls
 

@@ -31,7 +31,7 @@ from ..loss import cross_entropy_sum, linear_cross_entropy_sum
 from ..models.families import HiddenStates, PretrainedFamily, head_refusal
 from ..models.mlp import GELU_FLAGS
 from ..parallel import context_shard, shard_batch
-from ..precision import TOKEN_MULTIPLE, apply_fp8
+from ..fp8 import TOKEN_MULTIPLE, apply_fp8
 from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load

@@ -127,7 +127,7 @@ class Sweep:
 
     @staticmethod
     def _write_env(out: Path) -> None:
-        from ..environment import environment
+        from ..info import environment
 
         out.mkdir(parents=True, exist_ok=True)
         env = environment()

@@ -1,4 +1,4 @@
-"""``varlen info`` (``python -m varlen.environment``): versions, the GPU, and every attention backend's status with reasons."""
+"""``varlen info`` (``python -m varlen.info``): versions, the GPU, and every attention backend's status with reasons."""
 
 from __future__ import annotations
 
