@@ -1,7 +1,7 @@
 """Fine-tuning side by side (issue 28's measurement): one saved Llama-shaped folder, the standard
 library's sources as documents, the same seed; each way a user would train it, in its own process.
 
-    python benchmarks/finetune_compare.py --out DIR [--size 1b|tiny] [--steps N] [--only NAME,...]
+    python benchmarks/finetune_compare.py --out DIR [--work DIR] [--size 1b|tiny] [--steps N] [--only NAME,...]
 
 Runs (``--only`` picks):
 - ``hf-padded``: HF ``Trainer`` as its docs say: ``DataCollatorForLanguageModeling`` (pad to the
@@ -165,6 +165,7 @@ def summarise(name: str, ms: list[float], tokens: list[int], losses: list[float]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=None, help="where the model folder and the documents go (default: --out)")
     p.add_argument("--size", choices=sorted(SIZES), default="1b")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--timing-warmup", type=int, default=10)
@@ -177,7 +178,7 @@ def main() -> None:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a Trainer run, in a process of its own
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model_dir, data = prepare(args.out, args.size, args.docs)
+    model_dir, data = prepare(args.work or args.out, args.size, args.docs)
     if args.one:
         rec = hf_run(args.one, model_dir, data, args)
         (args.out / f"{args.one}.json").write_text(json.dumps(rec, indent=1))
