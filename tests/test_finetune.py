@@ -324,3 +324,21 @@ def test_hf_trainer_with_varlens_batches_resumes_on_the_next_samples(corpus, tmp
     for k in full:
         assert (full[k] - two[k]).abs().max() > 0, k  # steps 3 and 4 moved it
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_fine_tuning_on_two_processes_equals_one(corpus, tmp_path, parallel):
+    # the same samples each step split over two ranks, the held-out loss summed over both:
+    # the logged train and held-out losses equal one process's
+    common = ["-m", "varlen.train", "--model", corpus["llama"], "--data", corpus["docs"], "--device", "cpu",
+              "--max-len", 512, "--truncate", "--steps", 4, "--max-tokens", 1024, "--optimizer", "adamw",
+              "--lr", 3e-3, "--lr-schedule", "cosine", "--warmup-steps", 1, "--eval-split", 0.1, "--eval-every", 2,
+              "--no-progress"]
+    _run(1, *common, "--out", tmp_path / "one")
+    _run(2, *common, "--parallel", parallel, "--out", tmp_path / "two")
+    one, two = _log(tmp_path / "one"), _log(tmp_path / "two")
+    for key in ("loss", "lr", "targets"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
+    evals = [(r["step"], r["eval_loss"], r["eval_targets"]) for r in one if "eval_loss" in r]
+    assert [(s, t) for s, _, t in evals] == [(r["step"], r["eval_targets"]) for r in two if "eval_loss" in r]
+    assert [r["eval_loss"] for r in two if "eval_loss" in r] == pytest.approx([e for _, e, _ in evals], rel=1e-5)
