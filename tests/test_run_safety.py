@@ -438,3 +438,15 @@ def test_a_step_too_large_for_memory_is_one_line(capsys):
     code, _, err = _train(["--max-tokens", "1000000000000", "--steps", "1"], capsys)
     assert code == 1 and len(_lines(err)) == 1, err
     assert "out of memory in step 1 (sdpa: 100000 sequences" in err and "lower --max-tokens" in err
+
+
+def test_one_dtype_spelling_across_commands():
+    # the short names everywhere (as run.json records them); torch's long names are taken and mapped
+    import argparse
+
+    from varlen.argtypes import dtype_name
+
+    parse = dtype_name("bf16", "fp32")
+    assert [parse(x) for x in ("bf16", "bfloat16", "fp32", "float32")] == ["bf16", "bf16", "fp32", "fp32"]
+    with pytest.raises(argparse.ArgumentTypeError, match="'fp16' is not one of bf16, fp32"):
+        parse("fp16")

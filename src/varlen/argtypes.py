@@ -64,3 +64,21 @@ def runtime_error(prog: str, message: str) -> NoReturn:
     """A failure while running (a stalled rank, a non-finite loss, a failed save): one line, exit code 1."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(1)
+
+
+# One spelling of each dtype across the commands (the short one, as run.json records it); torch's
+# long names are taken too.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_LONG = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def dtype_name(*allowed: str):
+    """An argparse type taking ``allowed`` short dtype names (or torch's long ones), returning the short."""
+    def parse(text: str) -> str:
+        short = _LONG.get(text, text)
+        if short not in allowed:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(allowed)}")
+        return short
+
+    parse.__name__ = "dtype"
+    return parse

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import backend_name, positive_int, usage_error
+from .argtypes import DTYPES, backend_name, dtype_name, positive_int, usage_error
 
 
 def parse_args(argv):
@@ -33,8 +33,8 @@ def parse_args(argv):
     p.add_argument("--backend", type=backend_name, default="auto",
                    help="varlen's kernel: auto, flash, flash:fa4|fa2|torch, flex, sdpa, xformers, reference")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="the model's dtype (default: float32 on a CPU, bfloat16 on CUDA)")
+    p.add_argument("--dtype", type=dtype_name("fp32", "bf16", "fp16"), default=None, metavar="{fp32,bf16,fp16}",
+                   help="the model's dtype (default: fp32 on a CPU, bf16 on CUDA)")
     p.add_argument("--max-len", type=positive_int, default=256,
                    help="the longest sample checked (capped at the model's positions)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +74,7 @@ def all_architectures(args) -> int:
 
 
 def load_model(args):
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     torch.manual_seed(args.seed)
     if args.preset:
         from .models import Decoder, DecoderConfig

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import nonneg_int, positive_float, positive_int, usage_error
+from ..argtypes import dtype_name, nonneg_int, positive_float, positive_int, usage_error
 from ..data.synthetic import sample_lengths
 from ..info import environment
 from ..models.mlp import GELU_FLAGS
@@ -52,7 +52,7 @@ def parse_args(argv):
     p.add_argument("--autotune", action="store_true",
                    help="compiled cases with Inductor's max-autotune: GEMMs as autotuned Triton/cuBLAS templates "
                         "with the elementwise work around them fused in (compiling takes minutes longer)")
-    p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default=None,
+    p.add_argument("--residual-dtype", type=dtype_name("fp32", "bf16"), default=None, metavar="{fp32,bf16}",
                    help="the decoder's residual stream between blocks: fp32 (autocast's, the default) or bf16 "
                         "(half the bytes of every add, norm input and saved residual; weights stay fp32)")
     p.add_argument("--gelu", choices=list(GELU_FLAGS), default=None,

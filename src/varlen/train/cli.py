@@ -21,7 +21,8 @@ from typing import NoReturn
 
 import torch
 
-from ..argtypes import backend_name, nonneg_float, nonneg_int, positive_float, positive_int, runtime_error, usage_error
+from ..argtypes import (backend_name, dtype_name, nonneg_float, nonneg_int, positive_float, positive_int, runtime_error,
+                        usage_error)
 from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
 from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
@@ -121,8 +122,9 @@ def optimizer_args(p: argparse.ArgumentParser) -> None:
 
 def lever_args(p: argparse.ArgumentParser) -> None:
     """Precision, the decoder's kernels, data-parallel wrapping, compilation."""
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--residual-dtype", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--dtype", type=dtype_name("bf16", "fp32"), default=None, metavar="{bf16,fp32}",
+                   help="autocast dtype (default: bf16 on CUDA)")
+    p.add_argument("--residual-dtype", type=dtype_name("fp32", "bf16"), default="fp32", metavar="{fp32,bf16}",
                    help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
     p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
                    help="the decoder's linear layers in float8 with this scaling (torchao)")
@@ -131,7 +133,8 @@ def lever_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mlp-kernel", choices=["torch", "quack"], default="torch",
                    help="the decoder's MLP: torch, or quack's GEMMs with GELU and its derivative in their epilogues "
                         "(needs --gelu tanh, bf16 autocast, Hopper or newer and quack-kernels; pays with --cuda-graphs)")
-    p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32", help="gradient reduction dtype")
+    p.add_argument("--reduce-dtype", type=dtype_name("fp32", "bf16"), default="fp32", metavar="{fp32,bf16}",
+                   help="gradient reduction dtype")
     p.add_argument("--bucket-mb", type=positive_int, default=25, help="DDP gradient bucket size")
     p.add_argument("--static-graph", action="store_true", help="DDP's static_graph (not with --grad-accum > 1)")
     p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
