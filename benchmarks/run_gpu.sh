@@ -69,15 +69,16 @@ case $part in
                   --max-grad-norm 1.0 --save-every 3 --no-progress --out "$out/smoke-train" "$@"; }
          (tr --steps 6 && tr --steps 8 --resume) >"$out/smoke_train.log" 2>&1 &
          train=$!
-         # fine-tuning a saved HF folder (stdlib documents, its own BPE tokenizer): compiled, bf16, eval, export
+         # fine-tuning a saved HF folder (stdlib documents, its own BPE tokenizer): compiled, bf16, the head
+         # inside the loss, eval, export
          (python3 -c "import sys; from pathlib import Path; from varlen.corpus import *
 docs = stdlib_documents(limit=300); tok = train_tokenizer(docs, 2048); o = Path(sys.argv[1])
 save_model_folder(o / 'model', tok, 'llama', hidden_size=256, intermediate_size=1024, num_attention_heads=4,
                   max_position_embeddings=4096); write_text_jsonl(docs, o / 'docs.jsonl')" "$out/smoke-ft" &&
           python3 -m varlen train --model "$out/smoke-ft/model" --data "$out/smoke-ft/docs.jsonl" --max-len 4096 \
             --truncate --max-tokens 16384 --compile --optimizer adamw --lr 2e-3 --lr-schedule cosine --warmup-steps 2 \
-            --max-grad-norm 1.0 --eval-split 0.05 --eval-every 10 --steps 20 --no-progress --out "$out/smoke-ft/run" \
-            --export "$out/smoke-ft/export" &&
+            --max-grad-norm 1.0 --eval-split 0.05 --eval-every 10 --steps 20 --loss-chunk 2048 --no-progress \
+            --out "$out/smoke-ft/run" --export "$out/smoke-ft/export" &&
           python3 -c "import json, sys; log = [json.loads(x) for x in open(sys.argv[1])]
 print('finetune: loss', round(log[0]['loss'], 3), '->', round(log[-1]['loss'], 3), 'held out', [round(r['eval_loss'], 3) for r in log if 'eval_loss' in r])" \
             "$out/smoke-ft/run/train_log.jsonl") >"$out/smoke_finetune.log" 2>&1 &
