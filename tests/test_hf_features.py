@@ -23,8 +23,6 @@ def _qkv(b=1, heads=4, kv=2, length=6, d=8):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"s_aux": torch.zeros(4)}, "attention sinks"),
-    ({"sinks": torch.zeros(4)}, "attention sinks"),
     ({"position_bias": torch.zeros(1, 4, 6, 6)}, "position-dependent attention bias"),
     ({"output_attentions": True}, "attention weights"),
     ({"dropout": 0.1}, "no dropout"),
@@ -46,11 +44,6 @@ def test_cross_attention_is_refused():
 def _refused_families():
     small = dict(num_attention_heads=4, vocab_size=97)
     return {
-        # attention sinks (s_aux), on every layer
-        "gpt-oss": (lambda: transformers.AutoModelForCausalLM.from_config(transformers.GptOssConfig(
-            **small, num_hidden_layers=2, hidden_size=64, num_key_value_heads=2, intermediate_size=128, head_dim=16,
-            num_local_experts=4, num_experts_per_tok=2, sliding_window=8), attn_implementation="varlen"),
-            "attention sinks"),
         # relative position bias added to the scores (an encoder-decoder)
         "t5": (lambda: transformers.T5ForConditionalGeneration._from_config(transformers.T5Config(
             num_heads=4, vocab_size=97, d_model=64, d_ff=128, num_layers=2, d_kv=16, dropout_rate=0.0),
@@ -58,7 +51,7 @@ def _refused_families():
     }
 
 
-@pytest.mark.parametrize("family", ["gpt-oss", "t5"])
+@pytest.mark.parametrize("family", ["t5"])
 def test_families_with_a_refused_feature_fail_before_any_kernel(family, monkeypatch):
     # a stock tiny model of each family whose feature varlen cannot honour: one clear ValueError
     # naming the feature and the module, raised before a kernel runs
@@ -131,3 +124,46 @@ def test_packed_rows_collator_ignores_sample_starts_for_hf():
     plain = PackRowsCollator(row_len=10, info_key="varlen_info")(shifted)
     live = plain["labels"].flatten()[plain["varlen_info"].cu_seqlens[:-1].long()]
     assert (live != -100).sum() == 3  # the three samples' own first targets; filler is ignored
+
+
+def _gpt_oss():
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(num_attention_heads=4, vocab_size=97, num_hidden_layers=2, hidden_size=64,
+                                    num_key_value_heads=2, intermediate_size=128, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=8)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="varlen")
+    for layer in model.model.layers:  # sinks far from zero, so a dropped sink shows
+        torch.nn.init.normal_(layer.self_attn.sinks, std=2.0)
+    return model
+
+
+def test_gpt_oss_sinks_pack_exactly_through_the_reference_backend():
+    # GPT-OSS (attention sinks on every layer, sliding-window layers, MoE): packed rows, the cache,
+    # the loss and every gradient (the sinks' too) against each sample alone through eager, float64
+    from varlen.check import check
+
+    model = _gpt_oss()
+    varlen.hf.use("auto", model)  # on the CPU auto passes over sdpa, nested and flex (no sinks): reference
+    report = check(model, max_len=24, seed=1)
+    assert report.passed, report.table()
+    assert any("gradients" in f.check for f in report.findings)
+
+
+def test_sinks_on_a_backend_without_them_are_refused_naming_it():
+    model = _gpt_oss()
+    varlen.hf.use("sdpa", model)
+    with pytest.raises(varlen.BackendUnavailable, match="backend 'sdpa' cannot run these inputs: no attention sinks"):
+        model(input_ids=torch.randint(0, 97, (1, 8)))
+
+
+def test_sinks_change_the_output_and_reach_their_gradient():
+    from varlen.attention.common import sink_softmax
+
+    scores = torch.randn(4, 3, 5, dtype=torch.float64)
+    sinks = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    probs = sink_softmax(scores, sinks)
+    full = torch.cat([scores, sinks[:, None, None].expand(4, 3, 1)], -1).softmax(-1)[..., :-1]  # by hand
+    torch.testing.assert_close(probs, full, rtol=1e-15, atol=0)
+    assert (probs.sum(-1) < 1).all()  # the sink took a share
+    probs.sum().backward()
+    assert (sinks.grad != 0).all()

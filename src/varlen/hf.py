@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .attention import BACKENDS, BackendUnavailable, attention
 from .attention.api import split_backend
-from .attention.common import band, soft_cap, window_bounds
+from .attention.common import band, sink_softmax, soft_cap, window_bounds
 from .loss import IGNORE_INDEX, Labels
 from .parallel.context import ulysses_attention
 from .seqinfo import SeqInfo
@@ -239,9 +239,9 @@ def _on_device(info: SeqInfo, device) -> SeqInfo:
     return info.cached(("to", str(device)), lambda: info.to(device, non_blocking=True), when_compiling=True)
 
 
-def _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap):
+def _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap, sinks=None):
     """Queries shorter than keys (generation with a KV cache): no packing there; plain math, with
-    the window and the soft-capping honoured (the queries are the last ``lq`` positions)."""
+    the window, the soft-capping and the sinks honoured (the queries are the last ``lq`` positions)."""
     lq, lk = query.shape[2], key.shape[2]
     i = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
     j = torch.arange(lk, device=query.device)[None, :]
@@ -253,8 +253,8 @@ def _decode_step(query, key, value, attention_mask, scaling, causal, window, sof
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     compute = torch.promote_types(query.dtype, torch.float32)  # float64 stays float64
     scores = soft_cap((query @ key.transpose(-1, -2)).to(compute) * scale, softcap or 0.0)
-    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(value.dtype) @ value
-    return out.transpose(1, 2)
+    probs = sink_softmax(scores.masked_fill(~allowed, float("-inf")).transpose(0, 1), sinks).transpose(0, 1)
+    return (probs.to(value.dtype) @ value).transpose(1, 2)
 
 
 # What transformers' attention call sites pass beside q/k/v/mask (inventory of its modeling files:
@@ -266,9 +266,8 @@ METADATA = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "m
             "varlen_context", "seq_idx")  # seq_idx: TRL's sequence index per token, for linear-attention layers
 HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch", "shift_labels",
             "labels", "logits_to_keep")
+SINKS = ("s_aux", "sinks")  # attention sinks (GPT-OSS's s_aux): honoured where the backend has them
 REFUSED = {
-    "s_aux": "attention sinks (auxiliary logits, GPT-OSS)",
-    "sinks": "attention sinks (auxiliary logits)",
     "position_bias": "a position-dependent attention bias (T5-style)",
     "output_attentions": "attention weights (output_attentions=True): no varlen kernel returns them",
 }
@@ -305,6 +304,7 @@ def varlen_attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:  # [B, L, H, D]
+    sinks = next((kwargs.pop(k) for k in SINKS if kwargs.get(k) is not None), None)  # [H]
     check_features(module, dropout, kwargs)
     if attention_mask is not None and attention_mask.dim() != 2:  # varlen's mask function hands over 2-D or None
         raise PackingRefused(f"varlen attention cannot honour the {attention_mask.dim()}-D attention mask or bias "
@@ -313,8 +313,11 @@ def varlen_attention_forward(
     b, h, length, d = query.shape
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
     if key.shape[2] != length:
-        return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap), None
+        return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap, sinks), None
     if kwargs.get("varlen_context") is not None:  # this rank's slice of a packed row (context parallelism)
+        if sinks is not None:
+            raise PackingRefused(f"varlen attention cannot honour attention sinks ({type(module).__name__}) with "
+                                 "context parallelism; refusing rather than ignoring them")
         out = _context_attention(query, key, value, kwargs, causal=causal, scale=scaling, window_size=window,
                                  softcap=softcap or 0.0, backend=backend_of(module))
         return out, None
@@ -326,7 +329,7 @@ def varlen_attention_forward(
     if indices is not None:
         q, k, v = q[indices], k[indices], v[indices]
     out = attention(q, k, v, info, causal=causal, scale=scaling, window_size=window, softcap=softcap or 0.0,
-                    backend=backend_of(module))
+                    backend=backend_of(module), sinks=sinks)
     dv = value.shape[-1]
     if indices is not None:
         out = out.new_zeros(b * length, h, dv).index_copy(0, indices, out)

@@ -107,20 +107,21 @@ def pads_to_max_seqlen(backend: str, device_type: str) -> bool:
 
 
 def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bool, window_size,
-                    softcap: float = 0.0) -> list[str]:
+                    softcap: float = 0.0, sinks: bool = False) -> list[str]:
     """Why backend ``name`` cannot run these inputs here; empty if it can."""
     name, kw = split_backend(name)
     m = backend_module(name)
     why = m.unavailable(**kw)
     if why:
         return [why]
-    why = m.CAPS.reasons(q, k, causal, window_size, softcap)
+    why = m.CAPS.reasons(q, k, causal, window_size, softcap, sinks)
     if softcap and m.CAPS.softcap:  # only backends that can cap take the argument
         kw["softcap"] = softcap
     return why + m.reasons(q, k, v, info, causal, window_size, **kw)
 
 
-def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1), softcap=0.0, order=None) -> tuple[str, str]:
+def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1), softcap=0.0, sinks=False,
+                   order=None) -> tuple[str, str]:
     """``(backend, why)`` that ``backend="auto"`` uses: the first backend of ``order`` (default
     :data:`AUTO_ORDER` for the device) that takes inputs of this kind.
 
@@ -132,11 +133,12 @@ def choose_backend(q, k, v, info, *, causal=False, window_size=(-1, -1), softcap
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     order = tuple(order) if order is not None else AUTO_ORDER.get(q.device.type, ("reference",))
     return _decide(q.device.type, q.dtype, q.shape[1], k.shape[1], q.shape[-1], bool(causal), window_size,
-                   float(softcap), grad, order)
+                   float(softcap), bool(sinks), grad, order)
 
 
 @probe
-def _decide(device, dtype, heads, kv_heads, head_dim, causal, window_size, softcap, grad, order) -> tuple[str, str]:
+def _decide(device, dtype, heads, kv_heads, head_dim, causal, window_size, softcap, sinks, grad, order
+            ) -> tuple[str, str]:
     # backends judge tensors: one token of the same kind stands for the batch
     with torch.set_grad_enabled(grad):
         q = torch.empty(1, heads, head_dim, device=device, dtype=dtype, requires_grad=grad)
@@ -144,7 +146,7 @@ def _decide(device, dtype, heads, kv_heads, head_dim, causal, window_size, softc
         info = SeqInfo.from_lengths([1], device=device)
         skipped = []
         for name in order:
-            why = backend_reasons(name, q, k, k, info, causal, window_size, softcap)
+            why = backend_reasons(name, q, k, k, info, causal, window_size, softcap, sinks)
             if not why:
                 note = f"; skipped {'; '.join(skipped)}" if skipped else ""
                 if name == "flash":
@@ -168,6 +170,7 @@ def attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     backend: str = "auto",
+    sinks: Tensor | None = None,  # [H]
 ) -> Tensor:  # [T, H, Dv]
     """Attention inside each sequence of a packed batch.
 
@@ -178,12 +181,14 @@ def attention(
     ``causal=True`` sets ``right=0``. k/v may have fewer heads than q (GQA), v another head size than
     q and k (MLA; scale defaults to q's size). ``softcap > 0`` caps
     the scaled scores at ``softcap * tanh(score / softcap)`` (Gemma 2); backends that cannot refuse.
+    ``sinks`` [H]: a learned logit per head that joins every row's softmax and takes its share of the
+    weight away from the keys (GPT-OSS's attention sinks); gradients reach it.
     """
     if isinstance(v, Tensor) and isinstance(q, Tensor) and v.shape[-1] != q.shape[-1]:
         check_inputs(q, k, v, info, window_size)  # q and k must still agree
         return _mixed_head_dims(q, k, v, info, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
-                                backend=backend)
-    m, kw = _resolve(q, k, v, info, causal, scale, window_size, softcap, backend)
+                                backend=backend, sinks=sinks)
+    m, kw = _resolve(q, k, v, info, causal, scale, window_size, softcap, backend, sinks)
     return m.attention(q, k, v, info, causal=causal, **kw)
 
 
@@ -222,17 +227,20 @@ def attention_qkvpacked(
     return m.attention(q, k, v, info, causal=causal, **kw)
 
 
-def _resolve(q, k, v, info, causal, scale, window_size, softcap, backend) -> tuple[ModuleType, dict]:
+def _resolve(q, k, v, info, causal, scale, window_size, softcap, backend, sinks=None) -> tuple[ModuleType, dict]:
     """The checked inputs' backend module and its keyword arguments; raises before any kernel runs."""
     check_inputs(q, k, v, info, window_size)
     window_size = (int(window_size[0]), int(window_size[1]))
     softcap = float(softcap or 0.0)
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0: no capping), got {softcap}")
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != q.shape[1]):
+        raise ValueError(f"sinks must be [H] = [{q.shape[1]}], one logit per query head, got {tuple(sinks.shape)}")
     if backend == "auto":
-        backend, _ = choose_backend(q, k, v, info, causal=causal, window_size=window_size, softcap=softcap)
+        backend, _ = choose_backend(q, k, v, info, causal=causal, window_size=window_size, softcap=softcap,
+                                    sinks=sinks is not None)
     else:
-        why = backend_reasons(backend, q, k, v, info, causal, window_size, softcap)
+        why = backend_reasons(backend, q, k, v, info, causal, window_size, softcap, sinks is not None)
         if why:
             raise BackendUnavailable(f"backend {backend!r} cannot run these inputs: {'; '.join(why)}")
     name, kw = split_backend(backend)
@@ -240,6 +248,8 @@ def _resolve(q, k, v, info, causal, scale, window_size, softcap, backend) -> tup
     kw["window_size"] = window_size
     if softcap:  # only backends that can cap get here with it
         kw["softcap"] = softcap
+    if sinks is not None:  # likewise
+        kw["sinks"] = sinks
     return backend_module(name), kw
 
 

@@ -31,6 +31,7 @@ class Capabilities:
     causal: bool = True
     window: bool = False
     softcap: bool = False  # logit soft-capping, softcap * tanh(score / softcap) (Gemma 2)
+    sinks: bool = False  # attention sinks: a learned logit per head beside every row's scores (GPT-OSS)
     gqa: bool = True
     autograd: bool = True
     # pads every sequence to ``max_seqlen`` under torch.compile (the batch's longest cannot be read
@@ -38,7 +39,8 @@ class Capabilities:
     pads_to_max_seqlen: bool = False
     notes: str = ""
 
-    def reasons(self, q: Tensor, k: Tensor, causal: bool, window_size: tuple[int, int], softcap: float = 0.0) -> list[str]:
+    def reasons(self, q: Tensor, k: Tensor, causal: bool, window_size: tuple[int, int], softcap: float = 0.0,
+                sinks: bool = False) -> list[str]:
         out = []
         if q.device.type not in self.devices:
             out.append(f"runs on {'/'.join(sorted(self.devices))}, not {q.device.type}")
@@ -53,6 +55,8 @@ class Capabilities:
             out.append("no sliding window")
         if softcap and not self.softcap:
             out.append("no logit soft-capping")
+        if sinks and not self.sinks:
+            out.append("no attention sinks")
         if k.shape[1] != q.shape[1] and not self.gqa:
             out.append("no grouped-query attention (k/v with fewer heads)")
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not self.autograd:
@@ -109,6 +113,15 @@ def probe(fn):
         return cache[args]
 
     return torch.compiler.assume_constant_result(memo)
+
+
+def sink_softmax(scores: Tensor, sinks: Tensor | None) -> Tensor:
+    """``scores`` [H, ..., L] -> probabilities; with ``sinks`` [H] one more logit per head joins every
+    row's softmax and its share is dropped (GPT-OSS: the row may attend to nothing)."""
+    if sinks is None:
+        return scores.softmax(-1)
+    sink = sinks.to(scores.dtype).view(-1, *([1] * (scores.dim() - 1))).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
 
 
 def soft_cap(scores: Tensor, softcap: float) -> Tensor:

@@ -10,12 +10,13 @@ import torch
 from torch import Tensor
 
 from ..seqinfo import SeqInfo
-from .common import Capabilities, band, repeat_kv, soft_cap, window_bounds
+from .common import Capabilities, band, repeat_kv, sink_softmax, soft_cap, window_bounds
 
 CAPS = Capabilities(
     name="reference",
     window=True,
     softcap=True,
+    sinks=True,
     notes="float32 math per sequence; defines correctness",
 )
 
@@ -38,6 +39,7 @@ def attention(
     scale: float,
     window_size: tuple[int, int],
     softcap: float = 0.0,
+    sinks: Tensor | None = None,  # [H]: a logit per head beside every row's scores
 ) -> Tensor:
     left, right = window_bounds(causal, window_size)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -51,5 +53,5 @@ def attention(
         pos = torch.arange(qs.shape[1], device=q.device)
         allowed = band(pos[:, None], pos[None, :], left, right)  # the diagonal is always allowed
         scores = scores.masked_fill(~allowed, float("-inf"))
-        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))  # [L, H, D]
+        outs.append((sink_softmax(scores, sinks) @ vs).transpose(0, 1))  # [L, H, D]
     return torch.cat(outs).to(q.dtype)
