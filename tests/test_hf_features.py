@@ -167,3 +167,20 @@ def test_sinks_change_the_output_and_reach_their_gradient():
     assert (probs.sum(-1) < 1).all()  # the sink took a share
     probs.sum().backward()
     assert (sinks.grad != 0).all()
+
+
+def test_rotary_models_under_autocast_run_as_sdpa_does():
+    # under autocast, Llama's rotary embedding leaves q and k float32 beside a bf16 v; SDPA runs them
+    # all in autocast's dtype, and so must varlen (found by the GPU smoke's fine-tuning part)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=97)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="varlen")
+    varlen.hf.use("reference", model)
+    ids = torch.randint(1, 97, (1, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(input_ids=ids, use_cache=False).logits.float()
+        model.set_attn_implementation("sdpa")
+        want = model(input_ids=ids, use_cache=False).logits.float()
+    # the same bf16 inputs, float32 softmax in both: bf16 rounding of the attention output and what follows
+    torch.testing.assert_close(got, want, rtol=0, atol=8 * 2 ** -8 * want.abs().max().item())

@@ -321,6 +321,9 @@ def varlen_attention_forward(
         out = _context_attention(query, key, value, kwargs, causal=causal, scale=scaling, window_size=window,
                                  softcap=softcap or 0.0, backend=backend_of(module))
         return out, None
+    if torch.is_autocast_enabled(query.device.type):  # as SDPA under autocast: q, k, v in its dtype (rotary
+        dtype = torch.get_autocast_dtype(query.device.type)  # embeddings leave q, k float32 beside a bf16 v)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     info, indices = batch_info(b, length, query.device, attention_mask, kwargs)
     if info.num_seqs > b:  # packed rows: every other layer must keep the samples apart too
         refuse_packing(getattr(module, "config", None))
