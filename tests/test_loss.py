@@ -214,3 +214,11 @@ def test_heads_with_more_than_a_linear_layer_are_refused():
 
     model = AutoModelForCausalLM.from_config(tiny_config("gemma2"))  # final logit soft-capping
     assert "model type gemma2's logits are not known to be its head alone" in head_refusal(model)
+
+
+def test_a_collators_own_ignore_index_marks_the_starts_it_ignores():
+    pairs = [(torch.arange(1, 5), torch.arange(1, 5)), (torch.arange(5, 8), torch.arange(5, 8))]
+    b = PackCollator(labels=Labels.UNSHIFTED, ignore_index=-1)(pairs)
+    assert b["labels"].tolist() == [-1, 2, 3, 4, -1, 6, 7]
+    hf = VarlenCollator(ignore_index=-7)([{"input_ids": x} for x, _ in pairs])
+    assert hf["labels"].tolist() == [[-7, 2, 3, 4, -7, 6, 7]]

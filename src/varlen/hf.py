@@ -309,6 +309,9 @@ def varlen_attention_forward(
     if attention_mask is not None and attention_mask.dim() != 2:  # varlen's mask function hands over 2-D or None
         raise PackingRefused(f"varlen attention cannot honour the {attention_mask.dim()}-D attention mask or bias "
                              f"{type(module).__name__} built itself; refusing rather than ignoring it")
+    if torch.is_autocast_enabled(query.device.type):  # as SDPA under autocast: q, k, v in its dtype (rotary
+        dtype = torch.get_autocast_dtype(query.device.type)  # embeddings leave q, k float32 beside a bf16 v)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     b, h, length, d = query.shape
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
@@ -321,9 +324,6 @@ def varlen_attention_forward(
         out = _context_attention(query, key, value, kwargs, causal=causal, scale=scaling, window_size=window,
                                  softcap=softcap or 0.0, backend=backend_of(module))
         return out, None
-    if torch.is_autocast_enabled(query.device.type):  # as SDPA under autocast: q, k, v in its dtype (rotary
-        dtype = torch.get_autocast_dtype(query.device.type)  # embeddings leave q, k float32 beside a bf16 v)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     info, indices = batch_info(b, length, query.device, attention_mask, kwargs)
     if info.num_seqs > b:  # packed rows: every other layer must keep the samples apart too
         refuse_packing(getattr(module, "config", None))
@@ -395,7 +395,7 @@ class VarlenCollator:
         info = SeqInfo.from_lengths([len(x) for x in ids], max_seqlen=self.max_seqlen)
         return {
             "input_ids": torch.cat(ids)[None],
-            "labels": Labels.UNSHIFTED.packed(torch.cat(labels), info.cu_seqlens[:-1])[None],
+            "labels": Labels.UNSHIFTED.packed(torch.cat(labels), info.cu_seqlens[:-1], self.ignore_index)[None],
             "position_ids": info.position_ids[None],
             "varlen_info": info,
         }

@@ -56,20 +56,20 @@ class Labels(Enum):
             return torch.nested.nested_tensor([_left(x) for x in labels.unbind()], layout=torch.jagged)
         return _left(labels)
 
-    def packed(self, labels: Tensor, starts: Tensor) -> Tensor:
+    def packed(self, labels: Tensor, starts: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
         """``labels`` [T] of sequences starting at ``starts`` as a packed row needs them."""
-        return ignore_starts(labels, starts) if self is Labels.UNSHIFTED else labels
+        return ignore_starts(labels, starts, ignore_index) if self is Labels.UNSHIFTED else labels
 
 
 def _left(labels: Tensor) -> Tensor:
     return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def ignore_starts(labels: Tensor, starts: Tensor) -> Tensor:
+def ignore_starts(labels: Tensor, starts: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """``labels`` (any shape, flattened row-major) with the label at each flat index in ``starts``
     ignored: a model that shifts its labels would otherwise train across the boundary."""
     out = labels.clone()
-    out.view(-1)[starts.long()] = IGNORE_INDEX
+    out.view(-1)[starts.long()] = ignore_index
     return out
 
 

@@ -175,7 +175,7 @@ class PackCollator:
         labels = torch.cat([t for _, t in pairs] + [torch.full((pad,), self.ignore_index, dtype=torch.long)])
         return {
             "input_ids": torch.cat([i for i, _ in pairs] + [torch.full((pad,), self.pad_id, dtype=torch.long)]),
-            "labels": self.labels.packed(labels, info.cu_seqlens[:len(pairs)]),
+            "labels": self.labels.packed(labels, info.cu_seqlens[:len(pairs)], self.ignore_index),
             "info": info,
         }
 
@@ -258,7 +258,7 @@ class PackRowsCollator:
             seq_lengths += [lengths[i] for i in g] + filler_lengths(pad, max(lengths))
         info = SeqInfo.from_lengths(seq_lengths, max_seqlen=self.row_len)
         shape = (len(groups), self.row_len)
-        labels = self.labels.packed(torch.cat(labels), info.cu_seqlens[:-1])
+        labels = self.labels.packed(torch.cat(labels), info.cu_seqlens[:-1], self.ignore_index)
         return {
             "input_ids": torch.cat(ids).view(shape),
             "labels": labels.view(shape),
