@@ -75,7 +75,7 @@ def cost_model(config) -> CostModel:
     return CostModel.from_flops(s.dim, s.n_layers, s.vocab_size)
 
 
-def sample_lengths(dataset) -> list[int]:
+def input_lengths(dataset) -> list[int]:
     """Each sample's inputs (its tokens less the last), read from the ``input_ids`` column."""
     column = dataset["input_ids"] if hasattr(dataset, "column_names") else [r["input_ids"] for r in dataset]
     return [len(ids) - 1 for ids in column]
@@ -96,7 +96,7 @@ def token_budget_trainer(base):
 
         def get_train_dataloader(self) -> DataLoader:
             args = self.args
-            sampler = TokenBudgetSampler(sample_lengths(self.train_dataset), self.varlen_micro_tokens, seed=args.seed,
+            sampler = TokenBudgetSampler(input_lengths(self.train_dataset), self.varlen_micro_tokens, seed=args.seed,
                                          world_size=args.world_size, rank=args.process_index,
                                          cost=cost_model(self.model.config))
             # not accelerator.prepare-d: the sampler is rank-aware already, and its shares are the batches

@@ -527,10 +527,10 @@ def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
                 "cost_per_token_sq": cost.per_token_sq, "cost_per_seq": cost.per_seq, "resumed_at": step,
                 "held_out": len(held_out) if held_out else 0, "data_report": vars(report)}
         print("varlen train:", json.dumps(info), flush=True)
+    eval_collate = make_collator(args, sampler, ds, max_len, d.device.type, plain=True)  # built once, not per eval
     evaluator = None if held_out is None else (lambda: evaluate(
-        wrapped, forward, held_out, make_collator(args, sampler, ds, max_len, d.device.type, plain=True),
-        micro_budget, device=d.device, dp=dp, dp_rank=d.rank // args.cp, shard=shard, autocast=autocast,
-        loss_sum=loss_sum))
+        wrapped, forward, held_out, eval_collate, micro_budget, device=d.device, dp=dp, dp_rank=d.rank // args.cp,
+        shard=shard, autocast=autocast, loss_sum=loss_sum))
     loop = Loop(args, d, wrapped, opt, sampler, ds, collate, config, autocast, shard, evaluator, forward, loss_sum)
     log = loop.run(step, batches_done)
     if d.main:
