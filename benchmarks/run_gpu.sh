@@ -40,6 +40,8 @@ if ls .whl/torchao-*.whl >/dev/null 2>&1; then  # FP8 linears (the fp8 part): pi
   python3 -m pip install -q --no-index --no-deps --no-compile .whl/torchao-*.whl || exit 1
 fi
 fa4=$(python3 -c "from varlen.attention.flash import impl_unavailable as u; print('' if u('fa4') else ',packed-flash:fa4')")
+# packed-xformers where xFormers loads (a --strict smoke would otherwise fail on every machine without its wheels)
+xf=$(python3 -c "from varlen.attention.xformers import unavailable as u; print('' if u() else ',packed-xformers')")
 # the TransformerEngine peer where benchmarks/te_wheels.sh installed it (eager only)
 te=$(python3 -c "from varlen.models.te_decoder import te_unavailable as u; print('' if u() else 'packed-te')")
 # quack's fused MLP where quack-kernels is installed (it comes with FlashAttention-4)
@@ -54,7 +56,7 @@ case $part in
          tests=$!
          # packed-flash is auto's pick of the implementations below (its rule is tested): not run twice
          python3 -m varlen bench --preset smoke --compile both --jobs 5 --strict --out "$out/smoke-decoder" \
-           --strategies padded,longest,nested,packed-flash:torch$fa4,packed-xformers,packed-flex,packed-sdpa \
+           --strategies padded,longest,nested,packed-flash:torch$fa4$xf,packed-flex,packed-sdpa \
            >"$out/smoke_decoder.log" 2>&1 &
          decoder=$!
          python3 -m varlen bench --preset smoke --model hf-gpt2 --compile both --jobs 5 --strict --out "$out/smoke-hf" \
