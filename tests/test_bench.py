@@ -364,6 +364,9 @@ def test_gpu_smoke_runs_every_strategy():
     smoke = script[script.index("  smoke)"):script.index(";;", script.index("  smoke)"))]
     decoder_run = re.search(r"--strategies (\S+) \\\n", smoke)
     listed = {s.split(":")[0].removesuffix("$fa4") for s in decoder_run.group(1).split(",")}
+    # packed-xformers where xFormers loads ($xf: its wheels are carried to some machines only)
+    assert "$fa4$xf," in decoder_run.group(1) and "',packed-xformers'" in script
+    listed.add("packed-xformers")
     # the TE peer runs eager in a run of its own where it is installed ($te)
     assert re.search(r"--compile off --strict --strategies \$te ", smoke) and "'packed-te'" in script
     assert listed | {"packed-te"} == set(strategies_of("decoder")), listed ^ set(strategies_of("decoder"))
@@ -406,3 +409,74 @@ def test_autotune_reaches_torch_compile_and_needs_compiling(monkeypatch, capsys)
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--autotune", "--compile", "off"])
     assert "--compile off compiles nothing" in capsys.readouterr().err
+
+
+def _table_report():
+    """A CPU-like report: runs, one failure with a long error, and cases n/a here for two reasons."""
+    from varlen.bench.report import add_mfu
+
+    def case(strategy, mode, compiled, ms=None, error=None, applicable=True):
+        return {"strategy": strategy, "mode": mode, "compile": compiled, "step_ms_mean": ms, "step_ms_median": ms,
+                "tokens_per_s": ms and 1e6 / ms, "tflops": ms and 1.0 / ms, "peak_mem_gib": None,
+                "loss": ms and 7.0123, "recompiles": 0, "kernel": "sdpa", "padding_frac": 0.4,
+                "error": error, "applicable": applicable}
+
+    no_fa = "flash backend: FlashAttention varlen needs a CUDA device and bfloat16/float16 (this run: cpu, float32)"
+    cases = []
+    for mode in ("eval", "train"):
+        for compiled in (False, True):
+            cases += [case("padded", mode, compiled, 100.0), case("packed-sdpa", mode, compiled, 60.0),
+                      case("hf-padded", mode, compiled, 1000.0), case("hf-varlen-flash:torch", mode, compiled, 1234.5),
+                      case("hf-varlen-flash:fa4", mode, compiled, error=no_fa, applicable=False),
+                      case("packed-xformers", mode, compiled, error="xformers not installed", applicable=False)]
+    cases.append(case("packed-flex", "train", True, error="RuntimeError: " + "a long compile failure " * 8))
+    add_comparisons(cases)
+    add_mfu(cases, None)
+    return {"env": {"gpu": None, "driver": None, "torch": "2.13.0+cpu", "cuda": None, "python": "3.11.7",
+                    "date": "2026-12-06 08:00 UTC"}, "workload": {}, "matmul_peak_tflops": None, "cases": cases}
+
+
+def test_bench_table_fits_100_columns_and_wide_shows_every_column():
+    from rich.console import Console
+
+    from varlen.bench.report import HEADER, print_table
+
+    report = _table_report()
+    narrow = Console(record=True, width=240)
+    print_table(report, narrow)
+    lines = narrow.export_text().splitlines()
+    table = [line for line in lines if not line.startswith(("n/a here", "failed: "))]
+    assert max(len(line.rstrip()) for line in table[:-1]) <= 100, "\n".join(table)
+    na = [line for line in lines if line.startswith("n/a here")]  # one line per reason, not a row per case
+    assert sorted(na) == ["n/a here: hf-varlen-flash:fa4 (4 cases): " + report["cases"][4]["error"],
+                          "n/a here: packed-xformers (4 cases): xformers not installed"]
+    assert not any("hf-varlen-flash:fa4/" in line for line in table)
+    flex = next(line for line in table if "packed-flex/train/compiled" in line)
+    assert "RuntimeError:…" in flex and "0.60" not in flex
+    assert "failed: packed-flex/train/compiled: " + report["cases"][-1]["error"] in lines
+    assert any("packed-sdpa/train/compiled" in line and "1.67" in line for line in table)  # speed-up vs padded
+
+    wide = Console(record=True, width=400)
+    print_table(report, wide, wide=True)
+    text = wide.export_text()
+    assert all(h in text for h in HEADER)
+    assert "hf-varlen-flash:fa4" in text and "not installed" in text
+
+
+def test_bench_table_without_rich_is_plain_text(monkeypatch, capsys):
+    import builtins
+
+    from varlen.bench.report import print_table
+
+    real = builtins.__import__
+
+    def no_rich(name, *a, **kw):
+        if name == "rich" or name.startswith("rich."):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_rich)
+    print_table(_table_report())
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("case | ms | ×pad")
+    assert sum(line.startswith("n/a here") for line in out) == 2

@@ -70,6 +70,9 @@ def parse_args(argv):
                    help="a case this machine cannot run (a backend not installed) also fails the run")
     p.add_argument("--case-timeout", type=positive_float, default=None, help="seconds per case (default 900 GPU, 600 CPU)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench-out/DEVICE-DATE)")
+    p.add_argument("--wide", action="store_true",
+                   help="print every column (throughput, floors, padding, recompiles, kernel, whole errors); by default "
+                        "the table fits 100 columns and cases n/a here are one line per reason (results.md has it all)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="combine the results.json of runs split across calls (same device) into --out; runs nothing")
     return p.parse_args(argv)
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.merge:
         report = merge(args.merge, args.out or Path("bench-out/merged"))
-        print_table(report)
+        print_table(report, wide=args.wide)
         paths = save(report, args.out or Path("bench-out/merged"))
         print("wrote " + ", ".join(str(p) for p in paths.values()))
         return 0
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
               "cases": result_dicts(results)}
     add_comparisons(report["cases"])
     add_mfu(report["cases"], peak)
-    print_table(report, console)
+    print_table(report, console, wide=args.wide)
     paths = save(report, out)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     failed = [r for r in results if r.error is not None and (r.applicable or args.strict)]

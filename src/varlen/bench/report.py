@@ -81,26 +81,71 @@ def env_line(env: dict) -> str:
             f"CUDA {env.get('cuda') or '-'} | Python {env['python']} | {env['date']}")
 
 
-def print_table(report: dict, console=None) -> None:
+# the longest case name (hf-varlen-flash:torch/train/compiled) and these fit 100 columns
+NARROW_HEADER = ["case", "ms", "×pad", "TFLOP/s", "MFU%", "GiB", "loss", "error"]
+NARROW_ERROR = 14  # characters of an error in the narrow table; a line below the table has it all
+
+
+def narrow_rows(cases: list[dict]) -> list[list[str]]:
+    """The columns a reader compares, for the cases that could run here (n/a ones get one line each
+    reason, :func:`not_applicable_lines`): fits 100 columns; ``--wide`` shows :data:`HEADER`."""
+    out = []
+    for c in cases:
+        if not c.get("applicable", True):
+            continue
+        error = c.get("error") or ""
+        out.append([
+            case_name(c["strategy"], c["mode"], c["compile"]), _fmt(c.get("step_ms_mean"), ".1f"),
+            _fmt(c.get("speedup"), ".2f"), _fmt(c.get("tflops"), ".3g"), _fmt(c.get("mfu") and 100 * c.get("mfu"), ".1f"),
+            _fmt(c.get("peak_mem_gib"), ".2f"), _fmt(c.get("loss"), ".4f"),
+            error if len(error) <= NARROW_ERROR else error[:NARROW_ERROR - 1] + "…",
+        ])
+    return out
+
+
+def failed_lines(cases: list[dict]) -> list[str]:
+    """One line per case that could run here and failed, its error whole (or its first 300 characters)."""
+    return [f"failed: {case_name(c['strategy'], c['mode'], c['compile'])}: {c['error'][:300]}"
+            for c in cases if c.get("error") and c.get("applicable", True)]
+
+
+def not_applicable_lines(cases: list[dict]) -> list[str]:
+    """One line per reason a case cannot run on this machine, naming the strategies it stops."""
+    by_reason: dict[str, list[dict]] = {}
+    for c in cases:
+        if not c.get("applicable", True):
+            by_reason.setdefault(c.get("error") or "not applicable", []).append(c)
+    lines = []
+    for reason, cs in by_reason.items():
+        strategies = sorted({c["strategy"] for c in cs}, key=order_key)
+        lines.append(f"n/a here: {', '.join(strategies)} ({len(cs)} case{'s' if len(cs) > 1 else ''}): {reason}")
+    return lines
+
+
+def print_table(report: dict, console=None, wide: bool = False) -> None:
+    header, body = (HEADER, rows(report["cases"])) if wide else (NARROW_HEADER, narrow_rows(report["cases"]))
+    notes = [] if wide else failed_lines(report["cases"]) + not_applicable_lines(report["cases"])
     try:
+        from rich import box
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # plain text without the bench extra
         print(env_line(report["env"]))
-        print(" | ".join(HEADER))
-        for r in rows(report["cases"]):
+        for r in [header, *body, *profile_rows(report["cases"])]:
             print(" | ".join(r))
-        for r in profile_rows(report["cases"]):
-            print(" | ".join(r))
+        print("\n".join(notes))
         return
     console = console or Console()
-    table = Table(title=f"varlen bench — {env_line(report['env'])}", title_justify="left")
-    for h in HEADER:
-        table.add_column(h, justify="left" if h in ("strategy", "mode", "error") else "right",
-                         overflow="fold", max_width=60 if h == "error" else None)
-    for r in rows(report["cases"]):
+    console.print(f"varlen bench — {env_line(report['env'])}", highlight=False)
+    table = Table(box=box.HEAVY_HEAD if wide else box.SIMPLE_HEAD, show_edge=wide, collapse_padding=not wide)
+    for h in header:
+        table.add_column(h, justify="left" if h in ("case", "strategy", "mode", "error") else "right",
+                         overflow="fold", max_width=60 if h == "error" and wide else None, no_wrap=not wide)
+    for r in body:
         table.add_row(*r)
     console.print(table)
+    for line in notes:
+        console.print(line, soft_wrap=True, highlight=False)
     profiled = profile_rows(report["cases"])
     if profiled:
         breakdown = Table(title="where the time goes (--profile): ms per step (% of the step)", title_justify="left")
@@ -109,8 +154,10 @@ def print_table(report: dict, console=None) -> None:
         for r in profiled:
             breakdown.add_row(*r)
         console.print(breakdown)
-    console.print(f"{peak_line(report)}; speed-up is against the padded baseline (padded, hf-padded) with the "
-                  "same mode and compile setting")
+    console.print(f"{peak_line(report)}.", highlight=False)
+    console.print(("speed-up" if wide else "ms: the mean step; GiB: peak memory; ×pad: speed-up") + " against the padded "
+                  "baseline (padded, hf-padded) of the same mode and compile setting" + ("" if wide else "; --wide: every column"),
+                  highlight=False)
 
 
 def peak_line(report: dict) -> str:
