@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     failed = [r for r in results if r.error is not None and (r.applicable or args.strict)]
     uneven = unsteady(report["cases"])
-    for name, slow in uneven.items():
-        print(f"varlen bench: {name}: mean step over {UNSTEADY}x the median; slowest steps {slow[:8]} "
-              "(step_ms in results.json)", file=sys.stderr)
+    if uneven:  # one line: on a busy CPU most cases are uneven
+        print(f"varlen bench: mean step over {UNSTEADY}x the median (slowest steps first, step_ms in results.json): "
+              + "; ".join(f"{name} {slow[:4]}" for name, slow in uneven.items()), file=sys.stderr)
     best = min((c for c in report["cases"] if c["error"] is None), key=lambda c: c["step_ms_mean"], default=None)
     summary = {"out": str(out), "cases": len(results), "failed": len(failed),
                "not_applicable": sum(not r.applicable for r in results),
