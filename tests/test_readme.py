@@ -1,20 +1,21 @@
-"""The README's Python snippets run as written."""
+"""The Python snippets of the README and of docs/ run as written."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)
+ROOT = Path(__file__).parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SNIPPETS = [(page.name, code) for page in PAGES for code in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
 
 
 def test_readme_has_snippets():
-    assert len(SNIPPETS) >= 2
+    assert sum(name == "README.md" for name, _ in SNIPPETS) >= 2
 
 
-@pytest.mark.parametrize("code", SNIPPETS, ids=[f"snippet{i}" for i in range(len(SNIPPETS))])
-def test_readme_snippet_runs(code):
+@pytest.mark.parametrize("page,code", SNIPPETS, ids=[f"{name}-{i}" for i, (name, _) in enumerate(SNIPPETS)])
+def test_snippet_runs(page, code):
     if "transformers" in code:
         pytest.importorskip("transformers")
-    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    exec(compile(code, page, "exec"), {"__name__": "readme"})
