@@ -17,8 +17,8 @@ from ..seqinfo import SeqInfo
 from .common import probe
 
 BACKENDS = ("flash", "xformers", "flex", "sdpa", "nested", "reference")
-# fastest first; measured on an H100 (docs/study.md, docs/gpu-notes.md): FlashAttention varlen ~
-# xFormers < Flex < SDPA on padding
+# fastest first, as the study measures them (docs/benchmarks.md): FlashAttention varlen, then
+# xFormers, Flex, SDPA on padding
 AUTO_ORDER = {
     "cuda": ("flash", "xformers", "flex", "sdpa", "nested", "reference"),
     "cpu": ("sdpa", "nested", "flex", "reference"),

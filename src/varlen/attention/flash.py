@@ -110,11 +110,9 @@ def unavailable(impl: str | None = None) -> str | None:
     return "; ".join(f"{i}: {w}" for i, w in whys.items())
 
 
-# Below this many tokens a batch runs FA2 first. FA4's kernels are faster (causal forward +
-# backward of 16K study tokens: 0.61 vs 0.89 ms on the H100) but each call costs ~0.3 ms more on
-# the host (its Python launch path): a step of few tokens is bound by the host, and there FA2
-# wins. Measured on the H100, study model compiled: 16K-token batches FA4 86.0 vs 91.8 ms a train
-# step; long-tailed batches of ~7K tokens 68.8 vs 61.2 (docs/gpu-notes.md).
+# Below this many tokens a batch runs FA2 first. FA4's kernels are faster, but each call costs
+# more host time (its Python launch path): a step of few tokens is bound by the host, and there
+# FA2 wins. Where the threshold comes from: docs/gpu-notes.md, "Measurements behind code choices".
 FA4_MIN_TOKENS = 12288
 
 

@@ -64,9 +64,8 @@ def padded_length(info: SeqInfo) -> int:
     power of two (at least 64), or ``max_seqlen`` rounded up to ``ALIGN`` where that is shorter
     (``max_seqlen`` may be far longer than any sample: ``varlen train --max-len 5000`` on 100-token
     samples once padded each to 5000 and ran out of memory). SDPA with a mask leaves its fast
-    kernels at lengths off multiples of 16: a 248-token batch took 30x a 256-token one on the H100,
-    and capping the power of two at a collator's ``max_seqlen`` of 1000 (padding to 1000, not 1024)
-    made a third of the study's eager steps 2.4x slower. Compiled: ``max_seqlen`` itself, aligned
+    kernels at lengths off multiples of 16, and a power of two capped at a collator's
+    ``max_seqlen`` (1000, not 1024) lands there (docs/gpu-notes.md). Compiled: ``max_seqlen`` itself, aligned
     (reading the host lengths would guard on them, a recompile per batch; collators bucket it per
     batch for this backend)."""
     aligned_bound = round_up(info.max_seqlen, ALIGN)

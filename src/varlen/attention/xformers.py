@@ -1,8 +1,8 @@
 """xFormers ``memory_efficient_attention`` with a ``BlockDiagonalMask`` over the packed row.
 
-xFormers picks its own operator for the inputs (:func:`operator` names it): on an H100 with
-xFormers 0.0.35 that is its FlashAttention-2 operator, which runs the FlashAttention that torch
-ships (``fa2F@<version>-pt``), or its CUTLASS kernels. Every operator is refused by xFormers
+xFormers picks its own operator for the inputs (:func:`operator` names it, and the bench's
+``kernel`` column shows it): its FlashAttention-2 operator, which may run the FlashAttention that
+torch ships, or its CUTLASS kernels. Every operator is refused by xFormers
 while its C++ library fails to load (a wheel built for another CUDA runtime, e.g. the PyPI wheel
 needs ``libcudart.so.12`` beside a CUDA 13 torch): that is said as the reason, with the loader's
 error, rather than discovered at the first call.
@@ -111,8 +111,8 @@ def _bias(info: SeqInfo, causal: bool):
 def _layout(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Packed ``[T, H, D]`` -> xFormers' ``[1, T, H, D]``; k/v with fewer heads (GQA) repeated to H.
 
-    xFormers' own GQA layout (``[1, T, G, H/G, D]`` with k/v expanded) gave wrong results on the
-    H100 (every GQA case run against float64 failed); repeating k/v costs memory, never correctness.
+    xFormers' own GQA layout (``[1, T, G, H/G, D]`` with k/v expanded) gave wrong results on a
+    GPU (docs/gpu-notes.md); repeating k/v costs memory, never correctness.
     """
     heads = q.shape[1]
     return q[None], repeat_kv(k, heads)[None], repeat_kv(v, heads)[None]

@@ -89,7 +89,7 @@ class PadToLongestCollator:
     ``min_length`` and at most ``max_length`` (when given; a longer sample is an error), so a
     run sees at most ``log2(max_length / min_length) + 1`` shapes: each new shape costs
     ``torch.compile`` a graph, and lengths that are not a multiple of 16 drop SDPA with a mask to
-    its slow kernels (a 248-token batch took 30x the time of a 256-token one on the H100).
+    its slow kernels (docs/gpu-notes.md).
     ``bucket="multiple"`` rounds up to a multiple of ``min_length`` instead (finer, more shapes).
     """
 

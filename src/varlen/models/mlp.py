@@ -9,8 +9,7 @@
   elementwise pass over ``[T, 4C]`` is left; cuBLAS runs the other four GEMMs. quack's epilogues
   have GELU's tanh approximation only, so this kernel set takes ``activation="gelu_tanh"`` and
   nothing else (refused by ``DecoderConfig``). Hopper or newer, 16-bit (bf16 autocast). Its launch
-  path is Python per call: it pays where the step runs as CUDA graphs (H100 study train step
-  82.1 -> 78.6 ms; compiled without graphs 84.4 -> 88.6, docs/gpu-notes.md).
+  path is Python per call: it pays where the step runs as CUDA graphs (docs/gpu-notes.md).
 """
 
 from __future__ import annotations
