@@ -1,0 +1,133 @@
+"""The published tables, generated from committed results.json files, so that no page types a number.
+
+    python benchmarks/tables.py          # rewrite every table in place
+    python benchmarks/tables.py --check  # exit 1 naming each table that differs from its results
+
+A table sits in a Markdown page between ``<!-- table:NAME -->`` and ``<!-- /table -->``; NAME is a
+key of :data:`TABLES`, which says where its numbers come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _load(path: str):
+    return json.loads((RESULTS / path).read_text())
+
+
+def steady_tokens_per_s(run: dict, warmup: int = 15, outlier: float = 5.0) -> float | None:
+    """Tokens/s over the timed steps without the ones over ``outlier`` x the median (recompiles)."""
+    ms, tokens = run.get("step_ms"), run.get("tokens")
+    if not ms:
+        return None
+    median = statistics.median(ms[warmup:])
+    kept = [(m, t) for m, t in zip(ms[warmup:], tokens[warmup:]) if m < outlier * median]
+    return 1e3 * sum(t for _, t in kept) / sum(m for m, _ in kept)
+
+
+FINETUNE_ROWS = {
+    "hf-padded": "HF `Trainer`, pad to longest, `sdpa`",
+    "hf-flattening": "HF `Trainer`, `DataCollatorWithFlattening`, `sdpa`, compiled",
+    "varlen-train": "`varlen train --model DIR --compile`",
+    "varlen-train-chunked": "the same with `--loss-chunk 4096`",
+    "varlen-trainer": "HF `Trainer` with `varlen.trainer.token_budget_trainer`, compiled",
+}
+
+
+def finetune_table() -> str:
+    runs = {r["name"]: r for r in _load("h100-2026-12-06-session14-finetune/results.json")}
+    best = max(r["tokens_per_s"] for r in runs.values())
+    lines = ["| how | tokens/s | peak memory |", "|---|---:|---:|"]
+    for name, label in FINETUNE_ROWS.items():
+        r = runs[name]
+        rate = f"{r['tokens_per_s']:,.0f}"
+        rate = f"**{rate}**" if r["tokens_per_s"] == best else rate
+        steady = steady_tokens_per_s(r)
+        if steady and steady > 1.05 * r["tokens_per_s"]:
+            rate += f" ({steady:,.0f} between recompiles)"
+        lines.append(f"| {label} | {rate} | {r['peak_mem_gib']:.1f} GiB |")
+    return "\n".join(lines)
+
+
+STUDY_ROWS = {  # label -> strategies, the first one measured in a cell fills it
+    "padded to 1024, SDPA + mask": ("padded",),
+    "pad to longest (power-of-two buckets)": ("longest",),
+    "nested (jagged) tensors": ("nested",),
+    "**packed, FlashAttention-4 (`packed-flash`, what `auto` runs here)**": ("packed-flash:fa4", "packed-flash"),
+    "packed, torch's FlashAttention-2": ("packed-flash:torch",),
+    "packed, xFormers `BlockDiagonalMask`": ("packed-xformers",),
+    "packed, FlexAttention": ("packed-flex",),
+    "packed, SDPA inside `attention`": ("packed-sdpa",),
+}
+
+
+def study_table() -> str:
+    cases = {(c["strategy"], c["mode"], c["compile"]): c
+             for c in _load("h100-2026-11-27-session7/study/results.json")["cases"] if c["error"] is None}
+    cells = [("eval", False), ("eval", True), ("train", False), ("train", True)]
+    lines = ["| strategy | eval eager | eval compiled | train eager | train compiled |", "|---|---|---|---|---|"]
+    for label, strategies in STUDY_ROWS.items():
+        row = []
+        for mode, compiled in cells:
+            c = next((cases[(s, mode, compiled)] for s in strategies if (s, mode, compiled) in cases), None)
+            if c is None:
+                row.append("-")
+            elif strategies == ("padded",):
+                row.append(f"{c['step_ms_mean']:.1f}")
+            else:
+                cell = f"{c['step_ms_mean']:.1f} ({1 / c['speedup']:.2f})"
+                row.append(f"**{cell}**" if label.startswith("**") else cell)
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"finetune": finetune_table, "study": study_table}
+PAGES = ["README.md", "docs"]
+BLOCK = re.compile(r"(<!-- table:(\w[\w-]*) -->\n)(.*?)(\n<!-- /table -->)", re.S)
+
+
+def pages() -> list[Path]:
+    out = []
+    for p in PAGES:
+        path = ROOT / p
+        out += sorted(path.rglob("*.md")) if path.is_dir() else [path]
+    return out
+
+
+def render(text: str) -> str:
+    def fill(m: re.Match) -> str:
+        if m.group(2) not in TABLES:
+            raise SystemExit(f"unknown table {m.group(2)!r}; tables: {', '.join(TABLES)}")
+        return m.group(1) + TABLES[m.group(2)]() + m.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its results")
+    args = p.parse_args()
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new = render(text)
+        if new != text:
+            stale.append(str(page.relative_to(ROOT)))
+            if not args.check:
+                page.write_text(new)
+    if stale:
+        print(("stale tables in " if args.check else "rewrote tables in ") + ", ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
