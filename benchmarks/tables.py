@@ -90,7 +90,31 @@ def study_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"finetune": finetune_table, "study": study_table}
+def headline_table() -> str:
+    """The README's: compiled steps, padded against packed, on the study's uniform lengths and on
+    long-tailed ones as CUDA graphs (the padded step of the same session beside each)."""
+    def cases(path):
+        return {(c["strategy"], c["mode"]): c["step_ms_mean"] for c in _load(path)["cases"]
+                if c["compile"] and c["error"] is None}
+
+    uniform = cases("h100-2026-11-27-session7/study/results.json")
+    tail_padded = cases("h100-2026-11-27-session9/graphs-lognormal/graphs-off-lognormal/results.json")
+    tail_graphs = cases("h100-2026-11-27-session9/graphs-lognormal/graphs-on-lognormal/results.json")
+    rows = [("lengths 1..1023, padded to 1024", uniform, "padded", None),
+            ("the same packed, FlashAttention-4 (`auto`)", uniform, "packed-flash:fa4", uniform),
+            ("long-tailed lengths, padded", tail_padded, "padded", None),
+            ("the same packed, as CUDA graphs (`--cuda-graphs`)", tail_graphs, "packed-flash", tail_padded)]
+    lines = ["| compiled step, one H100 (ms) | eval | train |", "|---|---:|---:|"]
+    for label, src, strategy, base in rows:
+        cells = []
+        for mode in ("eval", "train"):
+            ms = src.get((strategy, mode)) or src.get(("packed-flash", mode))
+            cells.append(f"{ms:.1f}" if base is None else f"**{ms:.1f}** ({ms / base[('padded', mode)]:.2f}x)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"finetune": finetune_table, "study": study_table, "headline": headline_table}
 PAGES = ["README.md", "docs"]
 BLOCK = re.compile(r"(<!-- table:(\w[\w-]*) -->\n)(.*?)(\n<!-- /table -->)", re.S)
 
