@@ -179,7 +179,8 @@ def _check_positions(pos: Tensor | None, info: SeqInfo, rows: int) -> None:
         raise PackingRefused(
             f"varlen: the batch's sequence metadata packs {info.num_seqs} samples into {rows} row(s) but the "
             "attention layer got no position_ids (the model does not pass them, or the batch had none), so "
-            "nothing shows that positions restart with each sample; pass the collator's position_ids, or use "
+            "nothing shows that positions restart with each sample; pass the collator's position_ids (models with 3-D "
+            "mRoPE positions, the Qwen2-VL family, take them as VarlenCollator(mrope=True) makes them), or use "
             "padded rows with this model"
         )
     pos = pos.expand(rows, -1).reshape(-1)
@@ -373,10 +374,17 @@ class VarlenCollator:
     models shift labels inside their loss, so the labels are unshifted (``Labels.UNSHIFTED``;
     the inputs where a sample has none) and the first label of every sample is ignored: no token
     learns to predict the next sample's first. Shifted labels are refused.
+
+    ``mrope=True`` (the Qwen2-VL family's 3-D rotary positions): ``position_ids`` is ``[4, 1, T]``,
+    the restarting text positions first (what attention checks the boundaries against) and then the
+    temporal, height and width positions, as transformers takes a packed row for these models. A
+    sample's own ``position_ids`` ``[3, n]`` (from the model's ``get_rope_index``, for images or
+    video) are used as they are; a text sample's three are its text positions.
     """
 
     ignore_index: int = IGNORE_INDEX
     max_seqlen: int | None = None  # a fixed upper bound keeps torch.compile from specialising per batch
+    mrope: bool = False
 
     def __call__(self, features: list[dict]) -> dict:
         if not features:
@@ -393,11 +401,34 @@ class VarlenCollator:
             ids.append(x)
             labels.append(y)
         info = SeqInfo.from_lengths([len(x) for x in ids], max_seqlen=self.max_seqlen)
+        rope = [self._rope_positions(f, len(x), i) for i, (f, x) in enumerate(zip(features, ids))]
+        pos = info.position_ids[None]
+        if self.mrope:  # [4, 1, T]: text positions, then temporal / height / width
+            pos = torch.cat([pos, torch.cat(rope, dim=1)])[:, None]
         return {
             "input_ids": torch.cat(ids)[None],
             "labels": Labels.UNSHIFTED.packed(torch.cat(labels), info.cu_seqlens[:-1], self.ignore_index)[None],
-            "position_ids": info.position_ids[None],
+            "position_ids": pos,
             "varlen_info": info,
         }
+
+    def _rope_positions(self, feature: dict, n: int, i: int) -> Tensor | None:
+        """A sample's ``[3, n]`` mRoPE positions (``mrope=True``); a sample's own positions are never dropped:
+        without ``mrope`` only positions 0..n-1, which the row's restarting positions equal, are taken."""
+        own = feature.get("position_ids")
+        own = None if own is None else torch.as_tensor(own).long()
+        text = torch.arange(n)
+        if not self.mrope:
+            if own is not None and not torch.equal(own.flatten(), text):
+                raise ValueError(f"sample {i} carries position_ids of shape {tuple(own.shape)} that are not 0..{n - 1}; "
+                                 "VarlenCollator makes each sample's positions itself (3-D mRoPE positions, the "
+                                 "Qwen2-VL family's: VarlenCollator(mrope=True))")
+            return None
+        if own is None:
+            return text.expand(3, n)
+        own = own.reshape(3, -1) if own.numel() == 3 * n else own
+        if own.shape != (3, n):
+            raise ValueError(f"sample {i}: mRoPE position_ids must be [3, {n}] (temporal, height, width), got {tuple(own.shape)}")
+        return own
 
 register()
