@@ -114,7 +114,50 @@ def headline_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"finetune": finetune_table, "study": study_table, "headline": headline_table}
+def compiled_table(title: str, rows: list[tuple[str, str, str]], base: str, bold: int | None = None) -> str:
+    """Compiled eval and train steps (ms), each row ``(label, results.json, strategy)``, as a fraction of
+    the ``padded`` case of ``base`` (a results.json of the same session)."""
+    def steps(path):
+        return {(c["strategy"], c["mode"]): c["step_ms_mean"] for c in _load(path)["cases"]
+                if c["compile"] and c["error"] is None}
+
+    padded = steps(base)
+    lines = [f"| {title} | eval | train |", "|---|---|---|"]
+    for i, (label, path, strategy) in enumerate(rows):
+        got = steps(path)
+        cells = []
+        for mode in ("eval", "train"):
+            ms = got[(strategy, mode)]
+            cell = f"{ms:.1f}" if strategy == "padded" else f"{ms:.1f} ({ms / padded[('padded', mode)]:.2f})"
+            cells.append(f"**{cell}**" if i == bold else cell)
+        lines.append(f"| {f'**{label}**' if i == bold else label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+S9, S11 = "h100-2026-11-27-session9/", "h100-2026-11-27-session11/C/"
+
+
+def levers_table() -> str:
+    return compiled_table("uniform lengths, compiled", [
+        ("padded to 1024, SDPA + mask", S11 + "headline-base/results.json", "padded"),
+        ("packed, FA4 (`auto`)", S11 + "headline-base/results.json", "packed-flash"),
+        ("packed, CUDA graphs + bf16 residual + quack MLP (`--cuda-graphs --residual-dtype bf16 --gelu tanh "
+         "--mlp-kernel quack`)", S11 + "headline-best/results.json", "packed-flash"),
+    ], base=S11 + "headline-base/results.json", bold=2)
+
+
+def lognormal_table() -> str:
+    off, on = S9 + "graphs-lognormal/graphs-off-lognormal/results.json", S9 + "graphs-lognormal/graphs-on-lognormal/results.json"
+    return compiled_table("lognormal lengths, compiled", [
+        ("padded to 1024, SDPA + mask", off, "padded"),
+        ("packed, torch's FA2 (what `auto` runs below 12,288 tokens)", off, "packed-flash"),
+        ("packed, as CUDA graphs (`--cuda-graphs`)", on, "packed-flash"),
+        ("packed, CUDA graphs + bf16 residual stream", S9 + "graphs-residual/lognormal/results.json", "packed-flash"),
+    ], base=off, bold=2)
+
+
+TABLES = {"finetune": finetune_table, "study": study_table, "headline": headline_table, "levers": levers_table,
+          "lognormal": lognormal_table}
 PAGES = ["README.md", "docs"]
 BLOCK = re.compile(r"(<!-- table:(\w[\w-]*) -->\n)(.*?)(\n<!-- /table -->)", re.S)
 
