@@ -156,7 +156,26 @@ def lognormal_table() -> str:
     ], base=off, bold=2)
 
 
-TABLES = {"finetune": finetune_table, "study": study_table, "headline": headline_table, "levers": levers_table,
+def length_table() -> str:
+    """Packed FA4 train steps (compiled) as samples grow, beside padding, from the length-scaling runs."""
+    runs = [("results.json", "1,023 (32 samples, ~16K tokens)"), ("length-8k/results.json", None),
+            ("length-32k/results.json", None)]
+    lines = ["| longest sample | packed FA4 step | TFLOP/s on real tokens | peak GiB | padded |", "|---|---|---|---|---|"]
+    for path, label in runs:
+        report = _load("h100-fa4-2026-11-26/" + path)
+        cases = {c["strategy"]: c for c in report["cases"] if c["mode"] == "train" and c["compile"]}
+        fa4, padded = cases["packed-flash:fa4"], cases["padded"]
+        if padded["error"] is None:
+            pad = f"{padded['step_ms_mean']:.1f} ms, {padded['peak_mem_gib']:.1f} GiB"
+        else:
+            pad = "out of memory" if "OutOfMemoryError" in padded["error"] else "failed"
+        ms = fa4["step_ms_mean"]
+        lines.append(f"| {label or format(report['workload']['max_len'], ',')} | {ms:.1f} ms | {fa4['tflops']:.0f} | "
+                     f"{fa4['peak_mem_gib']:.1f} | {pad} |")
+    return "\n".join(lines)
+
+
+TABLES = {"length": length_table, "finetune": finetune_table, "study": study_table, "headline": headline_table, "levers": levers_table,
           "lognormal": lognormal_table}
 PAGES = ["README.md", "docs"]
 BLOCK = re.compile(r"(<!-- table:(\w[\w-]*) -->\n)(.*?)(\n<!-- /table -->)", re.S)
