@@ -175,7 +175,36 @@ def length_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"length": length_table, "finetune": finetune_table, "study": study_table, "headline": headline_table, "levers": levers_table,
+def gpt2_table() -> str:
+    """The study's HF part: a stock GPT2 train step, eager and compiled, each cell beside the padded
+    step of its own run (``-``: not in that run)."""
+    base, fa4 = "h100-hf-gpt2-2026-11-26/results.json", "h100-fa4-2026-11-26/hf-gpt2/results.json"
+    rows = [("padded to 1024, HF `sdpa` (the baseline)", base, "hf-padded"),
+            ("packed row, HF's own `sdpa` path", base, "hf-packed-sdpa"),
+            ("packed, `attn_implementation=\"varlen\"`, flash (torch's FA2)", base, "hf-varlen-flash"),
+            ("**packed, varlen, `flash:fa4`** (another run)", fa4, "hf-varlen-flash:fa4"),
+            ("packed, varlen, flex", base, "hf-varlen-flex"),
+            ("packed, varlen, sdpa", base, "hf-varlen-sdpa")]
+    lines = ["| GPT2 train step (ms) | eager | compiled |", "|---|---|---|"]
+    for label, path, strategy in rows:
+        cases = {(c["strategy"], c["compile"]): c for c in _load(path)["cases"] if c["mode"] == "train"}
+        cells = []
+        for compiled in (False, True):
+            c, padded = cases.get((strategy, compiled)), cases.get(("hf-padded", compiled))
+            if c is None:
+                cells.append("-")
+            elif c["error"] is not None:
+                cells.append(c["error"].split(":")[0][:40])
+            elif strategy == "hf-padded":
+                cells.append(f"{c['step_ms_mean']:.1f}")
+            else:
+                cell = f"{c['step_ms_mean']:.1f} ({c['step_ms_mean'] / padded['step_ms_mean']:.2f})"
+                cells.append(f"**{cell}**" if label.startswith("**") else cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLES = {"gpt2": gpt2_table, "length": length_table, "finetune": finetune_table, "study": study_table, "headline": headline_table, "levers": levers_table,
           "lognormal": lognormal_table}
 PAGES = ["README.md", "docs"]
 BLOCK = re.compile(r"(<!-- table:(\w[\w-]*) -->\n)(.*?)(\n<!-- /table -->)", re.S)
