@@ -34,6 +34,18 @@ def steady_tokens_per_s(run: dict, warmup: int = 15, outlier: float = 5.0) -> fl
     return 1e3 * sum(t for _, t in kept) / sum(m for m, _ in kept)
 
 
+def _cell(case: dict | None, padded_ms: float | None, bold: bool = False) -> str:
+    """A step's mean ms, with its fraction of the padded step beside it (``padded_ms``; None: the
+    baseline itself); ``-`` where the run has no such case, the error's kind where it failed."""
+    if case is None:
+        return "-"
+    if case["error"] is not None:
+        return case["error"].split(":")[0][:40]
+    ms = case["step_ms_mean"]
+    cell = f"{ms:.1f}" if padded_ms is None else f"{ms:.1f} ({ms / padded_ms:.2f})"
+    return f"**{cell}**" if bold else cell
+
+
 FINETUNE_ROWS = {
     "hf-padded": "HF `Trainer`, pad to longest, `sdpa`",
     "hf-flattening": "HF `Trainer`, `DataCollatorWithFlattening`, `sdpa`, compiled",
@@ -79,13 +91,8 @@ def study_table() -> str:
         row = []
         for mode, compiled in cells:
             c = next((cases[(s, mode, compiled)] for s in strategies if (s, mode, compiled) in cases), None)
-            if c is None:
-                row.append("-")
-            elif strategies == ("padded",):
-                row.append(f"{c['step_ms_mean']:.1f}")
-            else:
-                cell = f"{c['step_ms_mean']:.1f} ({1 / c['speedup']:.2f})"
-                row.append(f"**{cell}**" if label.startswith("**") else cell)
+            padded = None if strategies == ("padded",) else cases[("padded", mode, compiled)]["step_ms_mean"]
+            row.append(_cell(c, padded, label.startswith("**")))
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -190,16 +197,9 @@ def gpt2_table() -> str:
         cases = {(c["strategy"], c["compile"]): c for c in _load(path)["cases"] if c["mode"] == "train"}
         cells = []
         for compiled in (False, True):
-            c, padded = cases.get((strategy, compiled)), cases.get(("hf-padded", compiled))
-            if c is None:
-                cells.append("-")
-            elif c["error"] is not None:
-                cells.append(c["error"].split(":")[0][:40])
-            elif strategy == "hf-padded":
-                cells.append(f"{c['step_ms_mean']:.1f}")
-            else:
-                cell = f"{c['step_ms_mean']:.1f} ({c['step_ms_mean'] / padded['step_ms_mean']:.2f})"
-                cells.append(f"**{cell}**" if label.startswith("**") else cell)
+            base = cases.get(("hf-padded", compiled))
+            padded = None if strategy == "hf-padded" or base is None else base["step_ms_mean"]
+            cells.append(_cell(cases.get((strategy, compiled)), padded, label.startswith("**")))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
