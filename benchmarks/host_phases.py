@@ -1,9 +1,11 @@
-"""Where the wall time of a compiled packed step goes on the host: waiting for the DataLoader, the
-copy to the GPU, the step's call (Inductor launching its kernels; the GPU runs behind it), and the
+"""Where the wall time of a packed step goes on the host: waiting for the DataLoader, the copy to
+the GPU, the step's call (Python and Inductor launching kernels; the GPU runs behind it), and the
 wait for the GPU at the end. A step whose "launch" is most of it is bound by the host, not the GPU
-(what CUDA graphs remove). The study preset on long-tailed lengths by default; needs a CUDA GPU.
+(what CUDA graphs remove). Compiled by default, ``--eager`` for the eager step (where the host runs
+every layer's Python, attention's checks and choice included). The study preset on long-tailed
+lengths by default; needs a CUDA GPU.
 
-    PYTHONPATH=src python benchmarks/host_phases.py eval --workers 4 --impl torch [--gc-off]
+    PYTHONPATH=src python benchmarks/host_phases.py eval --workers 4 --impl torch [--gc-off] [--eager]
 
 Results: benchmarks/results/h100-2026-11-27-session8/NOTES.md.
 """
@@ -21,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from varlen.bench import worker
 from varlen.bench.cases import WORKLOADS, Case
-from varlen.data import SyntheticDataset, mark_dynamic, move_batch
+from varlen.data import SyntheticDataset, move_batch
 from varlen.models import DecoderConfig, family
 
 PHASES = ("data", "copy", "launch", "wait", "step")
@@ -34,13 +36,19 @@ def main():
     p.add_argument("--impl", default="torch", help="flash implementation (fa4, fa2, torch)")
     p.add_argument("--length-dist", default="lognormal")
     p.add_argument("--gc-off", action="store_true", help="Python's collector frozen and off")
+    p.add_argument("--eager", action="store_true", help="the eager step instead of the compiled one")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (after 5 untimed)")
+    p.add_argument("--model", default="study", help="the decoder's preset (study: 24 layers)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples a batch (default: the study's)")
     args = p.parse_args()
     if args.gc_off:
         gc.collect(), gc.freeze(), gc.disable()
-    w = replace(WORKLOADS["study"], length_dist=args.length_dist, num_workers=args.workers, warmup=5, steps=20)
-    case = Case(f"packed-flash:{args.impl}", args.mode, True, w)
+    w = replace(WORKLOADS["study"], length_dist=args.length_dist, num_workers=args.workers, warmup=5, steps=args.steps)
+    if args.batch_size:  # few tokens: the GPU's part shrinks and the step shows the host's
+        w = replace(w, batch_size=args.batch_size)
+    case = Case(f"packed-flash:{args.impl}", args.mode, not args.eager, w)
     torch.manual_seed(0)
-    cfg = DecoderConfig.from_name("study", vocab_size=w.vocab_size, max_len=1024)
+    cfg = DecoderConfig.from_name(args.model, vocab_size=w.vocab_size, max_len=1024)
     fam = family(case.spec.family)
     model = fam.build(cfg, case.backend).cuda().train(args.mode == "train")
     batches = worker.sample_batches(w, w.warmup + w.steps)
@@ -55,7 +63,8 @@ def main():
         host = next(it)
         t.append(time.perf_counter())
         batch = move_batch(host, "cuda", non_blocking=True)
-        mark_dynamic(batch)
+        if not args.eager:
+            batch = batch.mark_dynamic()
         t.append(time.perf_counter())
         step(batch)
         t.append(time.perf_counter())
@@ -64,7 +73,8 @@ def main():
         if i >= w.warmup:  # ms of each phase, then of the step
             rows.append([1e3 * (b - a) for a, b in zip(t, t[1:])] + [1e3 * (t[-1] - t[0])])
     med = {name: statistics.median(r[k] for r in rows) for k, name in enumerate(PHASES)}
-    print(f"{args.mode} workers={args.workers} impl={args.impl} gc_off={args.gc_off}: median ms "
+    print(f"{args.model} batch_size={w.batch_size} {args.mode} {'eager' if args.eager else 'compiled'} workers={args.workers} impl={args.impl} "
+          f"gc_off={args.gc_off}: median ms "
           + " ".join(f"{k} {v:.1f}" for k, v in med.items())
           + "; each step (step/launch): " + " ".join(f"{r[4]:.0f}/{r[2]:.0f}" for r in rows))
 

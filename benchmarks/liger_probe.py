@@ -10,7 +10,7 @@ import statistics
 import torch
 
 from varlen import Decoder, DecoderConfig
-from varlen.data import mark_dynamic, move_batch
+from varlen.data import move_batch
 from varlen.data.synthetic import sample_lengths
 from varlen.measure.timing import since, start
 from varlen.models.families import family
@@ -45,8 +45,7 @@ def run(name, convert):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=True)
     collate, ms, losses = TrainCollator(max_seqlen=1023), [], []
     for i, samples in enumerate(rows):
-        batch = move_batch(collate(samples), "cuda", non_blocking=True)
-        mark_dynamic(batch)
+        batch = move_batch(collate(samples), "cuda", non_blocking=True).mark_dynamic()
         t0 = start("cuda")
         stats = train_step(compiled, [batch], opt, family("decoder").logits,
                            autocast=torch.autocast("cuda", dtype=torch.bfloat16))

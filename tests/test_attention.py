@@ -408,3 +408,29 @@ def test_v_head_size_unlike_qk_mla(backend, dv, lengths):
     magnitude = max(x.grad.abs().max().item() for x in (q64, k64, v64))
     for x, x64, xb in ((q, q64, base_q), (k, k64, base_k), (v, v64, base_v)):
         assert max_err(x.grad, x64.grad) <= bound(max_err(xb.grad, x64.grad), torch.float32, magnitude)
+
+
+def test_attention_is_decided_once_per_batch_and_kind_of_input(monkeypatch):
+    # the first layer checks and chooses; the others (same info, shapes, flags) reuse the decision,
+    # and a new batch, another shape or a bad input is decided (and checked) afresh
+    import varlen
+    from varlen.attention import api
+
+    calls = []
+    decide = api._decide_call
+    monkeypatch.setattr(api, "_decide_call", lambda *a: calls.append(a[-2]) or decide(*a))
+    model = varlen.Decoder("tiny", backend="sdpa").eval()  # 2 layers
+    info = varlen.SeqInfo.from_lengths([5, 3])
+    with torch.no_grad():
+        first = model(torch.randint(1, 50, (8,)), info=info, causal=True)
+        model(torch.randint(1, 50, (8,)), info=info, causal=True)
+        assert len(calls) == 1
+        model(torch.randint(1, 50, (8,)), info=varlen.SeqInfo.from_lengths([5, 3]), causal=False)
+        assert len(calls) == 2
+    q = torch.randn(8, 4, 16)
+    varlen.attention(q, q, q, info, backend="reference")
+    varlen.attention(q, q, q, info, backend="reference")
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="q has 7 tokens but cu_seqlens ends at 8"):
+        varlen.attention(q[:7], q[:7], q[:7], info, backend="reference")
+    assert first.shape == (8, model.cfg.vocab_size)

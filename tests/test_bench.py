@@ -249,8 +249,8 @@ def test_cuda_graph_batches_have_one_shape(dist):
     shapes = set()
     for b in batches:
         out = collate([ds[i] for i in b])
-        shapes.add((tuple(out["input_ids"].shape), tuple(out["info"].cu_seqlens.shape)))
-        assert int((out["labels"] != -100).sum()) == sum(ds.lengths[i] for i in b)
+        shapes.add((tuple(out.input_ids.shape), tuple(out.info.cu_seqlens.shape)))
+        assert int((out.labels != -100).sum()) == sum(ds.lengths[i] for i in b)
     assert len(shapes) == 1
 
 
@@ -270,9 +270,9 @@ def test_cuda_graph_buckets_of_sample_batches(dist):
     for b in batches:
         out = collate([ds[i] for i in b])
         real = sum(ds.lengths[i] for i in b)
-        assert int((out["labels"] != -100).sum()) == real and out["input_ids"].numel() - real < (real + 3) / 8 + 3
-        assert out["input_ids"].numel() == collate.row_tokens([ds.lengths[i] for i in b])
-        shapes.add((out["input_ids"].numel(), tuple(out["info"].cu_seqlens.shape)))
+        assert int((out.labels != -100).sum()) == real and out.input_ids.numel() - real < (real + 3) / 8 + 3
+        assert out.input_ids.numel() == collate.row_tokens([ds.lengths[i] for i in b])
+        shapes.add((out.input_ids.numel(), tuple(out.info.cu_seqlens.shape)))
     assert len({s[1] for s in shapes}) == 1 and len(shapes) <= 24
     row = lambda b: collate.row_tokens([ds.lengths[i] for i in b])  # noqa: E731
     warm = cover_shapes(batches[:2], batches[2:], row)

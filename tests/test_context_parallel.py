@@ -27,11 +27,21 @@ def test_ulysses_attention_equals_the_unsplit_row(tmp_path, ranks):
 def test_shard_batch_slices_the_row_and_keeps_positions_across_edges():
     info = SeqInfo.from_lengths([5, 7])  # the second document crosses the edge at token 6
     ids = torch.arange(12)
-    batch = shard_batch(PackedBatch(ids, ids + 100, info, 12), ContextShard(1, 2))
+    batch = shard_batch(PackedBatch(ids, ids + 100, info), ContextShard(1, 2))
     assert batch.input_ids.tolist() == list(range(6, 12)) and batch.labels.tolist() == list(range(106, 112))
     assert info.position_ids[batch.context.slice(12)].tolist() == [1, 2, 3, 4, 5, 6] and batch.info is info
     with pytest.raises(ValueError, match="multiple of 5 tokens, got 12"):
-        shard_batch(PackedBatch(ids, ids, SeqInfo.from_lengths([12]), 12), ContextShard(0, 5))
+        shard_batch(PackedBatch(ids, ids, SeqInfo.from_lengths([12])), ContextShard(0, 5))
+
+
+def test_a_ranks_slice_counts_its_own_real_tokens():
+    # filler anywhere in the row (PackRowsCollator puts it at each row's tail): each rank counts the
+    # samples' tokens in its slice, and the slices add up to the row's
+    info = SeqInfo.from_lengths([5, 2, 4, 1], filler=(1, 3))
+    ids = torch.arange(12)
+    whole = PackedBatch(ids, ids, info)
+    parts = [shard_batch(whole, ContextShard(r, 3)).tokens for r in range(3)]
+    assert whole.tokens == 9 and parts == [4, 2, 3] and info.real_lengths == (5, 4)
 
 
 def test_context_groups_must_divide_the_processes():

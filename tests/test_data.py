@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -48,13 +50,13 @@ def test_pad_collators():
     samples = _samples()
     lens = [len(i) for i, _ in samples]
     fixed = PadCollator(length=32)(samples)
-    assert fixed["input_ids"].shape == (5, 32)
+    assert fixed.input_ids.shape == (5, 32)
     longest = PadToLongestCollator(bucket="multiple", min_length=8)(samples)
-    assert longest["input_ids"].shape[1] == -(-max(lens) // 8) * 8
+    assert longest.input_ids.shape[1] == -(-max(lens) // 8) * 8
     for b in (fixed, longest):
-        assert b["attention_mask"].sum(1).tolist() == lens
-        assert (b["labels"][~b["attention_mask"]] == IGNORE_INDEX).all()
-        assert (b["input_ids"][~b["attention_mask"]] == 0).all()
+        assert b.attention_mask.sum(1).tolist() == lens
+        assert (b.labels[~b.attention_mask] == IGNORE_INDEX).all()
+        assert (b.input_ids[~b.attention_mask] == 0).all()
     with pytest.raises(ValueError, match="does not fit"):
         PadCollator(length=4)(samples)
 
@@ -62,23 +64,23 @@ def test_pad_collators():
 def test_pack_collator_keeps_samples_apart():
     samples = _samples()
     b = PackCollator()(samples)
-    info = b["info"]
+    info = b.info
     assert isinstance(info, SeqInfo) and info.lengths == tuple(len(i) for i, _ in samples)
-    for (inp, tgt), pi, pt in zip(samples, info.split(b["input_ids"]), info.split(b["labels"])):
+    for (inp, tgt), pi, pt in zip(samples, info.split(b.input_ids), info.split(b.labels)):
         assert torch.equal(inp, pi) and torch.equal(tgt, pt)
 
 
 def test_nested_collator():
     samples = _samples()
     b = NestedCollator()(samples)
-    assert b["input_ids"].is_nested
-    for (inp, _), row, pos in zip(samples, b["input_ids"].unbind(), b["position_ids"].unbind()):
+    assert b.input_ids.is_nested
+    for (inp, _), row, pos in zip(samples, b.input_ids.unbind(), b.position_ids.unbind()):
         assert torch.equal(row, inp) and pos.tolist() == list(range(len(inp)))
 
 
 def test_dict_samples_and_bad_samples():
     b = PackCollator()([{"input_ids": [1, 2, 3], "labels": [2, 3, 4]}])
-    assert b["input_ids"].tolist() == [1, 2, 3]
+    assert b.input_ids.tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match="same length"):
         PackCollator()([{"input_ids": [1, 2, 3], "labels": [2, 3]}])
     with pytest.raises(ValueError, match="empty batch"):
@@ -92,14 +94,18 @@ def test_dataloader_with_workers(collate):
     direct = collate([ds[i] for i in range(4)])
     loader = DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=2)
     first = move_batch(next(iter(loader)), "cpu")
-    for key, value in direct.items():
+    assert type(first) is type(direct) and first.tokens == direct.tokens
+    for f in dataclasses.fields(direct):
+        value, got = getattr(direct, f.name), getattr(first, f.name)
         if isinstance(value, SeqInfo):
-            assert first[key].lengths == value.lengths
-            assert torch.equal(first[key].cu_seqlens, value.cu_seqlens)
-        elif value.is_nested:
-            assert torch.equal(first[key].values(), value.values())
+            assert got.lengths == value.lengths and got.filler == value.filler
+            assert torch.equal(got.cu_seqlens, value.cu_seqlens)
+        elif isinstance(value, torch.Tensor) and value.is_nested:
+            assert torch.equal(got.values(), value.values())
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(got, value)
         else:
-            assert torch.equal(first[key], value)
+            assert got == value, f.name
 
 
 @pytest.mark.parametrize("kw, want", [({"pad_to_multiple_of": 128}, 256), ({"pad_to": 300}, 300),
@@ -110,18 +116,18 @@ def test_pack_collator_filler_is_its_own_ignored_sequences(kw, want):
     real = sum(ds.lengths)
     assert 128 < real <= 256
     batch = PackCollator(max_seqlen=64, **kw)(samples)
-    info = batch["info"]
-    assert batch["input_ids"].shape == (want,) and info.total_tokens == want
+    info = batch.info
+    assert batch.input_ids.shape == (want,) and info.total_tokens == want
     assert info.lengths[:5] == tuple(ds.lengths) and max(info.lengths) <= 64  # filler chunks <= max_seqlen
-    assert int((batch["labels"] != IGNORE_INDEX).sum()) == real
-    assert (batch["labels"][real:] == IGNORE_INDEX).all() and (batch["input_ids"][real:] == 0).all()
+    assert int((batch.labels != IGNORE_INDEX).sum()) == real
+    assert (batch.labels[real:] == IGNORE_INDEX).all() and (batch.input_ids[real:] == 0).all()
     # the model's loss over real tokens is the same with and without filler
     torch.manual_seed(0)
     model = Decoder("tiny").eval()
     plain = PackCollator(max_seqlen=64)(samples)
     with torch.no_grad():
-        a = lm_loss(forward_batch(model, batch, backend="sdpa"), batch["labels"])
-        b = lm_loss(forward_batch(model, plain, backend="sdpa"), plain["labels"])
+        a = lm_loss(forward_batch(model, batch, backend="sdpa"), batch.labels)
+        b = lm_loss(forward_batch(model, plain, backend="sdpa"), plain.labels)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -141,11 +147,11 @@ def test_pack_collator_fixed_shapes_for_cuda_graphs():
         samples = [ds[i] for i in range(start, start + n)]
         lens = ds.lengths[start:start + n]
         batch = collate(samples)
-        info = batch["info"]
-        shapes.add((tuple(batch["input_ids"].shape), tuple(info.cu_seqlens.shape), info.max_seqlen))
+        info = batch.info
+        shapes.add((tuple(batch.input_ids.shape), tuple(info.cu_seqlens.shape), info.max_seqlen))
         assert info.lengths[:n] == tuple(lens) and info.num_seqs == 12
         assert all(1 <= x <= 64 for x in info.lengths[n:])
-        assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(lens)
+        assert int((batch.labels != IGNORE_INDEX).sum()) == sum(lens)
     assert shapes == {((400,), (13,), 64)}
 
 
@@ -171,8 +177,8 @@ def test_pad_to_longest_bucket_rule(kw, longest, want):
     assert collate.length(longest) == want
     batch = collate([(torch.ones(longest, dtype=torch.long), torch.ones(longest, dtype=torch.long)),
                      (torch.ones(1, dtype=torch.long), torch.ones(1, dtype=torch.long))])
-    assert batch["input_ids"].shape == (2, want)
-    assert batch["attention_mask"].sum(1).tolist() == [longest, 1]
+    assert batch.input_ids.shape == (2, want)
+    assert batch.attention_mask.sum(1).tolist() == [longest, 1]
 
 
 def test_pad_to_longest_study_batches_take_few_shapes():
@@ -194,6 +200,52 @@ def test_pack_rows_filler_stays_inside_the_samples_positions():
 
     samples = [(torch.arange(n), torch.arange(n) + 1) for n in (50, 7, 30)]
     batch = PackRowsCollator(row_len=400)(samples)
-    assert batch["position_ids"].max().item() == 49
-    info = batch["info"]
-    assert info.total_tokens == batch["input_ids"].numel() and max(info.lengths) == 50
+    assert batch.info.position_ids.max().item() == 49 and batch.info.real_lengths == (50, 30, 7)
+    info = batch.info
+    assert info.total_tokens == batch.input_ids.numel() and max(info.lengths) == 50
+
+
+@pytest.mark.parametrize("lengths", [[1], [7], [1] * 40, [3, 1, 4, 1, 5], [60, 60]],
+                         ids=["length-1", "one-sequence", "many-tiny", "mixed", "the-maximum"])
+def test_every_collator_returns_a_typed_batch_that_counts_its_real_tokens(lengths):
+    from varlen.data import NestedBatch, PackedBatch, PackRowsCollator, PaddedBatch
+
+    g = torch.Generator().manual_seed(len(lengths))
+    samples = [(x, torch.cat([x[1:], torch.tensor([IGNORE_INDEX])]))
+               for x in (torch.randint(1, 50, (n,), generator=g) for n in lengths)]
+    real = sum(lengths)
+    collators = {PadCollator(length=64): (PaddedBatch, 64 * len(lengths)),
+                 PadToLongestCollator(max_length=64): (PaddedBatch, None),
+                 PackCollator(): (PackedBatch, real),
+                 PackCollator(pad_to=real + 9, max_seqlen=60): (PackedBatch, real + 9),
+                 PackRowsCollator(row_len=64, rows=len(lengths) + 1): (PackedBatch, 64 * (len(lengths) + 1)),
+                 NestedCollator(): (NestedBatch, real)}
+    for collate, (kind, computed) in collators.items():
+        batch = collate(samples)
+        assert type(batch) is kind, collate
+        assert batch.tokens == real, collate
+        assert batch.computed_tokens == (computed or batch.input_ids.numel()), collate
+        info = batch.varlen_info
+        if info is not None:  # filler is marked, never counted, and the samples keep their lengths
+            assert sorted(info.real_lengths) == sorted(lengths) and info.real_tokens == real, collate
+            filler = [info.lengths[i] for i in info.filler]
+            assert sum(filler) == info.total_tokens - real and all(n <= 64 for n in filler), collate
+            labels = batch.labels.split(list(info.lengths))
+            assert all((labels[i] == IGNORE_INDEX).all() for i in info.filler), collate
+        kw = batch.model_kwargs()
+        assert kw["input_ids"] is batch.input_ids and set(kw) <= {"input_ids", "info", "attention_mask", "position_ids"}
+
+
+def test_hf_rows_are_views_of_the_packed_row():
+    from varlen.data import PackRowsCollator
+
+    samples = [(torch.arange(1, n + 1), torch.arange(1, n + 1)) for n in (5, 3, 6)]
+    batch = PackRowsCollator(row_len=8, labels="unshifted")(samples)
+    kw = batch.hf_kwargs(labels=True)
+    assert kw["input_ids"].shape == kw["labels"].shape == kw["position_ids"].shape == (2, 8)
+    assert torch.equal(kw["input_ids"].flatten(), batch.input_ids) and kw["varlen_info"] is batch.info
+    assert (kw["position_ids"][:, 0] == 0).all()  # each row begins a sample or filler
+    one = PackCollator(labels="unshifted")(samples).hf_kwargs(varlen_info=False)
+    assert one["input_ids"].shape == (1, 14) and "varlen_info" not in one and "labels" not in one
+    with pytest.raises(ValueError, match="take no nested tensors"):
+        NestedCollator(labels="unshifted")(samples).hf_kwargs()

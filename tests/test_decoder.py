@@ -29,9 +29,9 @@ def _real_logits(batch, logits):
     """Logits of real tokens, packed in sample order, whatever the layout."""
     if logits.is_nested:
         return logits.values()
-    if "info" in batch:
+    if batch.varlen_info is not None:
         return logits
-    return logits[batch["attention_mask"]]
+    return logits[batch.attention_mask]
 
 
 LENGTHS = [[1], [63], [5, 1, 17, 2, 9], [1] * 10, [63, 1, 40]]
@@ -49,7 +49,7 @@ def test_layouts_agree(lengths, train):
     for name, collate in collators.items():
         batch = collate(samples)
         logits = forward_batch(model, batch)
-        results[name] = (_real_logits(batch, logits), lm_loss(logits, batch["labels"]))
+        results[name] = (_real_logits(batch, logits), lm_loss(logits, batch.labels))
     ref_logits, ref_loss = results["padded"]
     for name, (logits, loss) in results.items():
         torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9, msg=name)
@@ -62,14 +62,14 @@ def test_packed_backends_match_padded_with_grads(backend, train):
     samples = _samples([7, 1, 30, 12])
     packed, padded = PackCollator()(samples), PadCollator(length=64)(samples)
     model = _model(train)
-    probe = torch.zeros(packed["info"].total_tokens, CFG.n_heads, CFG.head_dim, dtype=torch.float64, requires_grad=train)
-    why = backend_reasons(backend, probe, probe, probe, packed["info"], train, (-1, -1))
+    probe = torch.zeros(packed.info.total_tokens, CFG.n_heads, CFG.head_dim, dtype=torch.float64, requires_grad=train)
+    why = backend_reasons(backend, probe, probe, probe, packed.info, train, (-1, -1))
     if why:
         pytest.skip(f"{backend}: {'; '.join(why)}")
 
     def loss_and_grads(batch, **kw):
         model.zero_grad()
-        loss = lm_loss(forward_batch(model, batch, **kw), batch["labels"])
+        loss = lm_loss(forward_batch(model, batch, **kw), batch.labels)
         if train:
             loss.backward()
         return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]
@@ -90,7 +90,7 @@ def test_packed_equals_each_sequence_alone(train):
     samples = _samples([9, 1, 25, 4])
     batch = PackCollator()(samples)
     logits = forward_batch(model, batch)
-    for (inp, _), got in zip(samples, batch["info"].split(logits)):
+    for (inp, _), got in zip(samples, batch.info.split(logits)):
         alone = model(inp, info=SeqInfo.from_lengths([len(inp)]))
         torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
 
@@ -100,7 +100,7 @@ def test_loss_ignores_padding_and_is_finite_in_float32():
     model = Decoder("tiny")
     ds = SyntheticDataset(8, max_len=100)
     batch = PadToLongestCollator()([ds[i] for i in range(8)])
-    loss = lm_loss(forward_batch(model, batch), batch["labels"])
+    loss = lm_loss(forward_batch(model, batch), batch.labels)
     assert torch.isfinite(loss) and 5.0 < loss.item() < 9.0  # ~ln(1024) for random init
 
 
@@ -124,7 +124,7 @@ def test_compiled_decoder_does_not_recompile_for_each_batch(per_block, most):
     # FSDP2 compile it) one static first graph)
     from torch._dynamo.utils import counters
 
-    from varlen.data import PackCollator, SyntheticDataset, mark_dynamic
+    from varlen.data import PackCollator, SyntheticDataset
 
     torch._dynamo.reset()
     counters.clear()
@@ -144,8 +144,8 @@ def test_compiled_decoder_does_not_recompile_for_each_batch(per_block, most):
         n = int(torch.randint(1, 12, (1,), generator=g))
         batch = collate([ds[j] for j in range(start, start + n)])
         start += n
-        seen.add((n, batch["info"].total_tokens))
-        mark_dynamic(batch)
+        seen.add((n, batch.info.total_tokens))
+        batch = batch.mark_dynamic()
         with torch.no_grad():
             forward_batch(model, batch)
     assert len(seen) == 20

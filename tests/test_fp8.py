@@ -94,8 +94,8 @@ def test_fp8_rows_are_padded_to_whole_gemm_tiles():
     for compiled in (False, True):
         case = Case("packed-sdpa", "train", compiled, w)
         batch = _collator(case, DecoderConfig.from_name("tiny"), [list(range(6))])(samples)
-        assert batch["info"].total_tokens % 16 == 0 and batch["info"].total_tokens - real < 16
-        assert (batch["labels"][real:] == -100).all()
+        assert batch.info.total_tokens % 16 == 0 and batch.info.total_tokens - real < 16
+        assert (batch.labels[real:] == -100).all()
     packed = TrainCollator(multiple_of=2 * 16)(samples)
     assert packed.input_ids.numel() % 32 == 0
     assert "multiple of 16" in precheck(Case("nested", "train", False, w))

@@ -173,8 +173,8 @@ def test_decoder_packed_matches_padded_bf16(backend):
     with torch.autocast("cuda", torch.bfloat16):
         for train in (False, True):
             model.train(train)
-            lp = lm_loss(forward_batch(model, packed, backend=backend), packed["labels"])
-            ld = lm_loss(forward_batch(model, padded), padded["labels"])
+            lp = lm_loss(forward_batch(model, packed, backend=backend), packed.labels)
+            ld = lm_loss(forward_batch(model, padded), padded.labels)
             losses[train] = (lp.item(), ld.item())
             assert abs(lp.item() - ld.item()) < 1e-2, (train, lp.item(), ld.item())
     print(backend, losses)
@@ -185,8 +185,6 @@ def test_compiled_train_step_neither_syncs_nor_recompiles(backend):
     # the study's compiled packed step on changing batches: after warm-up, no host sync in the
     # step (sync debug mode "error") and no new graph
     from torch._dynamo.utils import counters
-
-    from varlen.data import mark_dynamic
 
     _skip_unless_runs(backend)
     torch._dynamo.reset()
@@ -199,7 +197,7 @@ def test_compiled_train_step_neither_syncs_nor_recompiles(backend):
     collate = PackCollator(max_seqlen=511)
     batches = [move_batch(collate([ds[j] for j in range(i * 16, i * 16 + 16 - i % 5)]), "cuda") for i in range(12)]
     for i, batch in enumerate(batches):
-        mark_dynamic(batch)
+        batch = batch.mark_dynamic()
         if i == 4:
             graphs = counters["stats"]["unique_graphs"]
         if i >= 4:
@@ -207,7 +205,7 @@ def test_compiled_train_step_neither_syncs_nor_recompiles(backend):
             torch.cuda.set_sync_debug_mode("error")
         try:
             with torch.autocast("cuda", torch.bfloat16):
-                loss = lm_loss(forward_batch(step_model, batch, causal=True), batch["labels"])
+                loss = lm_loss(forward_batch(step_model, batch, causal=True), batch.labels)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

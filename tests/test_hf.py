@@ -239,6 +239,27 @@ def test_compiled_model_matches_eager():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_model_on_changing_packed_batches_keeps_few_graphs():
+    # a PackedBatch marked dynamic hands HF models [1, T] views made per call: compiled, the model
+    # gives eager's logits on batches of changing token and sequence counts, in a bounded number of graphs
+    from torch._dynamo.utils import counters
+
+    from varlen.data import PackCollator
+
+    _, vm = _models("llama_gqa")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, collate, g = torch.compile(vm), PackCollator(max_seqlen=40, labels="unshifted"), torch.Generator().manual_seed(3)
+    for n in range(2, 8):
+        samples = [s for s in _samples(torch.randint(2, 40, (n,), generator=g).tolist(), seed=n)]
+        batch = collate([(s, s) for s in samples]).mark_dynamic()
+        with torch.no_grad():
+            got = compiled(**batch.hf_kwargs(), use_cache=False).logits[0]
+            want = vm(**batch.hf_kwargs(), use_cache=False).logits[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
 def test_trainer_example_trains(tmp_path):
     import importlib.util
     from pathlib import Path

@@ -117,12 +117,12 @@ def test_packed_rows_collator_ignores_sample_starts_for_hf():
     from varlen.loss import Labels
 
     samples = [(torch.arange(1, n + 1), torch.arange(1, n + 1)) for n in (3, 4, 2)]
-    hf = PackRowsCollator(row_len=10, info_key="varlen_info", labels=Labels.UNSHIFTED)(samples)
-    starts = hf["varlen_info"].cu_seqlens[:-1].long()
-    assert (hf["labels"].flatten()[starts] == -100).all()
+    hf = PackRowsCollator(row_len=10, labels=Labels.UNSHIFTED)(samples)
+    starts = hf.info.cu_seqlens[:-1].long()
+    assert (hf.labels.flatten()[starts] == -100).all()
     shifted = [(x, x + 1) for x, _ in samples]
-    plain = PackRowsCollator(row_len=10, info_key="varlen_info")(shifted)
-    live = plain["labels"].flatten()[plain["varlen_info"].cu_seqlens[:-1].long()]
+    plain = PackRowsCollator(row_len=10)(shifted)
+    live = plain.labels.flatten()[plain.info.cu_seqlens[:-1].long()]
     assert (live != -100).sum() == 3  # the three samples' own first targets; filler is ignored
 
 

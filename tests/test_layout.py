@@ -76,6 +76,12 @@ def test_no_private_name_crosses_a_package():
     assert not bad, bad
 
 
+def test_models_reach_attention_through_its_public_names_only():
+    bad = [(m, t) for m, ts in _graph().items() for t in ts
+           if m.startswith("varlen.models") and t.startswith("varlen.attention.")]
+    assert not bad, bad
+
+
 def test_no_import_cycle():
     graph = _graph()
     # a package's __init__ re-exporting its modules is not a cycle of the modules themselves

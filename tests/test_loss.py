@@ -8,7 +8,7 @@ from varlen import SeqInfo
 from varlen.data import NestedCollator, PackCollator, PackRowsCollator, PadCollator, PadToLongestCollator
 from varlen.hf import VarlenCollator
 from varlen.loss import IGNORE_INDEX, Labels, cross_entropy_sum, lm_loss, num_targets
-from varlen.models import DECODER, HF_LLAMA, PRESETS, forward_batch
+from varlen.models import DECODER, HF_LLAMA, PRESETS
 
 LENGTHS = (1, 2, 7, 13, 5, 1, 3)  # length 1: a sample with no target
 
@@ -38,26 +38,28 @@ def _alone(name, model, s):
     return model(input_ids=s[None], use_cache=False).logits[0]
 
 
-def _forward(name, model, batch):
+def _inputs(name, batch):
+    """(keyword arguments, labels) of a typed batch, or of VarlenCollator's dict (the HF boundary)."""
+    if isinstance(batch, dict):
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
     if name == "decoder":
-        return forward_batch(model, batch, causal=True)
-    if "attention_mask" in batch:  # padded rows
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    if "info" in batch:  # one packed row [T] with varlen's metadata
-        info = batch["info"]
-        return model(input_ids=batch["input_ids"][None], position_ids=info.position_ids[None], varlen_info=info,
-                     use_cache=False).logits[0]
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], varlen_info=batch["varlen_info"],
-                 use_cache=False).logits
+        return batch.model_kwargs(), batch.labels
+    kw = batch.hf_kwargs(labels=True)  # HF's rows: [B, L] labels, shifted within each row
+    return kw, kw.pop("labels")
+
+
+def _forward(name, model, kw):
+    if name == "decoder":
+        return model(**kw, causal=True)
+    return model(**kw, use_cache=False).logits
 
 
 def _collators(name, convention):
-    rows_key = "info" if name == "decoder" else "varlen_info"
     out = {
         "PadCollator": PadCollator(length=16, labels=convention),
         "PadToLongestCollator": PadToLongestCollator(min_length=4, labels=convention),
         "PackCollator": PackCollator(labels=convention),
-        "PackRowsCollator": PackRowsCollator(row_len=20, info_key=rows_key, labels=convention),
+        "PackRowsCollator": PackRowsCollator(row_len=20, labels=convention),
     }
     if name == "decoder":
         out["NestedCollator"] = NestedCollator(labels=convention)
@@ -74,30 +76,30 @@ def test_every_collator_gives_each_samples_own_loss(models, name, convention):
         want = torch.cat([cross_entropy_sum(_alone(name, model, s)[:-1], s[1:])[None] for s in tokens])
     n_want = sum(len(s) - 1 for s in tokens)
     for cname, collate in _collators(name, convention).items():
-        batch = collate(_pairs(tokens, convention))
-        labels = convention.aligned(batch["labels"])
+        kw, labels = _inputs(name, collate(_pairs(tokens, convention)))
+        labels = convention.aligned(labels)
         flat = labels.values() if labels.is_nested else labels
         assert num_targets(flat).item() == n_want, f"{cname}: targets lost or added"
         if labels.is_nested:  # causal nested SDPA runs on CUDA only: the targets must be the packed row's
-            packed = PackCollator(labels=convention)(_pairs(tokens, convention))["labels"]
+            packed = PackCollator(labels=convention)(_pairs(tokens, convention)).labels
             assert torch.equal(flat, convention.aligned(packed)), cname
             continue
         with torch.no_grad():
-            got = lm_loss(_forward(name, model, batch), labels)
+            got = lm_loss(_forward(name, model, kw), labels)
         # float64 throughout: the sums differ only in rounding order (~1e-16 per term)
         torch.testing.assert_close(got, want.sum() / n_want, rtol=1e-10, atol=0, msg=lambda m: f"{cname}: {m}")
 
 
 def test_shifted_pairs_for_hf_rows_keep_their_first_target():
     # the bug this module ends: (input_ids, targets) pairs in rows for HF's keys lost each
-    # sample's first target, because the convention was guessed from info_key
+    # sample's first target, because the convention was guessed from the key the metadata went under
     pairs = _pairs(_tokens(1), Labels.SHIFTED)
-    batch = PackRowsCollator(row_len=20, info_key="varlen_info")(pairs)
-    assert num_targets(batch["labels"]).item() == sum(len(s) - 1 for s, _ in pairs)
-    unshifted = PackRowsCollator(row_len=20, info_key="varlen_info", labels="unshifted")(
+    batch = PackRowsCollator(row_len=20)(pairs)
+    assert num_targets(batch.labels).item() == sum(len(s) - 1 for s, _ in pairs)
+    unshifted = PackRowsCollator(row_len=20, labels="unshifted")(
         _pairs(_tokens(1), Labels.UNSHIFTED))
-    starts = unshifted["varlen_info"].cu_seqlens[:-1].long()
-    assert (unshifted["labels"].flatten()[starts] == IGNORE_INDEX).all()
+    starts = unshifted.info.cu_seqlens[:-1].long()
+    assert (unshifted.labels.flatten()[starts] == IGNORE_INDEX).all()
 
 
 @pytest.mark.parametrize("collate", [PadCollator(length=16), PadToLongestCollator(), PackCollator(),
@@ -126,7 +128,7 @@ def test_labels_that_fit_both_or_neither_convention_pass():
     chat[:4] = IGNORE_INDEX
     with pytest.raises(ValueError, match="its labels are its input_ids"):
         PackCollator()([(ids, chat)])
-    assert num_targets(PackCollator(labels=Labels.UNSHIFTED)([(ids, chat)])["labels"]).item() == 4
+    assert num_targets(PackCollator(labels=Labels.UNSHIFTED)([(ids, chat)]).labels).item() == 4
 
 
 def test_unknown_convention_is_refused():
@@ -219,6 +221,6 @@ def test_heads_with_more_than_a_linear_layer_are_refused():
 def test_a_collators_own_ignore_index_marks_the_starts_it_ignores():
     pairs = [(torch.arange(1, 5), torch.arange(1, 5)), (torch.arange(5, 8), torch.arange(5, 8))]
     b = PackCollator(labels=Labels.UNSHIFTED, ignore_index=-1)(pairs)
-    assert b["labels"].tolist() == [-1, 2, 3, 4, -1, 6, 7]
+    assert b.labels.tolist() == [-1, 2, 3, 4, -1, 6, 7]
     hf = VarlenCollator(ignore_index=-7)([{"input_ids": x} for x, _ in pairs])
     assert hf["labels"].tolist() == [[-7, 2, 3, 4, -7, 6, 7]]

@@ -269,6 +269,8 @@ def test_long_and_empty_rows_are_counted(tmp_path, capsys):
     (["--allow-change", "colour"], "--allow-change: unknown field(s) colour"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
     (["--max-tokens", "100"], "samples reach 255 tokens but a micro-step takes 100"),
+    (["--device", "gpu"], "argument --device: 'gpu' is not cpu, cuda or cuda:N"),
+    (["--device", "cpu:1"], "argument --device: 'cpu:1' is not cpu, cuda or cuda:N"),
 ])
 def test_bad_arguments_are_one_line_with_exit_code_2(tmp_path, capsys, args, message):
     code, err = _train(args, capsys)
@@ -288,6 +290,7 @@ def test_unwritable_out_is_one_line(tmp_path, capsys):
     (["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
     (["--jobs", "0"], "argument --jobs: 0 is not a positive integer"),
     (["--tokens-per-batch", "50"], "--tokens-per-batch 50 is below the longest sample"),
+    (["--device", "cuda:x"], "argument --device: 'cuda:x' is not cpu, cuda or cuda:N"),
 ])
 def test_bench_refuses_bad_numbers(args, message, capsys):
     from varlen.bench.cli import main
@@ -295,6 +298,28 @@ def test_bench_refuses_bad_numbers(args, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--preset", "tiny", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "check", "bench"])
+def test_a_gpu_this_machine_lacks_is_one_line(command, capsys, monkeypatch):
+    import varlen.cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    extra = {"train": ["--preset", "tiny"], "check": ["--preset", "tiny"], "bench": ["--preset", "tiny"]}[command]
+    with pytest.raises(SystemExit) as e:
+        varlen.cli.main([command, "--device", "cuda:2", *extra])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1" in err, err
+
+
+def test_torchrun_ranks_take_their_local_gpu_not_a_chosen_one():
+    from varlen.train.distributed import gpu_of
+
+    assert gpu_of("cuda", 4, 3) == torch.device("cuda", 3) and gpu_of("cuda:1", 1, 0) == torch.device("cuda", 1)
+    assert gpu_of("cpu", 4, 2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda:1 with 2 processes: each rank takes the GPU of its LOCAL_RANK"):
+        gpu_of("cuda:1", 2, 0)
 
 
 def test_unknown_command():
@@ -354,10 +379,10 @@ def test_compiled_sdpa_pads_to_the_batch_bucket_not_the_bound():
     assert pads_to_max_seqlen("sdpa", "cpu") and pads_to_max_seqlen("auto", "cpu")
     assert not pads_to_max_seqlen("flex", "cpu") and not pads_to_max_seqlen("reference", "cpu")
     samples = [(torch.arange(n), torch.arange(n) + 1) for n in (100, 37, 5)]
-    assert PackCollator(max_seqlen=5000)(samples)["info"].max_seqlen == 5000
-    info = PackCollator(max_seqlen=5000, bucket_max_seqlen=True)(samples)["info"]
+    assert PackCollator(max_seqlen=5000)(samples).info.max_seqlen == 5000
+    info = PackCollator(max_seqlen=5000, bucket_max_seqlen=True)(samples).info
     assert info.max_seqlen == 128 and info.lengths == (100, 37, 5)
-    filled = PackCollator(max_seqlen=5000, pad_to=1000, bucket_max_seqlen=True)(samples)["info"]
+    filled = PackCollator(max_seqlen=5000, pad_to=1000, bucket_max_seqlen=True)(samples).info
     assert filled.max_seqlen == 128 and max(filled.lengths) <= 128 and filled.total_tokens == 1000
 
     from varlen.attention import sdpa

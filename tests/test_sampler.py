@@ -121,10 +121,10 @@ def test_works_as_batch_sampler_with_workers():
     loader = DataLoader(ds, batch_sampler=s, collate_fn=s.collator(), num_workers=2)
     seen, shapes = 0, set()
     for batch in loader:
-        real = batch["labels"] != IGNORE_INDEX
+        real = batch.labels != IGNORE_INDEX
         seen += int(real.sum())
-        shapes.add(tuple(batch["input_ids"].shape))
-        assert batch["info"].total_tokens == 2048
+        shapes.add(tuple(batch.input_ids.shape))
+        assert batch.info.total_tokens == 2048
     assert seen == sum(ds.lengths)
     assert shapes == {(2048,)}, "static=True: one shape for every batch"
 
@@ -136,11 +136,12 @@ def test_packed_rows_collator_matches_hf_format():
     assert isinstance(coll, PackRowsCollator)
     for idx in s:
         batch = coll([ds[i] for i in idx])
-        assert batch["input_ids"].shape == (4, 128)
-        info, pos = batch["info"], batch["position_ids"]
+        hf = batch.hf_kwargs()
+        assert hf["input_ids"].shape == (4, 128) and batch.row_len == 128 and hf["varlen_info"] is batch.info
+        info, pos = batch.info, hf["position_ids"]
         assert torch.equal(pos.flatten(), info.position_ids)
         assert (pos[:, 0] == 0).all()  # every row begins a sample (or filler)
-        assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(ds.lengths[i] for i in idx)
+        assert int((batch.labels != IGNORE_INDEX).sum()) == sum(ds.lengths[i] for i in idx) == batch.tokens
         # no sequence crosses a row boundary
         cu = info.cu_seqlens.tolist()
         assert set(range(0, 4 * 128 + 1, 128)) <= set(cu)

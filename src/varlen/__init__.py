@@ -1,7 +1,8 @@
 """varlen: fast PyTorch transformers on variable-length sequences."""
 
 from .attention import BACKENDS, BackendUnavailable, attention, attention_qkvpacked, backend_status, choose_backend
-from .data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, move_batch
+from .data import (NestedBatch, NestedCollator, PackCollator, PackedBatch, PackRowsCollator, PadCollator, PaddedBatch,
+                   PadToLongestCollator, SyntheticDataset, move_batch)
 from .loss import IGNORE_INDEX, Labels, lm_loss
 from .models import Decoder, DecoderConfig
 from .seqinfo import SeqInfo
@@ -13,9 +14,13 @@ __all__ = [
     "BackendUnavailable",
     "Decoder",
     "DecoderConfig",
+    "NestedBatch",
     "NestedCollator",
     "PackCollator",
+    "PackedBatch",
+    "PackRowsCollator",
     "PadCollator",
+    "PaddedBatch",
     "PadToLongestCollator",
     "SeqInfo",
     "SyntheticDataset",

@@ -54,6 +54,34 @@ def backend_name(text: str) -> str:
 backend_name.__name__ = "an attention backend"
 
 
+def device_name(text: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (one GPU of several); whether it exists here is
+    :func:`device_problem`'s to say, once the command knows it needs it."""
+    kind, sep, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (sep and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r} is not cpu, cuda or cuda:N")
+    return text
+
+
+device_name.__name__ = "a device"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` (a :func:`device_name`) cannot be used on this machine, or None."""
+    if name == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        return f"--device {name}: no CUDA device here; pass --device cpu"
+    index = int(name.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        return f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+    return None
+
+
 def usage_error(prog: str, message: str) -> NoReturn:
     """A bad argument found after parsing: argparse's one-line form and exit code 2."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +93,21 @@ class Subject:
     name: str
     hf: bool  # labels are the inputs (the model shifts them) rather than next tokens
 
-    def forms(self, samples: list[Tensor]) -> dict[str, tuple[dict, list[Tensor]]]:
-        """name -> (batch keyword arguments, each sample's flat logit positions)."""
+    def forms(self, samples: list[Tensor]) -> dict[str, tuple[object, list[Tensor]]]:
+        """name -> (a batch: HF keyword arguments or a typed batch, each sample's flat logit positions)."""
         raise NotImplementedError
 
-    def logits(self, model, batch: dict, use_cache: bool) -> Tensor:  # [N, V] flat
+    def logits(self, model, batch, use_cache: bool) -> Tensor:  # [N, V] flat
+        raise NotImplementedError
+
+    def labels(self, batch) -> Tensor:
+        raise NotImplementedError
+
+    def with_labels(self, batch, labels: Tensor):
+        """The batch with other labels (the leakage check drops one sample's)."""
+        raise NotImplementedError
+
+    def mark_dynamic(self, batch):
         raise NotImplementedError
 
     def alone(self, model, ids: Tensor) -> Tensor:  # [L, V], through the attention that needs no packing
@@ -125,9 +135,22 @@ class HFSubject(Subject):
     def alone(self, model, ids):
         return model(input_ids=ids[None], use_cache=False).logits[0]
 
+    # the HF boundary: HF's collators give dicts of keyword arguments, varlen's typed batches give
+    # theirs (hf_kwargs), so the forms are dicts here
     def logits(self, model, batch, use_cache):
         kw = {k: v for k, v in batch.items() if k != "labels"}
         return model(**kw, use_cache=use_cache).logits.flatten(0, 1)
+
+    def labels(self, batch):
+        return batch["labels"]
+
+    def with_labels(self, batch, labels):
+        return {**batch, "labels": labels}
+
+    def mark_dynamic(self, batch):
+        for key in ("input_ids", "labels", "position_ids"):  # an HF packed row [1, T]
+            torch._dynamo.maybe_mark_dynamic(batch[key], 1)
+        return batch
 
     def forms(self, samples):
         from transformers import DataCollatorWithFlattening
@@ -141,8 +164,9 @@ class HFSubject(Subject):
         for flash in (False, True):
             b = DataCollatorWithFlattening(return_flash_attn_kwargs=flash)(feats)
             out[f"DataCollatorWithFlattening{' + flash kwargs' if flash else ''}"] = (b, flat)
-        collate = PackRowsCollator(row_len=_row_len(samples), info_key="varlen_info", labels=Labels.UNSHIFTED)
-        out["PackRowsCollator(info_key='varlen_info', labels=UNSHIFTED)"] = (collate([(s, s) for s in samples]), _row_layout(collate, samples))
+        collate = PackRowsCollator(row_len=_row_len(samples), labels=Labels.UNSHIFTED)
+        out["PackRowsCollator(labels=UNSHIFTED)"] = (collate([(s, s) for s in samples]).hf_kwargs(labels=True),
+                                                     _row_layout(collate, samples))
         rows, where = _rows(samples)
         out["[B, L] packed rows, all-ones attention_mask"] = (rows, where)
         out["padded rows + attention_mask"] = _padded(samples)
@@ -165,9 +189,16 @@ class DecoderSubject(Subject):
         return model(ids, info=SeqInfo.from_lengths([len(ids)], device=ids.device), causal=True)
 
     def logits(self, model, batch, use_cache):
-        from .models import forward_batch
+        return model(**batch.model_kwargs(), causal=True).flatten(0, -2)
 
-        return forward_batch(model, batch, causal=True).flatten(0, -2)
+    def labels(self, batch):
+        return batch.labels
+
+    def with_labels(self, batch, labels):
+        return replace(batch, labels=labels)
+
+    def mark_dynamic(self, batch):
+        return batch.mark_dynamic()
 
     def forms(self, samples):
         from .data import PackCollator, PackRowsCollator, PadCollator
@@ -296,7 +327,7 @@ def _reaches_varlen(model) -> None:
         raise RuntimeError(f"{type(model).__name__} fails on one plain row through varlen: {error}")
 
 
-def _to(batch: dict, device) -> dict:
+def _to(batch, device):
     from .data import move_batch
 
     return move_batch(batch, device, non_blocking=False)
@@ -341,12 +372,12 @@ def _alone_loss_and_grads(subject, model, samples, device) -> tuple[Tensor, dict
     return torch.cat(losses), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _packed_loss(subject, model, batch: dict, **kw) -> Tensor:
+def _packed_loss(subject, model, batch, **kw) -> Tensor:
     if subject.hf:
         return model(**batch, use_cache=False, **kw).loss
-    from .models import forward_batch, lm_loss
+    from .loss import lm_loss
 
-    return lm_loss(forward_batch(model, batch, causal=True), batch["labels"])
+    return lm_loss(subject.logits(model, batch, False), batch.labels)
 
 
 def _loss_and_grads(report, subject, model, truth_model, base_model, samples, forms, device) -> Tensor:
@@ -392,8 +423,7 @@ def _leakage(report, subject, model, samples, device, vocab, tol, g) -> None:
             flat = subject.logits(model, batch, False)
         outs.append([flat[w.to(device)] for i, w in enumerate(where) if i != j])
         # the loss of the other samples only
-        batch = dict(batch)
-        batch["labels"] = _drop_labels(batch["labels"], where[j].to(device))
+        batch = subject.with_labels(batch, _drop_labels(subject.labels(batch), where[j].to(device)))
         model.zero_grad(set_to_none=True)
         _packed_loss(subject, model, batch).backward()
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -426,7 +456,7 @@ def _labels(report, subject, samples, forms) -> None:
     """No target crosses a sample boundary, and every in-sample target is there, in every form."""
     want = sum(len(s) - 1 for s in samples)
     for name, (batch, where) in forms.items():
-        labels = batch["labels"]
+        labels = subject.labels(batch)
         rows = labels if labels.dim() == 2 else labels[None]  # [B, L]: HF models shift inside each row
         shift = 1 if subject.hf else 0  # HF models train position t to predict labels[t + 1]
         width = rows.shape[1]
@@ -464,8 +494,6 @@ def _compiled(report, subject, model, truth_model, device, vocab, max_len, n, g,
     """torch.compile over n random batches: a bounded number of graphs, and the right logits."""
     from torch._dynamo.utils import counters
 
-    from .data import mark_dynamic
-
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model)
@@ -474,8 +502,7 @@ def _compiled(report, subject, model, truth_model, device, vocab, max_len, n, g,
         lengths = torch.randint(1, max_len + 1, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
         samples = [torch.randint(2, vocab, (m,), generator=g) for m in lengths]
         name, (batch, where) = next(iter(subject.forms(samples).items()))
-        batch = _to(batch, device)
-        mark_dynamic(batch)
+        batch = subject.mark_dynamic(_to(batch, device))
         with torch.no_grad():
             flat = subject.logits(compiled, batch, False)
             truth = [subject.alone(truth_model, s.to(device)) for s in samples]

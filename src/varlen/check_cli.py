@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import DTYPES, backend_name, dtype_name, positive_int, usage_error
+from .argtypes import DTYPES, backend_name, default_device, device_name, device_problem, dtype_name, positive_int, usage_error
 
 
 def parse_args(argv):
@@ -32,7 +32,7 @@ def parse_args(argv):
     p.add_argument("--attn-implementation", default="varlen", help="for --hf-config: varlen, sdpa, eager, ...")
     p.add_argument("--backend", type=backend_name, default="auto",
                    help="varlen's kernel: auto, flash, flash:fa4|fa2|torch, flex, sdpa, xformers, reference")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default=default_device(), help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", type=dtype_name("fp32", "bf16", "fp16"), default=None, metavar="{fp32,bf16,fp16}",
                    help="the model's dtype (default: fp32 on a CPU, bf16 on CUDA)")
     p.add_argument("--max-len", type=positive_int, default=256,
@@ -74,7 +74,7 @@ def all_architectures(args) -> int:
 
 
 def load_model(args):
-    dtype = DTYPES[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("fp32" if args.device == "cpu" else "bf16")]
     torch.manual_seed(args.seed)
     if args.preset:
         from .models import Decoder, DecoderConfig
@@ -124,8 +124,9 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.all_architectures is not None:
         return all_architectures(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        usage_error("varlen check", "--device cuda but no CUDA device here")
+    why = device_problem(args.device)
+    if why:
+        usage_error("varlen check", why)
     model, positions = load_model(args)
     from .attention import BackendUnavailable
     from .hf import PackingRefused

@@ -45,6 +45,9 @@ class SeqInfo:
     max_seqlen: int  # >= max(lengths); a bucketed upper bound is fine
     position_ids: Tensor  # [T] int64, restarting at 0 in each sequence
     document_ids: Tensor  # [T] int32, which sequence each token belongs to
+    # indices of the filler sequences (a collator's padding, as sequences of their own with ignored
+    # labels): what the host counts as real tokens leaves them out; the kernels treat them alike
+    filler: tuple[int, ...] = ()
     # Per-batch derived objects (dense masks, Flex BlockMasks, gather indices), built on first
     # use by the first layer and reused by the others.
     # An init field (not init=False) so that dataclasses.replace works on a SeqInfo, as FSDP2's
@@ -59,7 +62,9 @@ class SeqInfo:
         *,
         device: torch.device | str | None = None,
         max_seqlen: int | None = None,
+        filler: Sequence[int] = (),
     ) -> "SeqInfo":
+        """``filler``: the indices of the sequences that are filler, not samples."""
         lens = _as_int_list(lengths, "lengths")
         if not lens:
             raise ValueError("empty batch: lengths has no sequence")
@@ -77,7 +82,10 @@ class SeqInfo:
         cu[1:] = torch.cumsum(lens_t, 0)
         doc = torch.repeat_interleave(torch.arange(len(lens), dtype=torch.int32), lens_t)
         pos = torch.arange(int(cu[-1]), dtype=torch.int64) - cu[:-1].long().repeat_interleave(lens_t)
-        info = cls(cu, tuple(lens), int(max_seqlen), pos, doc)
+        filler = tuple(sorted(set(_as_int_list(filler, "filler"))))
+        if filler and not (0 <= filler[0] and filler[-1] < len(lens)):
+            raise ValueError(f"filler indices must name sequences 0..{len(lens) - 1}, got {filler}")
+        info = cls(cu, tuple(lens), int(max_seqlen), pos, doc, filler)
         return info.to(device) if device is not None else info
 
     @classmethod
@@ -149,6 +157,28 @@ class SeqInfo:
     @property
     def total_tokens(self) -> int:
         return self.position_ids.shape[0]
+
+    @property
+    def real_lengths(self) -> tuple[int, ...]:
+        """The samples' lengths, filler sequences left out (host ints)."""
+        if not self.filler:
+            return self.lengths
+        skip = set(self.filler)
+        return tuple(n for i, n in enumerate(self.lengths) if i not in skip)
+
+    @property
+    def real_tokens(self) -> int:
+        """The samples' tokens, filler left out (host arithmetic, no device read)."""
+        return sum(self.real_lengths)
+
+    def real_tokens_in(self, span: slice) -> int:
+        """The samples' tokens inside ``span`` of the row (a context-parallel rank's slice)."""
+        out, start, skip = 0, 0, set(self.filler)
+        for i, n in enumerate(self.lengths):
+            if i not in skip:
+                out += max(0, min(start + n, span.stop) - max(start, span.start))
+            start += n
+        return out
 
     @property
     def device(self) -> torch.device:

@@ -20,8 +20,8 @@ compiled = torch.compile(model)
 ds = SyntheticDataset(40, max_len=100, seed=1)
 for step in range(3):  # rows of different lengths: the compiled graph must follow without recompiling each
     b = PackCollator(pad_to_multiple_of=n)([ds[i] for i in range(step * 10, step * 10 + 10)])
-    batch = shard_batch(PackedBatch(b["input_ids"], b["labels"], b["info"]), ContextShard(rank, n))
-    batch.mark_dynamic()
+    batch = shard_batch(PackedBatch(b.input_ids, b.labels, b.info), ContextShard(rank, n))
+    batch = batch.mark_dynamic()
     with torch.no_grad():
         truth = DECODER.logits(truth_model, batch)
         eager = DECODER.logits(model, batch)

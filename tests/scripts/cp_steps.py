@@ -32,7 +32,7 @@ collate = PackCollator(pad_to_multiple_of=4)  # rows that split over 1, 2 or 4 r
 
 def row(indices):
     b = collate([ds[i] for i in indices])
-    return PackedBatch(b["input_ids"], b["labels"], b["info"])
+    return PackedBatch(b.input_ids, b.labels, b.info)
 
 
 losses = []

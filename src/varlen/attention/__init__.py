@@ -1,4 +1,5 @@
-"""One entry point over every packed-sequence attention kernel."""
+"""One entry point over every packed-sequence attention kernel, and the padded and nested layouts'
+attention (what the decoder's other batch layouts run): the only names models import."""
 
 from .api import (
     AUTO_ORDER,
@@ -8,11 +9,14 @@ from .api import (
     attention_qkvpacked,
     backend_reasons,
     backend_status,
+    backend_unavailable,
     check_inputs,
     choose_backend,
     kernel_name,
     pads_to_max_seqlen,
 )
+from .nested import nested_sdpa
+from .sdpa import padded_attention, padded_mask
 
 __all__ = [
     "AUTO_ORDER",
@@ -22,8 +26,12 @@ __all__ = [
     "attention_qkvpacked",
     "backend_reasons",
     "backend_status",
+    "backend_unavailable",
     "check_inputs",
     "choose_backend",
     "kernel_name",
+    "nested_sdpa",
+    "padded_attention",
+    "padded_mask",
     "pads_to_max_seqlen",
 ]

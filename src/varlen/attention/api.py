@@ -228,7 +228,35 @@ def attention_qkvpacked(
 
 
 def _resolve(q, k, v, info, causal, scale, window_size, softcap, backend, sinks=None) -> tuple[ModuleType, dict]:
-    """The checked inputs' backend module and its keyword arguments; raises before any kernel runs."""
+    """The checked inputs' backend module and its keyword arguments; raises before any kernel runs.
+
+    Decided once per batch and kind of input: the first layer checks the inputs and chooses the
+    backend (and flash's implementation), and every later layer with the same ``info``, shapes,
+    dtypes, devices and flags reuses that decision from the batch's cache instead of deciding again.
+    """
+    if torch.compiler.is_compiling() or not isinstance(info, SeqInfo):  # traced once: nothing to reuse
+        return _with_sinks(*_decide_call(q, k, v, info, causal, scale, window_size, softcap, backend, sinks), sinks)
+    try:
+        key = ("attention", backend, q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device,
+               v.device, bool(causal), tuple(window_size), softcap, scale, None if sinks is None else sinks.shape,
+               torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        hash(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable argument: the checks name it
+        key = None
+    if key is None:
+        m, kw = _decide_call(q, k, v, info, causal, scale, window_size, softcap, backend, sinks)
+    else:
+        m, kw = info.cached(key, lambda: _decide_call(q, k, v, info, causal, scale, window_size, softcap, backend,
+                                                      sinks))
+    return _with_sinks(m, kw, sinks)
+
+
+def _with_sinks(m: ModuleType, kw: dict, sinks) -> tuple[ModuleType, dict]:
+    # the tensor of this call (only backends that take sinks get here with them); the cached dict stays as it was
+    return (m, kw) if sinks is None else (m, {**kw, "sinks": sinks})
+
+
+def _decide_call(q, k, v, info, causal, scale, window_size, softcap, backend, sinks) -> tuple[ModuleType, dict]:
     check_inputs(q, k, v, info, window_size)
     window_size = (int(window_size[0]), int(window_size[1]))
     softcap = float(softcap or 0.0)
@@ -244,13 +272,14 @@ def _resolve(q, k, v, info, causal, scale, window_size, softcap, backend, sinks=
         if why:
             raise BackendUnavailable(f"backend {backend!r} cannot run these inputs: {'; '.join(why)}")
     name, kw = split_backend(backend)
+    m = backend_module(name)
+    if hasattr(m, "resolve_impl"):  # flash: its implementation for these inputs, chosen here once
+        kw["impl"] = m.resolve_impl(q, k, causal, window_size, kw.get("impl"), softcap)
     kw["scale"] = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kw["window_size"] = window_size
     if softcap:  # only backends that can cap get here with it
         kw["softcap"] = softcap
-    if sinks is not None:  # likewise
-        kw["sinks"] = sinks
-    return backend_module(name), kw
+    return m, kw
 
 
 def kernel_name(backend: str, q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal: bool = False,

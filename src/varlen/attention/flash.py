@@ -138,11 +138,19 @@ def reasons(q, k, v, info, causal, window_size, impl: str | None = None, softcap
     return choose_impl(q, k, causal, window_size, impl, softcap)[1]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size,
-              impl: str | None = None, softcap: float = 0.0) -> Tensor:
+def resolve_impl(q: Tensor, k: Tensor, causal: bool, window_size, impl: str | None = None, softcap: float = 0.0) -> str:
+    """The implementation that runs these inputs (``varlen.attention`` asks once per batch and
+    passes it to :func:`attention`); raises with every implementation's reasons."""
     impl, whys = choose_impl(q, k, causal, window_size, impl, softcap)
     if impl is None:
         raise ValueError("flash cannot run: " + "; ".join(whys))
+    return impl
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size,
+              impl: str | None = None, softcap: float = 0.0) -> Tensor:
+    """``impl``: the implementation :func:`resolve_impl` chose (None: choose it here)."""
+    impl = impl or resolve_impl(q, k, causal, window_size, None, softcap)
     left, right = window_bounds(causal, window_size)
     cu, m = info.cu_seqlens, info.max_seqlen
     match impl:
@@ -175,7 +183,8 @@ def attention_qkvpacked(qkv: Tensor, info: SeqInfo, *, causal, scale, window_siz
                         softcap: float = 0.0) -> Tensor:  # qkv [T, 3, H, D] -> [T, H, D]
     """FA4 takes ``qkv`` whole (its gradient comes back as one buffer); the others take the views."""
     q, k, v = qkv.unbind(1)
-    if choose_impl(q, k, causal, window_size, impl, softcap)[0] != "fa4":
+    impl = impl or resolve_impl(q, k, causal, window_size, None, softcap)
+    if impl != "fa4":
         return attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size, impl=impl, softcap=softcap)
     from . import fa4
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import dtype_name, nonneg_int, positive_float, positive_int, usage_error
+from ..argtypes import device_name, device_problem, dtype_name, nonneg_int, positive_float, positive_int, usage_error
 from ..data.synthetic import sample_lengths
 from ..info import environment
 from ..models.mlp import GELU_FLAGS
@@ -42,7 +43,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=positive_int, help="untimed steps per case (compilation happens here)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=nonneg_int, help="DataLoader workers")
-    p.add_argument("--device", choices=["cuda", "cpu"])
+    p.add_argument("--device", type=device_name,
+                   help="cpu, cuda or cuda:N (the cases then run with CUDA_VISIBLE_DEVICES naming that GPU alone)")
     p.add_argument("--profile", action="store_true",
                    help="profile 3 extra steps per case: attention / GEMM / elementwise / optimizer / host time")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -103,7 +105,22 @@ def merge(dirs: list[Path], out: Path) -> dict:
     return report
 
 
+def only_gpu(device: str) -> str:
+    """``cuda:N`` -> ``cuda``, with ``CUDA_VISIBLE_DEVICES`` naming GPU N alone for the case workers
+    (each a process of its own, started after this)."""
+    why = device_problem(device)
+    if why:
+        usage_error("varlen bench", why)
+    kind, _, index = device.partition(":")
+    if index:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[int(index)] if visible else index
+    return kind
+
+
 def workload_from(args):
+    if args.device:
+        args.device = only_gpu(args.device)
     preset = args.preset or ("study" if torch.cuda.is_available() else "tiny")
     w = WORKLOADS[preset]
     overrides = {k: getattr(args, k) for k in ("batch_size", "max_len", "length_dist", "steps", "warmup", "seed",
@@ -139,8 +156,6 @@ def workload_from(args):
         usage_error("varlen bench", "--fp8 times float8 GEMMs, which need a CUDA GPU (on the CPU they are emulated)")
     if w.residual_dtype and w.device != "cuda":
         usage_error("varlen bench", "--residual-dtype bf16 needs bf16 autocast, which the bench runs on CUDA only")
-    if w.device == "cuda" and not torch.cuda.is_available():
-        usage_error("varlen bench", "--device cuda but no CUDA device here; use --preset tiny or --device cpu")
     if w.tokens_per_batch and w.tokens_per_batch < w.max_len:
         usage_error("varlen bench", f"--tokens-per-batch {w.tokens_per_batch} is below the longest sample "
                                     f"(--max-len {w.max_len})")

@@ -8,11 +8,13 @@ strategies train on the same predictions.
 
 from __future__ import annotations
 
-from ..data.collate import as_pairs, pad_pairs
-from ..loss import IGNORE_INDEX
+from dataclasses import dataclass
+
+from ..data import Batch, PackCollator, PadCollator
+from ..data.collate import as_pairs
+from ..loss import Labels
 from ..models import HF_GPT2, DecoderConfig
 from .cases import Strategy, padded_length
-
 
 
 def gpt2(cfg: DecoderConfig, strategy: Strategy):
@@ -22,33 +24,24 @@ def gpt2(cfg: DecoderConfig, strategy: Strategy):
     return HF_GPT2.build(cfg, "auto", attn_implementation="sdpa")
 
 
-class HFPadCollator:
-    def __init__(self, length: int):
-        self.length = length
+@dataclass(frozen=True)
+class HFCollator:
+    """The synthetic ``(inputs, next tokens)`` samples as HF models take them: the labels are the
+    inputs (``Labels.UNSHIFTED``), collated by ``inner``."""
+
+    inner: PadCollator | PackCollator
 
     def __call__(self, samples):
-        # HF shifts labels inside its loss: labels are the inputs themselves
-        return pad_pairs([(x, x) for x, _ in as_pairs(samples)], self.length, 0, IGNORE_INDEX)
+        return self.inner([(x, x) for x, _ in as_pairs(samples)])
 
 
-class HFPackCollator:
-    def __init__(self, with_info: bool, max_seqlen: int | None):
-        self.with_info, self.max_seqlen = with_info, max_seqlen
-
-    def __call__(self, samples):
-        from ..hf import VarlenCollator
-
-        batch = VarlenCollator(max_seqlen=self.max_seqlen)([{"input_ids": x} for x, _ in as_pairs(samples)])
-        if not self.with_info:
-            batch.pop("varlen_info")
-        return batch
-
-
-def collator(strategy: Strategy, max_len: int, compiled: bool):
+def collator(strategy: Strategy, max_len: int, compiled: bool) -> HFCollator:
     if strategy.layout == "hf-padded":
-        return HFPadCollator(padded_length(max_len))
-    return HFPackCollator(with_info=strategy.layout == "hf-varlen", max_seqlen=max_len if compiled else None)
+        return HFCollator(PadCollator(length=padded_length(max_len), labels=Labels.UNSHIFTED))
+    return HFCollator(PackCollator(max_seqlen=max_len if compiled else None, labels=Labels.UNSHIFTED))
 
 
-def loss(model, batch):
-    return model(**batch, use_cache=False).loss
+def loss(model, batch: Batch, strategy: Strategy):
+    """HF's own loss; ``hf-packed`` gives the row without ``varlen_info`` (HF finds the boundaries in
+    ``position_ids``)."""
+    return model(**batch.hf_kwargs(labels=True, varlen_info=strategy.packed), use_cache=False).loss

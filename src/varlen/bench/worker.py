@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, graph_num_seqs, round_up
-from ..data import NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, mark_dynamic, move_batch
+from ..data import Batch, NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
 from ..models import DecoderConfig, family, lm_loss
@@ -165,9 +165,9 @@ def _step_fn(case: Case, model, fam, graphed: bool):
     def step(batch):
         with grad, autocast:
             if fam.hf:
-                loss = hf_models.loss(fwd, batch)
+                loss = hf_models.loss(fwd, batch, case.spec)
             else:
-                loss = lm_loss(fam.logits(fwd, batch, causal=train), batch["labels"])
+                loss = lm_loss(fam.logits(fwd, batch, causal=train), batch.labels)
         if train:
             loss.backward()
             opt.step()
@@ -187,7 +187,7 @@ class Tally:
     real: int = 0  # the samples' tokens
     computed: int = 0  # tokens the model computed on: padded rows, or a packed row with its filler
     compiled_after_warmup: int = 0
-    last_batch: dict | None = None  # the last host batch (the kernel that ran is read from it)
+    last_batch: Batch | None = None  # the last host batch (the kernel that ran is read from it)
 
 
 def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, graphed: bool, warmup: int) -> Tally:
@@ -203,7 +203,7 @@ def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, graph
         host = next(it)
         batch = move_batch(host, device, non_blocking=True)
         if case.compile and not static:
-            mark_dynamic(batch)
+            batch = batch.mark_dynamic()
         loss = step(batch)
         if graphed:  # a graph's outputs are overwritten by its next replay
             loss = loss.clone()
@@ -220,8 +220,7 @@ def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, graph
         tally.losses.append(loss)
         tally.flops += fam.flops(lengths[i], cfg, train=case.mode == "train")
         tally.real += sum(lengths[i])
-        tally.computed += (host["attention_mask"].numel() if "attention_mask" in host
-                           else host["info"].total_tokens if "info" in host else sum(lengths[i]))
+        tally.computed += host.computed_tokens
         tally.last_batch = host
     collector.close()
     return tally
@@ -234,9 +233,10 @@ def _result(case: Case, cfg, tally: Tally, profile: dict | None) -> Result:
     floor = gemm_floor_ms(round(tally.real / len(times)), dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
                           mlp_ratio=cfg.mlp_ratio, train=train, device=device.type,
                           dtype=getattr(torch, w.dtype) if on_gpu else torch.float32)
-    packed = "info" in host or "varlen_info" in host
     own = family(case.spec.family).own_attention
-    kernel = case.backend if packed and own else _kernel(case, cfg, host, device) if packed else None
+    kernel = None
+    if case.spec.packed:
+        kernel = case.backend if own else _kernel(case, cfg, host.varlen_info, device)
     if on_gpu:
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -261,11 +261,11 @@ def _result(case: Case, cfg, tally: Tally, profile: dict | None) -> Result:
     )
 
 
-def _kernel(case: Case, cfg: DecoderConfig, host: dict, device: torch.device) -> str:
-    """The attention kernel a packed case ran, asked with tensors shaped like its last batch."""
+def _kernel(case: Case, cfg: DecoderConfig, info, device: torch.device) -> str:
+    """The attention kernel a packed case ran, asked with tensors shaped like its last batch's ``info``."""
     from ..attention import kernel_name
 
-    info = (host.get("info") or host["varlen_info"]).to(device)
+    info = info.to(device)
     dtype = getattr(torch, case.workload.dtype) if device.type == "cuda" else torch.float32
     train = case.mode == "train"
     with torch.set_grad_enabled(train):

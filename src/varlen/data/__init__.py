@@ -8,30 +8,31 @@ from .collate import (
     PackRowsCollator,
     PadCollator,
     PadToLongestCollator,
-    mark_dynamic,
     move_batch,
 )
-from .batch import PackedBatch
+from .batch import Batch, NestedBatch, PackedBatch, PaddedBatch
 from .binpack import best_fit_decreasing
 from .sampler import CostModel, TokenBudgetSampler, split_across_ranks
 from .synthetic import LENGTH_DISTS, SyntheticDataset, sample_lengths
 
 __all__ = [
+    "Batch",
     "COLLATORS",
     "IGNORE_INDEX",
     "Labels",
     "LENGTH_DISTS",
+    "NestedBatch",
     "NestedCollator",
     "CostModel",
     "PackCollator",
     "PackedBatch",
     "PackRowsCollator",
+    "PaddedBatch",
     "PadCollator",
     "PadToLongestCollator",
     "SyntheticDataset",
     "TokenBudgetSampler",
     "best_fit_decreasing",
-    "mark_dynamic",
     "move_batch",
     "sample_lengths",
     "split_across_ranks",

@@ -1,4 +1,6 @@
-"""Collators for the four ways to batch variable-length samples; each is a DataLoader ``collate_fn``.
+"""Collators for the four ways to batch variable-length samples; each is a DataLoader ``collate_fn``
+returning a typed batch (:mod:`varlen.data.batch`): :class:`PaddedBatch`, :class:`PackedBatch` or
+:class:`NestedBatch`.
 
 Samples are ``(input_ids, labels)`` pairs or dicts with ``input_ids`` and ``labels``. Each
 collator is told what the labels mean (``labels=``, :class:`varlen.loss.Labels`): ``SHIFTED``
@@ -20,7 +22,7 @@ from torch import Tensor
 from ..buckets import ceil_div, pow2_bucket, round_up, seqlen_bucket, token_bucket
 from ..loss import IGNORE_INDEX, Labels
 from ..seqinfo import SeqInfo
-from .batch import PackedBatch
+from .batch import Batch, NestedBatch, PackedBatch, PaddedBatch
 from .binpack import best_fit_decreasing
 
 
@@ -50,7 +52,7 @@ def as_pairs(samples: Sequence[Any], labels: Labels = Labels.SHIFTED) -> list[tu
     return out
 
 
-def pad_pairs(pairs, length: int, pad_id: int, ignore_index: int) -> dict[str, Tensor]:
+def pad_pairs(pairs, length: int, pad_id: int, ignore_index: int) -> PaddedBatch:
     """Pairs right-padded into ``input_ids``/``labels``/``attention_mask`` ``[B, length]``."""
     longest = max(len(i) for i, _ in pairs)
     if longest > length:
@@ -60,14 +62,14 @@ def pad_pairs(pairs, length: int, pad_id: int, ignore_index: int) -> dict[str, T
     for row, (inp, tgt) in enumerate(pairs):
         inputs[row, : len(inp)] = inp
         labels[row, : len(tgt)] = tgt
-    lens = torch.tensor([len(i) for i, _ in pairs])
-    mask = torch.arange(length)[None, :] < lens[:, None]
-    return {"input_ids": inputs, "labels": labels, "attention_mask": mask}
+    lens = [len(i) for i, _ in pairs]
+    mask = torch.arange(length)[None, :] < torch.tensor(lens)[:, None]
+    return PaddedBatch(inputs, labels, mask, sum(lens))
 
 
 @dataclass(frozen=True)
 class PadCollator:
-    """Strategy 1: pad every sample to ``length`` -> ``input_ids``/``labels``/``attention_mask`` ``[B, L]``."""
+    """Strategy 1: pad every sample to ``length`` -> :class:`PaddedBatch` ``[B, L]``."""
 
     length: int = 1024
     pad_id: int = 0
@@ -77,7 +79,7 @@ class PadCollator:
     def __post_init__(self):
         object.__setattr__(self, "labels", Labels(self.labels))
 
-    def __call__(self, samples):
+    def __call__(self, samples) -> PaddedBatch:
         return pad_pairs(as_pairs(samples, self.labels), self.length, self.pad_id, self.ignore_index)
 
 
@@ -116,14 +118,14 @@ class PadToLongestCollator:
         n = round_up(longest, self.min_length)
         return n if self.max_length is None else min(n, self.max_length)
 
-    def __call__(self, samples):
+    def __call__(self, samples) -> PaddedBatch:
         pairs = as_pairs(samples, self.labels)
         return pad_pairs(pairs, self.length(max(len(i) for i, _ in pairs)), self.pad_id, self.ignore_index)
 
 
 @dataclass(frozen=True)
 class PackCollator:
-    """Strategy 4-6: concatenate into one row -> ``input_ids``/``labels`` ``[T]`` and ``info``.
+    """Strategy 4-6: concatenate into one row -> :class:`PackedBatch` (``input_ids``/``labels`` ``[T]``, ``info``).
 
     Each sample keeps its own targets, so no token learns to predict the next sample. ``max_seqlen``
     (optional) is a fixed upper bound handed to the kernels, which keeps it constant for
@@ -154,7 +156,7 @@ class PackCollator:
     def __post_init__(self):
         object.__setattr__(self, "labels", Labels(self.labels))
 
-    def __call__(self, samples):
+    def __call__(self, samples) -> PackedBatch:
         pairs = as_pairs(samples, self.labels)
         lengths = [len(i) for i, _ in pairs]
         total = sum(lengths)
@@ -170,14 +172,12 @@ class PackCollator:
             filler = filler_lengths(target - total, cap)
         else:
             filler = split_filler(target - total, len(lengths), self.num_seqs, cap)
-        info = SeqInfo.from_lengths(lengths + filler, max_seqlen=max_seqlen)
+        info = SeqInfo.from_lengths(lengths + filler, max_seqlen=max_seqlen,
+                                    filler=range(len(lengths), len(lengths) + len(filler)))
         pad = sum(filler)
         labels = torch.cat([t for _, t in pairs] + [torch.full((pad,), self.ignore_index, dtype=torch.long)])
-        return {
-            "input_ids": torch.cat([i for i, _ in pairs] + [torch.full((pad,), self.pad_id, dtype=torch.long)]),
-            "labels": self.labels.packed(labels, info.cu_seqlens[:len(pairs)], self.ignore_index),
-            "info": info,
-        }
+        return PackedBatch(torch.cat([i for i, _ in pairs] + [torch.full((pad,), self.pad_id, dtype=torch.long)]),
+                           self.labels.packed(labels, info.cu_seqlens[:len(pairs)], self.ignore_index), info)
 
     def row_tokens(self, lengths: list[int]) -> int:
         """The row's token count for samples of ``lengths``, filler included."""
@@ -222,24 +222,24 @@ class PackRowsCollator:
 
     Samples fill rows of ``row_len`` best-fit decreasing; each row's tail is filler (sequences of
     their own, no longer than the batch's longest sample so that their positions stay inside the
-    model's range; ignored labels). Returns ``input_ids``/``labels``/``position_ids`` ``[B, L]``
-    (positions restart at 0 per sample and per filler) and ``info`` for the ``B * L`` flattened
-    tokens. ``rows`` pads the batch to that many rows (static shapes). HF models take
-    ``info_key="varlen_info"`` and, with labels = input_ids, ``labels=Labels.UNSHIFTED``: each
-    sample's first label is then ignored, so no token learns to predict the next sample's first.
+    model's range; ignored labels). Returns a :class:`PackedBatch` of the ``B * L`` tokens with
+    ``row_len``: HF models get ``input_ids``/``position_ids`` ``[B, L]`` from its ``hf_kwargs()``
+    (positions restart at 0 per sample and per filler). ``rows`` pads the batch to that many rows
+    (static shapes). For HF models, whose labels are the inputs, collate with
+    ``labels=Labels.UNSHIFTED``: each sample's first label is then ignored, so no token learns to
+    predict the next sample's first.
     """
 
     row_len: int
     rows: int | None = None
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
-    info_key: str = "info"  # "varlen_info" for HF models through varlen.hf
     labels: Labels = Labels.SHIFTED
 
     def __post_init__(self):
         object.__setattr__(self, "labels", Labels(self.labels))
 
-    def __call__(self, samples):
+    def __call__(self, samples) -> PackedBatch:
         pairs = as_pairs(samples, self.labels)
         lengths = [len(i) for i, _ in pairs]
         if max(lengths) > self.row_len:
@@ -249,27 +249,24 @@ class PackRowsCollator:
             if len(groups) > self.rows:
                 raise ValueError(f"samples need {len(groups)} rows of {self.row_len}, more than rows={self.rows}")
             groups += [[] for _ in range(self.rows - len(groups))]
-        ids, labels, seq_lengths = [], [], []
+        ids, labels, seq_lengths, filler = [], [], [], []
         for g in groups:
             used = sum(lengths[i] for i in g)
             pad = self.row_len - used
             ids += [pairs[i][0] for i in g] + [torch.full((pad,), self.pad_id, dtype=torch.long)]
             labels += [pairs[i][1] for i in g] + [torch.full((pad,), self.ignore_index, dtype=torch.long)]
-            seq_lengths += [lengths[i] for i in g] + filler_lengths(pad, max(lengths))
-        info = SeqInfo.from_lengths(seq_lengths, max_seqlen=self.row_len)
-        shape = (len(groups), self.row_len)
+            seq_lengths += [lengths[i] for i in g]
+            tail = filler_lengths(pad, max(lengths))
+            filler += range(len(seq_lengths), len(seq_lengths) + len(tail))
+            seq_lengths += tail
+        info = SeqInfo.from_lengths(seq_lengths, max_seqlen=self.row_len, filler=filler)
         labels = self.labels.packed(torch.cat(labels), info.cu_seqlens[:-1], self.ignore_index)
-        return {
-            "input_ids": torch.cat(ids).view(shape),
-            "labels": labels.view(shape),
-            "position_ids": info.position_ids.view(shape),
-            self.info_key: info,
-        }
+        return PackedBatch(torch.cat(ids), labels, info, row_len=self.row_len)
 
 
 @dataclass(frozen=True)
 class NestedCollator:
-    """Strategy 3: jagged nested tensors ``[B, j]`` for inputs, labels and position ids.
+    """Strategy 3: jagged nested tensors ``[B, j]`` for inputs, labels and position ids (:class:`NestedBatch`).
 
     ``max_seqlen`` (optional) is a fixed upper bound on the lengths, as for :class:`PackCollator`:
     constant, it keeps ``torch.compile`` from specialising on each batch's longest sample.
@@ -281,19 +278,16 @@ class NestedCollator:
     def __post_init__(self):
         object.__setattr__(self, "labels", Labels(self.labels))
 
-    def __call__(self, samples):
+    def __call__(self, samples) -> NestedBatch:
         pairs = as_pairs(samples, self.labels)
         info = SeqInfo.from_lengths([len(i) for i, _ in pairs], max_seqlen=self.max_seqlen)
-        return {
-            "input_ids": info.nested(torch.cat([i for i, _ in pairs])),
-            "labels": info.nested(torch.cat([t for _, t in pairs])),
-            "position_ids": info.nested(info.position_ids),
-        }
+        return NestedBatch(info.nested(torch.cat([i for i, _ in pairs])), info.nested(torch.cat([t for _, t in pairs])),
+                           info.nested(info.position_ids), info)
 
 
 def move_batch(batch: Any, device: torch.device | str, non_blocking: bool = True) -> Any:
-    """Move every tensor and SeqInfo of a batch (dict, list, tuple, PackedBatch) to ``device``."""
-    if isinstance(batch, (Tensor, SeqInfo, PackedBatch)):
+    """Move every tensor and SeqInfo of a batch (a typed batch, or HF's dict, list, tuple) to ``device``."""
+    if isinstance(batch, (Tensor, SeqInfo, Batch)):
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, Mapping):
         return {k: move_batch(v, device, non_blocking) for k, v in batch.items()}
@@ -309,23 +303,3 @@ COLLATORS = {
     "packed-rows": PackRowsCollator,
     "nested": NestedCollator,
 }
-
-
-def mark_dynamic(batch: dict | PackedBatch) -> None:
-    """Tell ``torch.compile`` that the token count changes every batch, instead of letting it
-    recompile to learn so."""
-    if isinstance(batch, PackedBatch):
-        return batch.mark_dynamic()
-    mark = torch._dynamo.maybe_mark_dynamic
-    if "position_ids" in batch and not batch["input_ids"].is_nested:  # HF packed row [1, T]
-        for t in (batch["input_ids"], batch["labels"], batch["position_ids"]):
-            mark(t, 1)
-        if "varlen_info" in batch:
-            for t in (batch["varlen_info"].position_ids, batch["varlen_info"].document_ids, batch["varlen_info"].cu_seqlens):
-                mark(t, 0)
-    elif "info" in batch:
-        info = batch["info"]
-        for t in (batch["input_ids"], batch["labels"], info.position_ids, info.document_ids, info.cu_seqlens):
-            mark(t, 0)
-    # padded rows are left static: their lengths come from a few buckets, and static kernels are
-    # faster than dynamic ones

@@ -21,9 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..attention import attention_qkvpacked
-from ..attention.nested import nested_sdpa
-from ..attention.sdpa import padded_attention, padded_mask
+from ..attention import attention_qkvpacked, nested_sdpa, padded_attention, padded_mask
 from ..loss import lm_loss  # noqa: F401  (varlen.models.lm_loss, as before)
 from ..parallel.context import ContextShard, ulysses_attention
 from ..seqinfo import SeqInfo
@@ -221,7 +219,6 @@ def _check_residual(x: Tensor, residual_dtype: str) -> None:
                          "activations")
 
 
-def forward_batch(model: Decoder, batch: dict, **kw) -> Tensor:
-    """Run a collator's batch through the model (keys: info / attention_mask / position_ids)."""
-    extra = {k: batch[k] for k in ("info", "attention_mask", "position_ids") if k in batch}
-    return model(batch["input_ids"], **extra, **kw)
+def forward_batch(model: Decoder, batch, **kw) -> Tensor:
+    """Run a collator's typed batch through the model: ``model(**batch.model_kwargs(), **kw)``."""
+    return model(**batch.model_kwargs(), **kw)

@@ -10,9 +10,9 @@ from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
-from ..data.batch import PackedBatch
+from ..data.batch import Batch
 from ..measure.flops import step_flops
-from .decoder import Decoder, DecoderConfig, forward_batch
+from .decoder import Decoder, DecoderConfig
 
 
 @dataclass(frozen=True)
@@ -21,23 +21,21 @@ class ModelFamily:
     and training causal, as in the study."""
 
     name: str = "decoder"
-    hf: bool = False  # HF models take [1, T] rows, position_ids and ``varlen_info`` (PackedBatch.hf_kwargs)
+    hf: bool = False  # HF models take a batch's hf_kwargs(): [1, T] rows, position_ids and ``varlen_info``
     own_attention: bool = False  # True: the model runs its own attention, none of varlen's backends
     compiles: bool = True  # False: refused under torch.compile
 
     def unavailable(self, backend: str) -> str | None:
         """Why this family cannot run with ``backend`` on this machine at all, or None."""
-        from ..attention.api import backend_unavailable
+        from ..attention import backend_unavailable
 
         return backend_unavailable(backend)
 
     def build(self, cfg: DecoderConfig, backend: str = "auto") -> nn.Module:
         return Decoder(cfg, backend=backend)
 
-    def logits(self, model: nn.Module, batch: PackedBatch | dict, causal: bool = True) -> Tensor:
-        if isinstance(batch, PackedBatch):
-            return model(batch.input_ids, info=batch.info, causal=causal, context=batch.context)
-        return forward_batch(model, batch, causal=causal)
+    def logits(self, model: nn.Module, batch: Batch, causal: bool = True) -> Tensor:
+        return model(**batch.model_kwargs(), causal=causal)
 
     def flops(self, lengths: Sequence[int], cfg: DecoderConfig, train: bool) -> float:
         return step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
@@ -62,12 +60,9 @@ class HFFamily(ModelFamily):
         hf.use(backend, model)
         return model
 
-    def logits(self, model: nn.Module, batch: PackedBatch | dict, causal: bool = True) -> Tensor:
+    def logits(self, model: nn.Module, batch: Batch, causal: bool = True) -> Tensor:
         # HF causal LMs are causal whatever asked; labels stay out (the caller's loss reads them)
-        if isinstance(batch, PackedBatch):
-            return model(**batch.hf_kwargs(), use_cache=False).logits
-        keys = ("input_ids", "position_ids", "varlen_info")
-        return model(**{k: batch[k] for k in keys if k in batch}, use_cache=False).logits
+        return model(**batch.hf_kwargs(), use_cache=False).logits
 
     def flops(self, lengths: Sequence[int], cfg: DecoderConfig, train: bool) -> float:
         return step_flops(lengths, dim=cfg.dim, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, train=train,
@@ -180,10 +175,8 @@ class TEFamily(ModelFamily):
 
         return TEDecoder(cfg)
 
-    def logits(self, model: nn.Module, batch: PackedBatch | dict, causal: bool = True) -> Tensor:
-        if isinstance(batch, PackedBatch):
-            return model(batch.input_ids, info=batch.info, causal=causal)
-        return model(batch["input_ids"], info=batch["info"], causal=causal)
+    def logits(self, model: nn.Module, batch: Batch, causal: bool = True) -> Tensor:
+        return model(**batch.model_kwargs(), causal=causal)  # packed batches only: TEDecoder takes info
 
 
 _HF_COMMON = dict(bos_token_id=1, eos_token_id=1, use_cache=False)

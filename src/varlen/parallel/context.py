@@ -58,9 +58,7 @@ def shard_batch(batch: PackedBatch, shard: ContextShard) -> PackedBatch:
         raise ValueError(f"context parallelism over {shard.size} ranks needs a row of a multiple of {shard.size} "
                          f"tokens, got {t}: pad the row (PackCollator(pad_to_multiple_of={shard.size}))")
     s = shard.slice(t)
-    real = batch.tokens  # the samples come first in a packed row, filler after
-    mine = max(0, min(s.stop, real) - s.start)
-    return replace(batch, input_ids=batch.input_ids[s], labels=batch.labels[s], num_tokens=mine, context=shard)
+    return replace(batch, input_ids=batch.input_ids[s], labels=batch.labels[s], context=shard)
 
 
 def _swap(x: Tensor, shard: ContextShard, heads_to_tokens: bool) -> Tensor:

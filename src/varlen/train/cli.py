@@ -21,11 +21,11 @@ from typing import NoReturn
 
 import torch
 
-from ..argtypes import (backend_name, dtype_name, nonneg_float, nonneg_int, positive_float, positive_int, runtime_error,
-                        usage_error)
+from ..argtypes import (backend_name, default_device, device_name, device_problem, dtype_name, nonneg_float, nonneg_int,
+                        positive_float, positive_int, runtime_error, usage_error)
 from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
-from ..data import CostModel, TokenBudgetSampler, mark_dynamic, move_batch
+from ..data import CostModel, TokenBudgetSampler, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
 from ..loss import cross_entropy_sum, linear_cross_entropy_sum
@@ -67,7 +67,8 @@ def model_and_data_args(p: argparse.ArgumentParser) -> None:
                         "random weights")
     p.add_argument("--backend", type=backend_name, default="auto",
                    help="attention backend: auto, flash, flash:fa4|fa2|torch, xformers, flex, sdpa, nested, reference")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default=default_device(),
+                   help="cpu, cuda or cuda:N (one process; under torchrun each rank takes the GPU of its LOCAL_RANK)")
     p.add_argument("--steps", type=positive_int, default=20, help="optimizer steps")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="tokens of one optimizer step, all ranks together")
     p.add_argument("--max-tokens-per-rank", type=positive_int, default=None, help="alternatively: tokens per rank and step")
@@ -187,7 +188,7 @@ def check_flags(p: argparse.ArgumentParser, args) -> None:
                 "one micro-batch a step")
     if args.cuda_graphs and args.static:
         p.error("--cuda-graphs pads rows itself (8 sizes an octave, a graph each): drop --static")
-    if args.cuda_graphs and args.device != "cuda":
+    if args.cuda_graphs and args.device == "cpu":
         p.error("--cuda-graphs needs a CUDA device")
     unknown = set(filter(None, args.allow_change.split(","))) - set(CONFIG_FIELDS)
     if unknown:
@@ -296,9 +297,14 @@ def make_plot(log: list[dict], path: Path) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        usage_error("varlen train", "--device cuda: no CUDA device here; pass --device cpu")
-    return run_then_teardown(run, args, setup(args.device, process_group_timeout(args.stall_timeout)))
+    why = device_problem(args.device)
+    if why:
+        usage_error("varlen train", why)
+    try:
+        d = setup(args.device, process_group_timeout(args.stall_timeout))
+    except ValueError as e:  # a device choice torchrun's ranks cannot follow
+        usage_error("varlen train", str(e))
+    return run_then_teardown(run, args, d)
 
 
 def load_data(args, cfg: DecoderConfig, micro_budget: int, report: DataReport, tokenizer=None):
@@ -689,9 +695,7 @@ class Loop:
             if self.shard is not None:
                 b = shard_batch(b, self.shard)
             b = move_batch(b, d.device, non_blocking=True)
-            if args.compile:
-                mark_dynamic(b)
-            micro.append(b)
+            micro.append(b.mark_dynamic() if args.compile else b)
         read = {}
         lr = self.schedule.apply(self.opt, self.step + 1)
 

@@ -262,11 +262,11 @@ class TrainCollator:
 
     def __call__(self, samples) -> PackedBatch:
         if samples:
-            batch = self.fitting([len(s[0]) for s in samples])(samples)
-            return PackedBatch(batch["input_ids"], batch["labels"], batch["info"], sum(len(s[0]) for s in samples))
+            return self.fitting([len(s[0]) for s in samples])(samples)
         n = self.pad_to or self.multiple_of
-        info = SeqInfo.from_lengths(filler_lengths(n, self.pack.max_seqlen), max_seqlen=self.pack.max_seqlen)
-        return PackedBatch(torch.zeros(n, dtype=torch.long), torch.full((n,), IGNORE_INDEX), info, 0)
+        lengths = filler_lengths(n, self.pack.max_seqlen)
+        info = SeqInfo.from_lengths(lengths, max_seqlen=self.pack.max_seqlen, filler=range(len(lengths)))
+        return PackedBatch(torch.zeros(n, dtype=torch.long), torch.full((n,), IGNORE_INDEX), info)
 
     def fitting(self, lengths: list[int]) -> PackCollator:
         """The collator for a row of samples of ``lengths``. The static row size and the CUDA graphs'

@@ -28,15 +28,25 @@ def setup(device: str, timeout: timedelta | None = None) -> Dist:
     behind ``--stall-timeout``'s watchdog)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
+    dev = gpu_of(device, world, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if (world > 1 or "MASTER_ADDR" in os.environ) and not dist.is_initialized():  # torchrun, even of 1
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None,
                                 timeout=timeout)
     return Dist(rank, world, local, dev)
+
+
+def gpu_of(device: str, world: int, local_rank: int) -> torch.device:
+    """This process's device for ``--device`` (``cpu``, ``cuda``, ``cuda:N``): under torchrun each
+    rank takes the GPU of its local rank, so a chosen index there is refused."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if index and world > 1:
+        raise ValueError(f"--device {device} with {world} processes: each rank takes the GPU of its LOCAL_RANK; "
+                         "pass --device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    return torch.device("cuda", int(index) if index else local_rank)
 
 
 def from_rank0(value: int, d: Dist) -> int:

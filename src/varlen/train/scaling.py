@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..data import CostModel, PackedBatch, TokenBudgetSampler, mark_dynamic, move_batch
+from ..argtypes import default_device, device_name
+from ..data import CostModel, PackedBatch, TokenBudgetSampler, move_batch
 from ..measure import GarbageCollection, graph_count, since, start
 from ..measure.profile import breakdown
 from ..models import DecoderConfig, family
@@ -62,7 +63,7 @@ def parse(argv):
     p.add_argument("--label", default="", help="names a variant (flags, environment) in the report")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after each timed config, profile this many steps: where rank 0's step goes")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default=default_device(), help="cpu, cuda or cuda:N")
     p.add_argument("--out", type=Path)
     p.add_argument("--report", type=Path, nargs="+", help="join the runs.jsonl of these folders into --out")
     return p.parse_args(argv)
@@ -163,13 +164,11 @@ class Sweep:
 
     def _next_batch(self):
         b = next(self.it)
-        self.row_lengths = real_lengths(b)  # this group's documents (before a context slice is cut)
+        self.row_lengths = list(b.info.real_lengths)  # this group's documents (before a context slice is cut)
         if self.shard is not None:
             b = shard_batch(b, self.shard)
         b = move_batch(b, self.d.device, non_blocking=True)
-        if self.args.compile:
-            mark_dynamic(b)
-        return b
+        return b.mark_dynamic() if self.args.compile else b
 
     def _step(self, b=None):
         b = b if b is not None else self._next_batch()
@@ -243,17 +242,6 @@ class Sweep:
                 "step_ms": [round(1e3 * x, 2) for x in times], "gc_every": args.gc_every,
                 "steps_dropped_for_compiling": t["dropped"],
                 "loss": float(t["stats"].loss), "packing_efficiency": packing, "profile": prof}
-
-
-def real_lengths(batch: PackedBatch) -> list[int]:
-    """The lengths of a packed row's samples, its filler sequences (after the samples) left out."""
-    out, left = [], batch.tokens
-    for n in batch.info.lengths:
-        if left <= 0:
-            break
-        out.append(min(n, left))
-        left -= n
-    return out
 
 
 def _vs_alone(tokens_per_s: float, shares: list[list[list[int]]], ms: list[list[float]]) -> float | None:

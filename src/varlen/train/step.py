@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..data.batch import PackedBatch
+from ..data.batch import Batch
 from ..loss import cross_entropy_sum, num_targets
 
 
@@ -40,17 +40,17 @@ def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def count_targets(micro_batches: Sequence[dict], group=None, device=None, async_op: bool = False):
+def count_targets(micro_batches: Sequence[Batch], group=None, device=None, async_op: bool = False):
     """Target tokens of all micro-batches of this step, summed over the data-parallel group.
 
     ``async_op``: returns ``(n, wait)`` with the sum still in flight; ``wait()`` before reading
     ``n``. Nothing needs the count until the first backward, so the forward runs meanwhile
     instead of every rank's GPU waiting at the start of the step for the slowest rank to arrive.
     """
-    device = device or _labels(micro_batches[0]).device
+    device = device or micro_batches[0].labels.device
     n = torch.zeros((), dtype=torch.int64, device=device)
     for b in micro_batches:
-        n += num_targets(_labels(b))
+        n += num_targets(b.labels)
     work = dist.all_reduce(n, group=group, async_op=True) if _world(group) > 1 else None
     if not async_op:
         if work is not None:
@@ -59,12 +59,8 @@ def count_targets(micro_batches: Sequence[dict], group=None, device=None, async_
     return n, (work.wait if work is not None else lambda: None)
 
 
-def _labels(batch: PackedBatch | dict) -> Tensor:
-    return batch.labels if isinstance(batch, PackedBatch) else batch["labels"]
-
-
-def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dict],
-               optimizer: torch.optim.Optimizer | None, forward: Callable[[torch.nn.Module, PackedBatch | dict], Tensor],
+def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch],
+               optimizer: torch.optim.Optimizer | None, forward: Callable[[torch.nn.Module, Batch], Tensor],
                *, group=None, autocast=None, max_grad_norm: float | None = None,
                before_update: Callable[[StepStats], None] | None = None,
                loss_sum: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum) -> StepStats:
@@ -74,8 +70,8 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dic
     scaled down to ``max_grad_norm`` where given, and ``before_update(stats)`` runs before the
     update: raising there (a non-finite loss or norm) leaves the weights as they were.
 
-    ``forward(model, batch)`` returns logits aligned with the batch's labels (a collator's dict
-    or a :class:`PackedBatch`), and ``loss_sum(output, labels)`` sums their cross-entropy (or
+    ``forward(model, batch)`` returns logits aligned with the batch's labels (a collator's typed
+    batch), and ``loss_sum(output, labels)`` sums their cross-entropy (or
     ``forward`` returns hidden states and ``loss_sum`` applies the head, chunked). ``model`` may be
     DDP-wrapped (gradient sync only on the last micro-batch) or FSDP2-sharded; both average
     gradients over ranks, which the ``world`` factor undoes so that the sum over ranks divided by
@@ -97,13 +93,13 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[PackedBatch | dic
             model.set_requires_gradient_sync(last)
         with sync:
             with autocast or nullcontext():
-                ce = loss_sum(forward(model, batch), _labels(batch))  # float32 at least, also under bf16
+                ce = loss_sum(forward(model, batch), batch.labels)  # float32 at least, also under bf16
             if i == 0:
                 counted()
                 n = n.clamp_min(1)
             (ce * (world / n.to(ce.dtype))).backward()
         total += ce.detach()
-        tokens += batch.tokens if isinstance(batch, PackedBatch) else int(batch["labels"].numel())
+        tokens += batch.tokens
     if world > 1:
         dist.all_reduce(total, group=group)
     stats = StepStats(total / n, n, tokens)
