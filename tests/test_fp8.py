@@ -125,7 +125,7 @@ def test_bench_fp8_flag(capsys, monkeypatch):
         _, w = workload_from(parse_args(["--preset", "study", "--fp8", "rowwise"]))
     assert w.fp8 == "rowwise"
     for argv, message in ((["--preset", "tiny", "--fp8", "rowwise"], "need a CUDA GPU"),
-                          (["--preset", "tiny", "--model", "hf-gpt2", "--fp8", "rowwise"], "GPT2's are Conv1D")):
+                          (["--preset", "tiny", "--model", "hf-gpt2", "--fp8", "rowwise"], "--fp8 rowwise is the decoder's")):
         with pytest.raises(SystemExit) as e:
             workload_from(parse_args(argv))
         assert e.value.code == 2 and message in capsys.readouterr().err

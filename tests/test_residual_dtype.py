@@ -87,7 +87,7 @@ def test_bench_flag_sets_the_workload_and_refuses_hf(capsys, monkeypatch):
     assert w.residual_dtype is None
     with pytest.raises(SystemExit) as e:
         workload_from(parse_args(["--preset", "tiny", "--model", "hf-gpt2", "--residual-dtype", "bf16"]))
-    assert e.value.code == 2 and "--residual-dtype bf16 is the study decoder's" in capsys.readouterr().err
+    assert e.value.code == 2 and "--residual-dtype bf16 is the decoder's; --model hf-gpt2" in capsys.readouterr().err
 
 
 def test_train_refuses_bf16_residual_without_bf16_autocast(tmp_path, capsys):
@@ -95,7 +95,8 @@ def test_train_refuses_bf16_residual_without_bf16_autocast(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         main(["--preset", "tiny", "--device", "cpu", "--residual-dtype", "bf16", "--steps", "1", "--no-progress"])
-    assert e.value.code == 2 and "--residual-dtype bf16 is the decoder's under bf16 autocast" in capsys.readouterr().err
+    assert e.value.code == 2 and "--residual-dtype bf16 needs bf16 autocast; this run's autocast dtype is fp32" \
+        in capsys.readouterr().err
 
 
 def test_train_bf16_residual_tracks_the_autocast_run(tmp_path):

@@ -260,6 +260,64 @@ def test_non_finite_step_stops_the_run_and_the_step_before_stays_latest(tmp_path
     assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in _log(out))
 
 
+@pytest.mark.parametrize("what, message", [
+    ("loss", "the loss is nan at step 3"),
+    ("grad", "the gradient norm is (inf|nan) at step 3"),
+    ("weights", "the weights are not finite after step 3's update"),
+])
+def test_read_every_n_steps_a_non_finite_step_is_skipped_on_the_device_and_stops_the_run(
+        tmp_path, capsys, monkeypatch, what, message):
+    # steps 3 and 4 run before anything is read: step 3 (or 4, after step 3's bad weights) is
+    # non-finite, so its update and step 4's are skipped; the read at step 4 names the first
+    out = tmp_path / "o"
+    _poison(monkeypatch, what, at=3)
+    code, _, err = _train(["--steps", 8, "--log-every", 4, "--save-every", 2, "--out", out], capsys)
+    assert code == 1 and len(_lines(err)) == 1 and re.search(message, err), err
+    assert checkpoint.latest(out / "checkpoint") == checkpoint.folder(out / "checkpoint", 2)
+    assert [r["step"] for r in _log(out)] == ([1, 2, 3] if what == "weights" else [1, 2])
+
+
+def test_deferred_guard_leaves_the_weights_of_the_step_before_the_first_non_finite_one():
+    from varlen.train.guard import FiniteGuard
+    from varlen.train.step import StepStats
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    guard = FiniteGuard([p], defer=True)
+    after_first = None
+    for step, value in enumerate([1.0, float("nan"), 1.0, 2.0], start=1):  # only step 2 is non-finite
+        p.grad = torch.full_like(p, value)
+        stats = StepStats(torch.tensor(value), torch.tensor(5), 5, grad_norm=p.grad.norm())
+        guard.before_update(stats, step, opt)
+        opt.step()
+        guard.after_update(step)
+        after_first = p.detach().clone() if step == 1 else after_first
+    values, problem = guard.read()
+    assert values == [pytest.approx((1.0, 5 ** 0.5))]  # step 1's, then the first non-finite step
+    assert "the loss is nan at step 2" in str(problem) and "after step 1" in str(problem)
+    assert torch.equal(p.detach(), after_first)  # steps 2, 3 and 4 were skipped, 3 and 4 finite as they were
+    assert int(opt.state[p]["step"]) == 1
+
+
+def test_reading_every_n_steps_logs_the_same_steps_and_losses_as_every_step(tmp_path, capsys):
+    every, fourth = tmp_path / "every", tmp_path / "fourth"
+    assert _train(["--steps", 7, "--out", every], capsys)[0] == 0
+    assert _train(["--steps", 7, "--log-every", 4, "--out", fourth], capsys)[0] == 0
+    a, b = _log(every), _log(fourth)
+    assert [r["step"] for r in b] == list(range(1, 8))
+    for x, y in zip(a, b):
+        assert (x["tokens"], x["targets"], x["lr"]) == (y["tokens"], y["targets"], y["lr"])
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-5)
+    # one clock for the unread steps: the steps of a window share its mean time (warm-up kept apart)
+    assert b[2]["step_ms"] == b[3]["step_ms"] and b[4]["step_ms"] == b[5]["step_ms"]
+
+
+def test_read_every_n_steps_is_refused_with_fsdp2_in_one_line(capsys):
+    code, _, err = _train(["--steps", 1, "--log-every", 4, "--parallel", "fsdp2"], capsys)
+    assert code != 0 and "--log-every" in err and len(_lines(err)) == 1, err
+
+
 def test_grad_norm_is_logged_and_clipping_changes_the_update(tmp_path, capsys):
     plain, clipped = tmp_path / "plain", tmp_path / "clipped"
     assert _train(["--steps", 3, "--out", plain], capsys)[0] == 0
@@ -314,6 +372,32 @@ def test_resume_at_or_past_steps_says_so_and_changes_nothing(tmp_path, capsys, s
     said = err if code else printed
     assert "at step 4" in said and ("past --steps 2" in said if code else "nothing to do" in said), (printed, err)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == files
+
+
+def _rewrite_run_json(folder: Path, edit) -> None:
+    """Edit a checkpoint's run.json and re-vouch for it in the manifest, as another version would have written it."""
+    config = json.loads((folder / "run.json").read_text())
+    edit(config)
+    (folder / "run.json").write_text(json.dumps(config))
+    listed = json.loads((folder / checkpoint.MANIFEST).read_text())
+    listed["files"] = checkpoint.manifest(folder)
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(listed))
+
+
+@pytest.mark.parametrize("schema, code", [(None, 0), (99, 2), ("one", 2)])
+def test_run_json_carries_a_schema_an_old_one_resumes_a_later_one_is_refused(tmp_path, capsys, schema, code):
+    out = tmp_path / "o"
+    assert _train(["--steps", 2, "--save-every", 2, "--out", out], capsys)[0] == 0
+    folder = checkpoint.latest(out / "checkpoint")
+    assert json.loads((folder / "run.json").read_text())["schema"] == checkpoint.RUN_SCHEMA
+    # None: a checkpoint from before the key (schema 0), which holds the same fields
+    _rewrite_run_json(folder, lambda c: c.pop("schema") if schema is None else c.update(schema=schema))
+    got, _, err = _train(["--steps", 3, "--save-every", 2, "--resume", "--out", out], capsys)
+    assert got == code, err
+    if code:
+        assert len(_lines(err)) == 1 and f"schema {schema!r}" in err and "run.json" in err, err
+    else:
+        assert [r["step"] for r in _log(out)] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------ a stopped rank ends the job

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import device_name, device_problem, dtype_name, nonneg_int, positive_float, positive_int, usage_error
+from ..argtypes import device_name, device_problem, nonneg_int, positive_float, positive_int, usage_error
 from ..data.synthetic import sample_lengths
 from ..info import environment
-from ..models.mlp import GELU_FLAGS
+from ..levers import Levers
 from .cases import STRATEGIES, WORKLOADS, case_name, grid, order_key, strategies_of
 from .report import UNSTEADY, add_comparisons, add_mfu, print_table, save, unsteady
 from .runner import measure_peak, result_dicts, run_all
@@ -54,17 +54,7 @@ def parse_args(argv):
     p.add_argument("--autotune", action="store_true",
                    help="compiled cases with Inductor's max-autotune: GEMMs as autotuned Triton/cuBLAS templates "
                         "with the elementwise work around them fused in (compiling takes minutes longer)")
-    p.add_argument("--residual-dtype", type=dtype_name("fp32", "bf16"), default=None, metavar="{fp32,bf16}",
-                   help="the decoder's residual stream between blocks: fp32 (autocast's, the default) or bf16 "
-                        "(half the bytes of every add, norm input and saved residual; weights stay fp32)")
-    p.add_argument("--gelu", choices=list(GELU_FLAGS), default=None,
-                   help="the decoder's GELU: exact (erf, the default) or tanh (its approximation, GPT2's)")
-    p.add_argument("--mlp-kernel", choices=["torch", "quack"], default=None,
-                   help="the decoder's MLP: torch (Linear, GELU, Linear; the default) or quack (quack-kernels' GEMMs "
-                        "with GELU and its derivative in their epilogues; needs --gelu tanh, Hopper or newer)")
-    p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
-                   help="the decoder's linear layers in float8 with this scaling (torchao; CUDA, compiled cases "
-                        "are what it is for)")
+    Levers.add_flags(p)  # --residual-dtype, --gelu, --mlp-kernel, --fp8: shared with varlen train
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="cases run at once (default 1; more only to check that every case runs, e.g. the GPU "
                         "smoke: concurrent cases share the GPU and the host, so their timings mean little)")
@@ -134,28 +124,15 @@ def workload_from(args):
         if args.compile == "off":
             usage_error("varlen bench", "--autotune tunes what torch.compile generates; --compile off compiles nothing")
         overrides["autotune"] = True
-    if args.residual_dtype == "bf16":
-        if args.model != "decoder":
-            usage_error("varlen bench", f"--residual-dtype bf16 is the study decoder's; --model {args.model} keeps its own")
-        overrides["residual_dtype"] = "bfloat16"
-    if args.gelu or args.mlp_kernel:
-        if args.model != "decoder":
-            usage_error("varlen bench", f"--gelu and --mlp-kernel are the study decoder's; --model {args.model} keeps its own")
-        if args.mlp_kernel == "quack" and args.gelu != "tanh":
-            usage_error("varlen bench", "--mlp-kernel quack fuses GELU's tanh approximation only: add --gelu tanh (and "
-                                        "compare with --gelu tanh --mlp-kernel torch, the same model)")
-        overrides["activation"] = GELU_FLAGS[args.gelu or "exact"]
-        overrides["mlp_kernel"] = args.mlp_kernel or "torch"
-    if args.fp8:
-        if args.model != "decoder":
-            usage_error("varlen bench", f"--fp8 converts the study decoder's nn.Linear layers; --model {args.model} "
-                                        "has its own (GPT2's are Conv1D)")
-        overrides["fp8"] = args.fp8
     w = replace(w, **overrides)
-    if w.fp8 and w.device != "cuda":
+    levers = Levers.from_args(args)
+    # the bench autocasts to bf16 on CUDA and runs float32 on the CPU
+    why = next(iter(levers.problems(args.model, "bf16" if w.device == "cuda" else "fp32")), None)
+    if why:
+        usage_error("varlen bench", why)
+    if levers.fp8 and w.device != "cuda":
         usage_error("varlen bench", "--fp8 times float8 GEMMs, which need a CUDA GPU (on the CPU they are emulated)")
-    if w.residual_dtype and w.device != "cuda":
-        usage_error("varlen bench", "--residual-dtype bf16 needs bf16 autocast, which the bench runs on CUDA only")
+    w = replace(w, fp8=levers.fp8, **levers.decoder_fields())
     if w.tokens_per_batch and w.tokens_per_batch < w.max_len:
         usage_error("varlen bench", f"--tokens-per-batch {w.tokens_per_batch} is below the longest sample "
                                     f"(--max-len {w.max_len})")

@@ -228,7 +228,7 @@ def _save_parts(tmp: Path, model, optimizer, step: int, sampler_state: dict, ran
 
 def _publish(root: Path, tmp: Path, final: Path, step: int, config: dict, keep: int) -> None:
     """Rank 0, once every rank's files are on disk: run.json, the manifest last, then the rename."""
-    _write(tmp / "run.json", json.dumps(config, indent=1, sort_keys=True).encode())
+    _write(tmp / "run.json", json.dumps({"schema": RUN_SCHEMA, **config}, indent=1, sort_keys=True).encode())
     _fault("after run.json")
     _write(tmp / MANIFEST, json.dumps({"step": step, "files": manifest(tmp)}, indent=1).encode())
     _fsync(tmp)
@@ -331,8 +331,21 @@ def load(path: Path, model, optimizer, *, rank: int) -> dict:
     return extra
 
 
+# run.json's layout: the run's settings (varlen train's CONFIG_FIELDS) beside "schema". 0 (no "schema"
+# key) is what checkpoints written before the key held: the same fields, read as they are. A change
+# to what a field means gets a new number and, here, the step that reads the older one.
+RUN_SCHEMA = 1
+
+
 def config_of(path: Path) -> dict:
-    return json.loads((path / "run.json").read_text())
+    """The settings a checkpoint was written with, without the schema number; a run.json of a later
+    schema than this varlen reads raises :class:`CheckpointError`."""
+    config = json.loads((path / "run.json").read_text())
+    schema = config.pop("schema", 0)
+    if not isinstance(schema, int) or not 0 <= schema <= RUN_SCHEMA:
+        raise CheckpointError(f"{path / 'run.json'}: schema {schema!r}, written by another version of varlen "
+                              f"(this one reads schemas 0 to {RUN_SCHEMA}); resume it with that version")
+    return config
 
 
 def differences(saved: dict, now: dict) -> dict[str, tuple]:

@@ -30,7 +30,7 @@ from ..measure import GarbageCollection, compile_counter, graph_count, since, st
 from ..models import DecoderConfig, family
 from ..loss import cross_entropy_sum, linear_cross_entropy_sum
 from ..models.families import HiddenStates, PretrainedFamily, head_refusal
-from ..models.mlp import GELU_FLAGS
+from ..levers import Levers
 from ..parallel import context_shard, shard_batch
 from ..fp8 import TOKEN_MULTIPLE, apply_fp8
 from . import checkpoint
@@ -125,15 +125,7 @@ def lever_args(p: argparse.ArgumentParser) -> None:
     """Precision, the decoder's kernels, data-parallel wrapping, compilation."""
     p.add_argument("--dtype", type=dtype_name("bf16", "fp32"), default=None, metavar="{bf16,fp32}",
                    help="autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--residual-dtype", type=dtype_name("fp32", "bf16"), default="fp32", metavar="{fp32,bf16}",
-                   help="the decoder's residual stream between blocks (bf16 needs --dtype bf16)")
-    p.add_argument("--fp8", choices=["tensorwise", "rowwise"], default=None,
-                   help="the decoder's linear layers in float8 with this scaling (torchao)")
-    p.add_argument("--gelu", choices=list(GELU_FLAGS), default="exact",
-                   help="the decoder's GELU: exact (erf) or tanh (its approximation, GPT2's)")
-    p.add_argument("--mlp-kernel", choices=["torch", "quack"], default="torch",
-                   help="the decoder's MLP: torch, or quack's GEMMs with GELU and its derivative in their epilogues "
-                        "(needs --gelu tanh, bf16 autocast, Hopper or newer and quack-kernels; pays with --cuda-graphs)")
+    Levers.add_flags(p)  # --residual-dtype, --gelu, --mlp-kernel, --fp8: shared with varlen bench
     p.add_argument("--reduce-dtype", type=dtype_name("fp32", "bf16"), default="fp32", metavar="{fp32,bf16}",
                    help="gradient reduction dtype")
     p.add_argument("--bucket-mb", type=positive_int, default=25, help="DDP gradient bucket size")
@@ -160,6 +152,10 @@ def run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run")
     p.add_argument("--allow-change", default="", metavar="FIELD,...",
                    help=f"on --resume, accept these settings differing from the checkpoint's ({', '.join(CONFIG_FIELDS)})")
+    p.add_argument("--log-every", type=positive_int, default=1, metavar="N",
+                   help="read the loss, gradient norm and step time from the device every N steps, one read for all "
+                        "N (the host then runs ahead of the device); a non-finite step is skipped on the device by "
+                        "the fused optimizer and ends the run at the next read, with the weights of the step before")
     p.add_argument("--timing-warmup", type=nonneg_int, default=2, metavar="N",
                    help="steps left out of the summary's timings (not the learning rate's: --warmup-steps)")
     p.add_argument("--warmup", type=renamed_warmup, help=argparse.SUPPRESS)
@@ -337,10 +333,7 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             "seed": args.seed, "world_size": d.world_size, "parallel": parallel, "cp": args.cp, "dtype": dtype,
             "reduce_dtype": args.reduce_dtype,
             # only when changed: checkpoints from before the option resume as float32 runs
-            **({"residual_dtype": args.residual_dtype} if args.residual_dtype != "fp32" else {}),
-            **({"fp8": args.fp8} if args.fp8 else {}),
-            **({"gelu": args.gelu} if args.gelu != "exact" else {}),
-            **({"mlp_kernel": args.mlp_kernel} if args.mlp_kernel != "torch" else {}),
+            **Levers.from_args(args).changed(),
             **({"max_grad_norm": args.max_grad_norm} if args.max_grad_norm is not None else {}),
             **({"weight_decay": args.weight_decay} if args.optimizer == "adamw" else {}),
             **({"lr_schedule": args.lr_schedule, "schedule_steps": args.steps, "min_lr_ratio": args.min_lr_ratio}
@@ -348,20 +341,6 @@ def run_config(args, d: Dist, budget: int, parallel: str, dtype: str, max_len: i
             **({"warmup_steps": args.warmup_steps} if args.warmup_steps else {}),
             **({"eval_split": args.eval_split} if args.eval_split else {}),
             **({"loss_chunk": args.loss_chunk} if args.loss_chunk else {})}
-
-
-def refuse_mlp(args, dtype: str, on_gpu: bool) -> None:
-    """--gelu / --mlp-kernel where they cannot run: one line before any data is read."""
-    if (args.gelu != "exact" or args.mlp_kernel != "torch") and args.model != "decoder":
-        fail(f"--gelu and --mlp-kernel are the decoder's; --model {args.model} keeps its own MLP")
-    if args.mlp_kernel == "quack":
-        from ..models.mlp import quack_unavailable
-
-        why = ("it fuses GELU's tanh approximation only: add --gelu tanh" if args.gelu != "tanh" else
-               f"it runs 16-bit GEMMs under bf16 autocast; this run has --dtype {dtype}" if dtype != "bf16" else
-               quack_unavailable() if on_gpu else "it needs a CUDA device")
-        if why:
-            fail(f"--mlp-kernel quack: {why}")
 
 
 # what a run writes into --out besides checkpoints
@@ -418,7 +397,11 @@ def resume_point(args, d: Dist, config: dict) -> Path | None:
             say(f"no checkpoint in {root}; starting at step 0")
         return None
     allowed = set(filter(None, args.allow_change.split(",")))
-    diffs = {k: v for k, v in checkpoint.differences(checkpoint.config_of(found), config).items() if k not in allowed}
+    try:
+        saved = checkpoint.config_of(found)
+    except checkpoint.CheckpointError as e:
+        fail(f"--resume: {e}")
+    diffs = {k: v for k, v in checkpoint.differences(saved, config).items() if k not in allowed}
     if diffs:
         listed = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, (old, new) in diffs.items())
         fail(f"--resume: this run's settings differ from {found}'s: {listed}. Use that run's settings, or "
@@ -475,15 +458,16 @@ def settings(args, d: Dist):
     parallel = args.parallel or ("ddp" if d.world_size > 1 else "none")
     if parallel == "none" and d.world_size > 1:
         fail("--parallel none with several processes: choose ddp or fsdp2")
+    if args.log_every > 1 and parallel == "fsdp2":
+        fail("--log-every > 1 skips a non-finite step with the fused optimizer's flag, which FSDP2's sharded "
+             "parameters do not take here; read every step (--log-every 1) with --parallel fsdp2")
     if args.cuda_graphs and d.world_size > 1:
         fail(f"--cuda-graphs runs one process; this run has {d.world_size} (DDP/FSDP2 with CUDA graphs is not supported)")
     dtype = args.dtype or ("bf16" if d.device.type == "cuda" else "fp32")
-    if args.residual_dtype == "bf16" and (dtype != "bf16" or args.model != "decoder"):
-        fail(f"--residual-dtype bf16 is the decoder's under bf16 autocast; this run has --model {args.model}, "
-             f"--dtype {dtype}")
-    if args.fp8 and args.model != "decoder":
-        fail(f"--fp8 converts the decoder's nn.Linear layers; --model {args.model} is not converted")
-    refuse_mlp(args, dtype, d.device.type == "cuda")
+    levers = Levers.from_args(args)
+    why = next(iter(levers.problems(args.model, dtype)), None) or levers.unavailable(d.device.type)
+    if why:
+        fail(why)
     return budget, micro_budget, shard, d.world_size // args.cp, parallel, dtype
 
 
@@ -501,8 +485,7 @@ def run(args, d: Dist) -> int:
 def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, parallel: str, dtype: str) -> int:
     fam = family(args.model)
     cfg = model_config(args) if isinstance(fam, PretrainedFamily) else DecoderConfig.from_name(
-        args.preset, residual_dtype="bfloat16" if args.residual_dtype == "bf16" else None,
-        activation=GELU_FLAGS[args.gelu], mlp_kernel=args.mlp_kernel)
+        args.preset, **Levers.from_args(args).decoder_fields())
     tokenizer = model_tokenizer(args, fam)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
     report = DataReport()
@@ -524,7 +507,7 @@ def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
                    compile=args.compile, compile_mode="reduce-overhead" if args.cuda_graphs else None,
                    static_graph=args.static_graph, reshard_after_forward=args.reshard_after_forward)
     opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay,
-                         fused=d.device.type == "cuda" and parallel != "fsdp2")
+                         fused=parallel != "fsdp2" and (d.device.type == "cuda" or args.log_every > 1))
     step, batches_done = restore(resume_from, wrapped, opt, sampler, d)
     if d.main:
         info = {"world_size": d.world_size, "parallel": parallel, "cp": args.cp, "split": args.split, "max_tokens": budget,
@@ -658,7 +641,9 @@ class Loop:
         self.step = 0
         self.batches_done = 0
         self.graphs_after_warmup = 0  # graph_count() once the warm-up steps have run
-        self.guard = FiniteGuard(wrapped.parameters())
+        self.guard = FiniteGuard(wrapped.parameters(), defer=args.log_every > 1)
+        self.unread: list[tuple] = []  # (row, values, counts) of the steps since the last read
+        self.t0 = 0.0  # when the unread steps began
 
     def batches(self):
         on_gpu = self.d.device.type == "cuda"
@@ -686,9 +671,9 @@ class Loop:
                 kept.append(line)
         self.log_path.write_text("".join(x + "\n" for x in kept))
 
-    def one_step(self) -> dict:
+    def one_step(self) -> None:
+        """One optimizer step, its values left on the device (see :meth:`read`)."""
         args, d = self.args, self.d
-        t0 = start()  # the last step ended synchronised
         micro = []
         for _ in range(args.grad_accum):
             b = next(self.it)
@@ -699,18 +684,37 @@ class Loop:
         read = {}
         lr = self.schedule.apply(self.opt, self.step + 1)
 
-        def before_update(stats):  # the one host read of the step, before the update
-            read["loss"], read["grad_norm"] = self.guard.before_update(stats, self.step + 1)
+        def before_update(stats):  # every step: the one host read of the step, before the update
+            read["values"] = self.guard.before_update(stats, self.step + 1, self.opt)
 
         stats = train_step(self.wrapped, micro, self.opt, self.fwd, autocast=self.autocast,
                            max_grad_norm=args.max_grad_norm, before_update=before_update, loss_sum=self.loss_sum)
         self.guard.after_update(self.step + 1)
-        step_ms = 1e3 * since(t0, d.device)
-        rank_tokens = per_rank(stats.local_tokens, d, torch.int64)
         self.step += 1
-        return {"step": self.step, "loss": read["loss"], "grad_norm": read["grad_norm"], "lr": lr,
-                "tokens": int(rank_tokens.sum()),
-                "targets": int(stats.targets), "step_ms": round(step_ms, 3), "rank_tokens": [int(x) for x in rank_tokens]}
+        counts = torch.cat([stats.targets.reshape(1), per_rank(stats.local_tokens, d, torch.int64)])
+        self.unread.append(({"step": self.step, "lr": lr}, read["values"], counts))
+
+    def read(self) -> tuple[list[dict], NonFinite | None]:
+        """The log rows of the steps since the last read, in one host read (``--log-every``: none
+        in between, so the host runs ahead of the device); step times are the window's mean."""
+        unread, self.unread = self.unread, []
+        step_ms = 1e3 * since(self.t0, self.d.device) / max(1, len(unread))
+        counts = torch.stack([c for _, _, c in unread]).tolist() if unread else []
+        values, problem = self.guard.read() if self.guard.defer else ([v for _, v, _ in unread], None)
+        rows = []
+        for (row, _, _), (loss, grad_norm), (targets, *rank_tokens) in zip(unread, values, counts):
+            rows.append({**row, "loss": loss, "grad_norm": grad_norm, "tokens": sum(rank_tokens), "targets": targets,
+                         "step_ms": round(step_ms, 3), "rank_tokens": rank_tokens})
+        return rows, problem
+
+    def read_due(self, steps_run: int) -> bool:
+        args, step = self.args, self.step
+        return (step % args.log_every == 0 or step == args.steps or steps_run == args.timing_warmup
+                or bool(args.save_every and step % args.save_every == 0) or self.eval_due())
+
+    def eval_due(self) -> bool:
+        every = self.args.eval_every
+        return self.evaluator is not None and (self.step == self.args.steps or bool(every and self.step % every == 0))
 
     def watch_compiles(self, steps_run: int) -> None:
         """Graphs made after the warm-up steps (recompiles: one-off steps of tens of seconds that a
@@ -732,20 +736,21 @@ class Loop:
         collector = GarbageCollection(args.gc_every)
         watchdog = Watchdog(args.stall_timeout, d.rank, d.world_size)
         log: list[dict] = []
+        self.t0 = start(d.device)
         try:
             while self.step < args.steps:
                 collector.step()
-                log.append(self.guarded_step())
+                self.guarded(self.one_step)
                 watchdog.beat(self.step)
-                self.watch_compiles(len(log))
-                if self.evaluator and (self.step == args.steps or args.eval_every and self.step % args.eval_every == 0):
-                    log[-1].update(self.guarded(self.evaluator))
-                    watchdog.beat(self.step)
-                self.record(log[-1], progress)
+                self.watch_compiles(self.step - step)
+                if not self.read_due(self.step - step):
+                    continue
+                self.log_rows(log, progress)
+                watchdog.beat(self.step)
                 if args.save_every and self.step % args.save_every == 0:
-                    watchdog.beat()
                     self.save()
                     watchdog.beat()
+                self.t0 = start(d.device)  # the next window's clock starts after the eval and the save
             self.guarded(self.guard.check_weights)  # the last update's weights, before the summary
         finally:
             watchdog.close()
@@ -757,8 +762,17 @@ class Loop:
                 self.board.close()
         return log
 
-    def guarded_step(self) -> dict:
-        return self.guarded(self.one_step)
+    def log_rows(self, log: list[dict], progress) -> None:
+        """Read the unread steps (and evaluate, when due), write their rows; a non-finite value ends
+        the run after the rows of the steps before it are written."""
+        rows, problem = self.guarded(self.read)
+        if problem is None and self.eval_due():
+            rows[-1].update(self.guarded(self.evaluator))
+        for row in rows:
+            log.append(row)
+            self.record(row, progress)
+        if problem is not None:
+            stop(str(problem))
 
     def guarded(self, fn):
         """``fn()``, with a non-finite value or running out of memory ended in one line (exit 1)."""

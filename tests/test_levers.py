@@ -1,0 +1,66 @@
+"""The decoder's levers are one typed object: both commands get the same flags from its fields, the
+same refusals from its one check, and run.json records what differs from the defaults."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import fields
+
+import pytest
+
+from varlen.levers import Levers, flag_of
+
+CHOICES = {"residual_dtype": ["fp32", "bf16"], "gelu": ["exact", "tanh"], "mlp_kernel": ["torch", "quack"],
+           "fp8": [None, "tensorwise", "rowwise"]}
+
+
+def _option(parser, name: str):
+    return next(a for a in parser._actions if flag_of(name) in a.option_strings)
+
+
+def test_every_field_is_a_flag_of_both_commands_with_the_same_default_and_choices():
+    from varlen.bench.cli import parse_args as bench_args
+    from varlen.train.cli import parse_args as train_args
+
+    assert set(CHOICES) == {f.name for f in fields(Levers)}  # a new lever gets its choices listed here
+    bench, train = bench_args([]), train_args([])
+    assert Levers.from_args(bench) == Levers.from_args(train) == Levers()
+    for f in fields(Levers):
+        for value in CHOICES[f.name][1:]:
+            argv = [flag_of(f.name), value]
+            assert getattr(Levers.from_args(bench_args(argv)), f.name) == value
+            assert getattr(Levers.from_args(train_args(argv)), f.name) == value
+
+
+def test_long_dtype_names_are_taken():
+    from varlen.train.cli import parse_args
+
+    assert parse_args(["--residual-dtype", "bfloat16"]).residual_dtype == "bf16"
+
+
+@pytest.mark.parametrize("values", list(itertools.product(*CHOICES.values())))
+def test_problems_hold_for_every_combination(values):
+    levers = Levers(**dict(zip(CHOICES, values)))
+    changed = levers.changed()
+    assert set(changed) == {k for k, v in zip(CHOICES, values) if v != CHOICES[k][0]}
+    # a model of its own takes no lever; varlen's decoder under bf16 takes every valid one
+    assert bool(levers.problems("hf-llama", "bf16")) == bool(changed)
+    quack_ok = levers.mlp_kernel != "quack" or levers.gelu == "tanh"
+    assert (levers.problems("decoder", "bf16") == []) == quack_ok
+    fp32_ok = quack_ok and levers.residual_dtype == "fp32" and levers.mlp_kernel == "torch"
+    assert (levers.problems("decoder", "fp32") == []) == fp32_ok
+    for line in levers.problems("hf-llama", "fp32"):
+        assert "\n" not in line and line.startswith("--")
+
+
+def test_decoder_fields_build_a_decoder_config():
+    from varlen.models import DecoderConfig
+
+    cfg = DecoderConfig.from_name("tiny", **Levers(residual_dtype="bf16", gelu="tanh").decoder_fields())
+    assert (cfg.residual_dtype, cfg.activation, cfg.mlp_kernel) == ("bfloat16", "gelu_tanh", "torch")
+    assert DecoderConfig.from_name("tiny", **Levers().decoder_fields()) == DecoderConfig.from_name("tiny")
+
+
+def test_quack_is_unavailable_without_a_gpu():
+    assert Levers(gelu="tanh", mlp_kernel="quack").unavailable("cpu") == "--mlp-kernel quack: it needs a CUDA device"
+    assert Levers().unavailable("cpu") is None
