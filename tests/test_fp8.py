@@ -16,6 +16,7 @@ from torch import nn
 from varlen import SeqInfo
 from varlen.models import Decoder, DecoderConfig, lm_loss
 from varlen.fp8 import apply_fp8, fp8_eligible
+from varlen.levers import Levers
 
 LENGTHS = [64, 32, 1, 31, 96]  # 224 tokens: float8 GEMMs take multiples of 16
 
@@ -87,7 +88,7 @@ def test_fp8_rows_are_padded_to_whole_gemm_tiles():
     from varlen.data.synthetic import SyntheticDataset
     from varlen.train.data import TrainCollator
 
-    w = replace(WORKLOADS["tiny"], fp8="rowwise")
+    w = replace(WORKLOADS["tiny"], levers=Levers(fp8="rowwise"))
     ds = SyntheticDataset(6, max_len=w.max_len, vocab_size=w.vocab_size, seed=3)
     samples = [ds[i] for i in range(6)]
     real = sum(len(s[0]) for s in samples)
@@ -99,7 +100,7 @@ def test_fp8_rows_are_padded_to_whole_gemm_tiles():
     packed = TrainCollator(multiple_of=2 * 16)(samples)
     assert packed.input_ids.numel() % 32 == 0
     assert "multiple of 16" in precheck(Case("nested", "train", False, w))
-    assert precheck(Case("packed-sdpa", "train", False, replace(w, fp8=None))) is None
+    assert precheck(Case("packed-sdpa", "train", False, replace(w, levers=Levers()))) is None
 
 
 def test_fp8_missing_torchao_is_one_clear_error(monkeypatch):
@@ -123,7 +124,7 @@ def test_bench_fp8_flag(capsys, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: True)
         _, w = workload_from(parse_args(["--preset", "study", "--fp8", "rowwise"]))
-    assert w.fp8 == "rowwise"
+    assert w.levers.fp8 == "rowwise"
     for argv, message in ((["--preset", "tiny", "--fp8", "rowwise"], "need a CUDA GPU"),
                           (["--preset", "tiny", "--model", "hf-gpt2", "--fp8", "rowwise"], "--fp8 rowwise is the decoder's")):
         with pytest.raises(SystemExit) as e:

@@ -4,6 +4,7 @@ same refusals from its one check, and run.json records what differs from the def
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import fields
 
 import pytest
@@ -64,3 +65,63 @@ def test_decoder_fields_build_a_decoder_config():
 def test_quack_is_unavailable_without_a_gpu():
     assert Levers(gelu="tanh", mlp_kernel="quack").unavailable("cpu") == "--mlp-kernel quack: it needs a CUDA device"
     assert Levers().unavailable("cpu") is None
+
+
+def test_preset_names_are_the_decoder_presets_in_every_command(capsys):
+    import re
+
+    from varlen.bench.cases import WORKLOADS
+    from varlen.bench.cli import parse_args as bench
+    from varlen.check_cli import parse_args as check
+    from varlen.models.decoder import PRESETS
+    from varlen.train.cli import parse_args as train
+    from varlen.train.scaling import parse as scaling
+
+    # a bench preset of a name runs the decoder preset of that name
+    assert set(WORKLOADS) == set(PRESETS) and all(w.model == name for name, w in WORKLOADS.items())
+    listed = []
+    for parse in (bench, train, check, scaling):
+        with pytest.raises(SystemExit):
+            parse(["--preset", "huge"])
+        listed.append(re.search(r"invalid choice: 'huge' \(choose from (.*)\)", capsys.readouterr().err).group(1))
+    assert len(set(listed)) == 1 and set(re.findall(r"\w+", listed[0])) == set(PRESETS), listed
+
+
+def test_a_bench_case_carries_its_levers_to_the_worker_and_back():
+    from varlen.bench.cases import WORKLOADS, Case
+
+    levers = Levers(residual_dtype="bf16", gelu="tanh", fp8="rowwise")
+    case = Case("packed-sdpa", "train", True, WORKLOADS["tiny"].__class__(**{**WORKLOADS["tiny"].__dict__, "levers": levers}))
+    assert Case.from_dict(json.loads(json.dumps(case.to_dict()))) == case
+
+
+def test_convert_and_token_multiple_follow_fp8():
+    from varlen.fp8 import TOKEN_MULTIPLE
+    from varlen.models import Decoder, DecoderConfig
+
+    assert Levers().token_multiple is None and Levers(fp8="tensorwise").token_multiple == TOKEN_MULTIPLE
+    model = Decoder(DecoderConfig.from_name("tiny"))
+    before = [type(m).__name__ for m in model.modules()]
+    Levers().convert(model)
+    assert [type(m).__name__ for m in model.modules()] == before
+    pytest.importorskip("torchao")
+    Levers(fp8="rowwise").convert(model)
+    assert "Float8Linear" in [type(m).__name__ for m in model.modules()]
+
+
+def test_one_spelling_for_compile_backend_and_dtypes_across_commands(capsys):
+    from varlen.check_cli import parse_args as check
+    from varlen.train.cli import parse_args as train
+    from varlen.train.scaling import parse as scaling
+
+    base = {train: [], scaling: [], check: ["--preset", "tiny"]}
+    for parse, extra in base.items():
+        assert parse([*extra, "--compile"]).compile is True and parse([*extra, "--no-compile"]).compile is False
+        with pytest.raises(SystemExit):
+            parse([*extra, "--backend", "nope"])
+        assert "--backend" in capsys.readouterr().err
+    assert train(["--reduce-dtype", "bfloat16"]).reduce_dtype == scaling(["--reduce-dtype", "bfloat16"]).reduce_dtype == "bf16"
+    for flag in ("--steps", "--tokens-per-rank", "--cp"):
+        with pytest.raises(SystemExit):
+            scaling([flag, "0"])
+        assert flag in capsys.readouterr().err

@@ -117,7 +117,7 @@ def test_bench_flags(capsys, monkeypatch):
     with monkeypatch.context() as m:  # the study preset on a GPU machine, as far as the parser looks
         m.setattr(torch.cuda, "is_available", lambda: True)
         _, w = workload_from(parse_args(["--preset", "study", "--gelu", "tanh", "--mlp-kernel", "quack"]))
-    assert (w.activation, w.mlp_kernel) == ("gelu_tanh", "quack")
+    assert (w.levers.gelu, w.levers.mlp_kernel) == ("tanh", "quack")
     case = Case(strategy=strategy("packed-sdpa").name, mode="train", compile=False, workload=replace(w, device="cpu"))
     assert precheck(case) == "no CUDA device"  # n/a on this machine, with its reason
     for argv, message in ((["--mlp-kernel", "quack"], "--mlp-kernel quack: it fuses GELU's tanh approximation only"),
@@ -127,7 +127,7 @@ def test_bench_flags(capsys, monkeypatch):
             workload_from(parse_args(["--preset", "tiny", *argv]))
         assert e.value.code == 2 and message in capsys.readouterr().err
     _, w = workload_from(parse_args(["--preset", "tiny", "--gelu", "tanh"]))
-    assert (w.activation, w.mlp_kernel) == ("gelu_tanh", "torch")
+    assert (w.levers.gelu, w.levers.mlp_kernel) == ("tanh", "torch")
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -79,12 +79,12 @@ def test_bench_flag_sets_the_workload_and_refuses_hf(capsys, monkeypatch):
     with monkeypatch.context() as m:  # the study preset on a GPU machine, as far as the parser looks
         m.setattr(torch.cuda, "is_available", lambda: True)
         _, w = workload_from(parse_args(["--preset", "study", "--residual-dtype", "bf16"]))
-    assert w.residual_dtype == "bfloat16" and w.device == "cuda"
+    assert w.levers.residual_dtype == "bf16" and w.device == "cuda"
     with pytest.raises(SystemExit) as e:  # the CPU bench runs float32, without autocast
         workload_from(parse_args(["--preset", "tiny", "--residual-dtype", "bf16"]))
     assert e.value.code == 2 and "needs bf16 autocast" in capsys.readouterr().err
     _, w = workload_from(parse_args(["--preset", "tiny"]))
-    assert w.residual_dtype is None
+    assert w.levers.residual_dtype == "fp32"
     with pytest.raises(SystemExit) as e:
         workload_from(parse_args(["--preset", "tiny", "--model", "hf-gpt2", "--residual-dtype", "bf16"]))
     assert e.value.code == 2 and "--residual-dtype bf16 is the decoder's; --model hf-gpt2" in capsys.readouterr().err

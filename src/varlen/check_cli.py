@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .argtypes import DTYPES, backend_name, default_device, device_name, device_problem, dtype_name, positive_int, usage_error
+from .models.decoder import PRESETS
 
 
 def parse_args(argv):
@@ -27,7 +28,7 @@ def parse_args(argv):
                             "(or these), each tiny and random, checked on the CPU in its own process")
     model.add_argument("--hf-config", type=Path, metavar="PATH",
                        help="an HF causal LM: a model folder, or a folder / config.json (with --random-init)")
-    model.add_argument("--preset", help="varlen's decoder of this preset (tiny, small, study)")
+    model.add_argument("--preset", choices=sorted(PRESETS), help="varlen's decoder of this preset")
     p.add_argument("--random-init", action="store_true", help="random weights from the config (no weights needed)")
     p.add_argument("--attn-implementation", default="varlen", help="for --hf-config: varlen, sdpa, eager, ...")
     p.add_argument("--backend", type=backend_name, default="auto",
@@ -38,7 +39,8 @@ def parse_args(argv):
     p.add_argument("--max-len", type=positive_int, default=256,
                    help="the longest sample checked (capped at the model's positions)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="also check a compiled model over random batches")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="also check a compiled model over random batches")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--markdown", type=Path, default=None, help="--all-architectures: write the matrix as Markdown")
     p.add_argument("--jobs", type=positive_int, default=1, help="--all-architectures: architectures at once")

@@ -75,6 +75,20 @@ class Levers:
         why = "it needs a CUDA device" if device_type != "cuda" else quack_unavailable()
         return f"--mlp-kernel quack: {why}" if why else None
 
+    @property
+    def token_multiple(self) -> int | None:
+        """What a batch's token count must be a multiple of (float8 GEMMs take whole tiles), or None."""
+        from .fp8 import TOKEN_MULTIPLE
+
+        return TOKEN_MULTIPLE if self.fp8 else None
+
+    def convert(self, model) -> None:
+        """The conversions made to a built model (before ``torch.compile``): FP8 linears."""
+        if self.fp8:
+            from .fp8 import apply_fp8
+
+            apply_fp8(model, self.fp8)
+
     def decoder_fields(self) -> dict[str, object]:
         """The :class:`~varlen.models.DecoderConfig` fields these levers set (fp8 converts the built model)."""
         return {"residual_dtype": "bfloat16" if self.residual_dtype == "bf16" else None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from ..buckets import round_up
+from ..levers import Levers
 
 @dataclass(frozen=True)
 class Strategy:
@@ -139,19 +140,17 @@ class Workload:
     # compiled cases with Inductor's max-autotune: GEMMs as autotuned templates that fuse their
     # neighbouring elementwise work (issue 18's epilogue lever); compiling takes minutes longer
     autotune: bool = False
-    # the decoder's residual stream between blocks (DecoderConfig.residual_dtype): None = autocast's float32
-    residual_dtype: str | None = None
-    fp8: str | None = None  # the decoder's linears in float8 (varlen.fp8 recipe), None: bf16 autocast
-    activation: str = "gelu"  # the decoder's GELU (DecoderConfig.activation)
-    mlp_kernel: str = "torch"  # the decoder's MLP kernels (DecoderConfig.mlp_kernel)
+    levers: Levers = Levers()  # the decoder's (residual stream dtype, GELU, MLP kernels, FP8 linears)
 
 
-WORKLOADS = {  # --preset NAME: the study and its smaller versions
+WORKLOADS = {  # --preset NAME: the study and its smaller versions, one for each decoder preset of that name
     # docs/study.md: 32 samples of 1..1023 tokens, the 24-layer decoder, bf16 autocast
     "study": Workload(),
     # every strategy in seconds on a GPU: the GPU smoke (benchmarks/run_gpu.sh smoke)
     # (warm-up 2: a compiled graph behind a break, xFormers', recompiles once for dynamic shapes)
     "smoke": Workload(model="smoke", batch_size=8, max_len=255, steps=2, warmup=2, num_workers=1),
+    # the small decoder (4 layers of 256) on the study's kind of batch: a quick look on a GPU
+    "small": Workload(model="small", batch_size=16, max_len=511, steps=10, warmup=3, num_workers=2),
     # fits 2 CPU cores in minutes
     "tiny": Workload(model="tiny", batch_size=8, max_len=127, steps=5, warmup=2, num_workers=1,
                      device="cpu", dtype="float32"),
@@ -182,7 +181,8 @@ class Case:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Case":
-        return cls(d["strategy"], d["mode"], d["compile"], Workload(**d["workload"]))
+        w = d["workload"]
+        return cls(d["strategy"], d["mode"], d["compile"], Workload(**{**w, "levers": Levers(**w["levers"])}))
 
 
 @dataclass

@@ -132,7 +132,7 @@ def workload_from(args):
         usage_error("varlen bench", why)
     if levers.fp8 and w.device != "cuda":
         usage_error("varlen bench", "--fp8 times float8 GEMMs, which need a CUDA GPU (on the CPU they are emulated)")
-    w = replace(w, fp8=levers.fp8, **levers.decoder_fields())
+    w = replace(w, levers=levers)
     if w.tokens_per_batch and w.tokens_per_batch < w.max_len:
         usage_error("varlen bench", f"--tokens-per-batch {w.tokens_per_batch} is below the longest sample "
                                     f"(--max-len {w.max_len})")

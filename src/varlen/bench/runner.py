@@ -46,9 +46,9 @@ def precheck(case: Case) -> str | None:
         why = fam.unavailable(case.backend)
     except ValueError as e:  # an unknown strategy or backend
         return str(e)
-    if case.workload.fp8 and case.spec.layout == "nested":
+    if case.workload.levers.fp8 and case.spec.layout == "nested":
         return "--fp8: float8 GEMMs need a token count that is a multiple of 16, which a jagged batch does not keep"
-    if case.workload.mlp_kernel != "torch":
+    if case.workload.levers.mlp_kernel != "torch":
         from ..models.mlp import quack_unavailable
 
         if case.spec.layout == "nested":

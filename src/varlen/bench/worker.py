@@ -23,7 +23,6 @@ from ..data import Batch, NestedCollator, PackCollator, PadCollator, PadToLonges
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
 from ..models import DecoderConfig, family, lm_loss
-from ..fp8 import TOKEN_MULTIPLE, apply_fp8
 from . import hf_models
 from .cases import Case, Result, padded_length
 
@@ -39,14 +38,14 @@ def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
             return NestedCollator(max_seqlen=w.max_len if case.compile else None)
         case _ if cuda_graphed(case):
             shape = static_shape(w, batches) if w.tokens_per_batch else graph_buckets(w)
-            return PackCollator(max_seqlen=w.max_len, pad_to_multiple_of=TOKEN_MULTIPLE if w.fp8 else None, **shape)
+            return PackCollator(max_seqlen=w.max_len, pad_to_multiple_of=w.levers.token_multiple, **shape)
         case _:
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
             # the compiled graph from specialising on each batch's longest sample
             own = family(case.spec.family).own_attention  # a peer's attention: nothing of varlen's to ask
             return PackCollator(max_seqlen=w.max_len if case.compile else None,
                                 bucket_max_seqlen=not own and pads_to_max_seqlen(case.backend, w.device),
-                                pad_to_multiple_of=TOKEN_MULTIPLE if w.fp8 else None)
+                                pad_to_multiple_of=w.levers.token_multiple)
 
 
 def cuda_graphed(case: Case) -> bool:
@@ -117,11 +116,10 @@ def run_case(case: Case) -> Result:
     base = DecoderConfig.from_name(w.model)
     # positions for every padded slot: padding rounds max_len + 1 up to a multiple of 8
     cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, padded_length(w.max_len)),
-                                  residual_dtype=w.residual_dtype, activation=w.activation, mlp_kernel=w.mlp_kernel)
+                                  **w.levers.decoder_fields())
     fam = family(case.spec.family)
     model = (hf_models.gpt2(cfg, case.spec) if fam.hf else fam.build(cfg, case.backend)).to(device).train(train)
-    if w.fp8:
-        apply_fp8(model, w.fp8)
+    w.levers.convert(model)
     n_profile = 3 if w.profile else 0
     batches = sample_batches(w, w.warmup + w.steps + n_profile + (n_profile > 0))  # breakdown: one unrecorded step first
     collate = hf_models.collator(case.spec, w.max_len, case.compile) if fam.hf else _collator(case, cfg, batches)

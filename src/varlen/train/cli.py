@@ -28,11 +28,11 @@ from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
 from ..data import CostModel, TokenBudgetSampler, move_batch
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
+from ..models.decoder import PRESETS
 from ..loss import cross_entropy_sum, linear_cross_entropy_sum
 from ..models.families import HiddenStates, PretrainedFamily, head_refusal
 from ..levers import Levers
 from ..parallel import context_shard, shard_batch
-from ..fp8 import TOKEN_MULTIPLE, apply_fp8
 from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
@@ -60,7 +60,9 @@ def parse_args(argv):
 
 def model_and_data_args(p: argparse.ArgumentParser) -> None:
     """The model trained and the data it trains on."""
-    p.add_argument("--preset", default=None, help="model size of decoder / hf-gpt2 / hf-llama: tiny (default), small, study")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model size of decoder / hf-gpt2 / hf-llama (default tiny); varlen bench's presets of the same names "
+                        "run the same model")
     p.add_argument("--model", default="decoder", metavar="NAME|DIR",
                    help="a folder holding a saved HF causal LM (config.json, safetensors weights, tokenizer files) to "
                         "fine-tune; or, for the study, varlen's decoder, hf-gpt2 or hf-llama of --preset's size with "
@@ -132,7 +134,7 @@ def lever_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-graph", action="store_true", help="DDP's static_graph (not with --grad-accum > 1)")
     p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --compile, on one GPU, one micro-batch a step: the model as CUDA graphs (rows padded "
                         "to one number of sequences and one of 8 sizes an octave, a graph recorded per size the "
@@ -573,8 +575,7 @@ def build_model(args, fam, cfg: DecoderConfig):
     except ValueError as e:  # varlen.hf.PackingRefused too
         fail(f"--model {args.model}: {e}" if str(args.model) not in str(e) else str(e))
     model.train()
-    if args.fp8:
-        apply_fp8(model, args.fp8)
+    Levers.from_args(args).convert(model)
     return model
 
 
@@ -609,7 +610,7 @@ def make_collator(args, sampler, ds, max_len: int, device_type: str, plain: bool
     ``--cuda-graphs`` one number of sequences and one of 8 row sizes an octave; ``plain``: neither
     (evaluation)."""
     # rows split evenly over the context group, each slice a whole number of fp8 GEMM tiles
-    multiple_of = args.cp * (TOKEN_MULTIPLE if args.fp8 else 1)
+    multiple_of = args.cp * (Levers.from_args(args).token_multiple or 1)
     if plain:
         return TrainCollator(max_seqlen=max_len, multiple_of=multiple_of,
                              bucket_max_seqlen=pads_to_max_seqlen(args.backend, device_type))

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..argtypes import default_device, device_name
+from ..argtypes import backend_name, default_device, device_name, dtype_name, nonneg_int, positive_int
 from ..data import CostModel, PackedBatch, TokenBudgetSampler, move_batch
 from ..measure import GarbageCollection, graph_count, since, start
 from ..measure.profile import breakdown
 from ..models import DecoderConfig, family
+from ..models.decoder import PRESETS
 from ..parallel import context_shard, shard_batch
 from .cost import measure_cost
 from .data import TrainCollator, load
@@ -36,21 +37,21 @@ from .step import train_step
 def parse(argv):
     p = argparse.ArgumentParser(prog="varlen.train.scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="study")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="study")
     p.add_argument("--model", default="decoder")
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", type=backend_name, default="auto")
     p.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp")
     p.add_argument("--dists", default="uniform,lognormal")
     p.add_argument("--splits", default="balanced,naive")
-    p.add_argument("--tokens-per-rank", type=int, default=16384)
-    p.add_argument("--cp", type=int, default=1, help="context parallelism: ranks sharing each packed row (decoder)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--tokens-per-rank", type=positive_int, default=16384)
+    p.add_argument("--cp", type=positive_int, default=1, help="context parallelism: ranks sharing each packed row (decoder)")
+    p.add_argument("--max-len", type=positive_int, default=None,
                    help="longest document (default the preset's positions - 1; more enlarges the model's positions)")
-    p.add_argument("--steps", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=positive_int, default=15)
+    p.add_argument("--warmup", type=nonneg_int, default=3)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--bucket-mb", type=int, default=25)
-    p.add_argument("--reduce-dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--bucket-mb", type=positive_int, default=25)
+    p.add_argument("--reduce-dtype", type=dtype_name("fp32", "bf16"), default="fp32", metavar="{fp32,bf16}")
     p.add_argument("--static-graph", action="store_true", help="DDP's static_graph")
     p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
                    help="FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)")
@@ -58,10 +59,10 @@ def parse(argv):
                    help="the balanced split's cost model: from FLOPs, or timed on this device and model")
     p.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
                    help="DDP: before each timed step, time the same share on each GPU alone (no communication)")
-    p.add_argument("--gc-every", type=int, default=50,
+    p.add_argument("--gc-every", type=nonneg_int, default=50,
                    help="Python's collector off, a collection every N steps on all ranks, untimed (0: Python's own)")
     p.add_argument("--label", default="", help="names a variant (flags, environment) in the report")
-    p.add_argument("--profile-steps", type=int, default=0,
+    p.add_argument("--profile-steps", type=nonneg_int, default=0,
                    help="after each timed config, profile this many steps: where rank 0's step goes")
     p.add_argument("--device", type=device_name, default=default_device(), help="cpu, cuda or cuda:N")
     p.add_argument("--out", type=Path)
