@@ -227,10 +227,59 @@ def profile_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"profile": profile_table, "gpt2": gpt2_table, "length": length_table, "finetune": finetune_table, "study": study_table, "headline": headline_table, "levers": levers_table,
+def scaling_table() -> str:
+    """Weak scaling at 4 GPUs: each run's tokens/s of median steps against one GPU of the same launch."""
+    runs = _load("h100x4-scaling-2026-11-26/scaling.json")["runs"]
+    rows = {"DDP, bf16 gradient reduction": ("ddp", "bf16"), "DDP, fp32 reduction": ("ddp", None),
+            "FSDP2 (bf16 params)": ("fsdp2", "fp32")}
+    cols = [("uniform", "balanced"), ("uniform", "naive"), ("lognormal", "balanced"), ("lognormal", "naive")]
+    lines = ["| 4 GPUs vs 1 | " + " | ".join(f"{d}, {s}" for d, s in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for label, (parallel, reduce) in rows.items():
+        cells = [next(f"{100 * r['efficiency']:.1f}%" for r in runs if r["world_size"] == 4 and r["parallel"] == parallel
+                      and r.get("reduce_dtype") == reduce and (r["length_dist"], r["split"]) == col) for col in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cp_table() -> str:
+    """Context parallelism on 2 GPUs beside one GPU: mean step, model TFLOP/s a GPU and its fraction of
+    one GPU's rate at the study's 32K tokens, and of one GPU on the same document."""
+    runs = {(r["label"], r["length_dist"]): r for r in _load("h200x2-cp-2026-11-27/report/scaling.json")["runs"]}
+    rows = [("study lengths, {tokens:,} tokens", ("one-gpu", "uniform")),
+            ("one {doc:,}-token document", ("one-gpu-65k", "fixed")),
+            ("one {doc:,}-token document, `--cp 2`", ("cp2", "fixed")),
+            ("long-tailed mix up to {doc:,} tokens, `--cp 2`", ("cp2", "lognormal"))]
+    lines = ["| one step | GPUs | step ms | TFLOP/s per GPU | vs one GPU at the study's 32K tokens | vs one GPU, "
+             "same document | peak GiB per GPU |", "|---|---|---|---|---|---|---|"]
+    for label, key in rows:
+        r = runs[key]
+        same = "-" if r["tflops_vs_same_document"] is None else \
+            f"{100 * r['tflops_vs_same_document']:.1f}% ({r['speedup_vs_same_document']:.2f}x faster)"
+        name = label.format(tokens=r["tokens_per_rank_budget"] * r["world_size"] // r["cp"], doc=r["max_doc_tokens"])
+        lines.append(f"| {name} | {r['world_size']} | {r['step_ms_mean']:.1f} | {r['tflops_per_gpu']:.1f} | "
+                     f"{100 * r['tflops_vs_one_gpu']:.1f}% | {same} | {r['peak_mem_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def te_table() -> str:
+    """The TransformerEngine peer, eager and profiled, beside padding and varlen's packed FA2 (one run)."""
+    cases = {(c["strategy"], c["mode"]): c for c in _load("h100-2026-11-27-session9/te/te-eager/results.json")["cases"]}
+    rows = [("padded to 1024, SDPA + mask", "padded"), ("**TransformerEngine, packed THD (`packed-te`)**", "packed-te"),
+            ("varlen, packed, torch's FA2", "packed-flash")]
+    lines = ["| eager study step (ms) | eval | train | train: attention | train: host gaps |", "|---|---|---|---|---|"]
+    for label, strategy in rows:
+        ev, tr = cases[(strategy, "eval")], cases[(strategy, "train")]
+        ms = tr["profile"]["ms"]
+        lines.append(f"| {label} | {ev['step_ms_mean']:.1f} | {tr['step_ms_mean']:.1f} | {ms['attention']:.1f} | "
+                     f"{ms['host/data gap']:.1f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"te": te_table, "scaling": scaling_table, "cp": cp_table, "profile": profile_table, "gpt2": gpt2_table, "length": length_table, "finetune": finetune_table, "study": study_table, "headline": headline_table, "levers": levers_table,
           "lognormal": lognormal_table}
 PAGES = ["README.md", "docs"]
-BLOCK = re.compile(r"(<!-- table:(\w[\w-]*) -->\n)(.*?)(\n<!-- /table -->)", re.S)
+# the block's body may be empty (a new table's markers, side by side)
+BLOCK = re.compile(r"(<!-- table:(\w[\w-]*) -->\n)(?:(.*?)\n)??(<!-- /table -->)", re.S)
 
 
 def pages() -> list[Path]:
@@ -245,7 +294,7 @@ def render(text: str) -> str:
     def fill(m: re.Match) -> str:
         if m.group(2) not in TABLES:
             raise SystemExit(f"unknown table {m.group(2)!r}; tables: {', '.join(TABLES)}")
-        return m.group(1) + TABLES[m.group(2)]() + m.group(4)
+        return m.group(1) + TABLES[m.group(2)]() + "\n" + m.group(4)
 
     return BLOCK.sub(fill, text)
 
