@@ -264,7 +264,7 @@ def test_long_and_empty_rows_are_counted(tmp_path, capsys):
     (["--lr", "0"], "argument --lr: 0 is not a number > 0"),
     (["--grad-accum", "x"], "argument --grad-accum: 'x' is not a positive integer"),
     (["--max-len", "400"], "--max-len 400: preset tiny takes samples of at most 255 tokens"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
     (["--resume"], "--resume and --save-every need --out"),
     (["--allow-change", "colour"], "--allow-change: unknown field(s) colour"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
