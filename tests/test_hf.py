@@ -285,3 +285,30 @@ def test_metadata_is_not_reused_across_batches():
             got = vm(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
             want = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_metadata_from_positions_is_derived_once_a_batch_compiled_too_and_not_kept(monkeypatch):
+    # a model fed position_ids alone: its layers share one derivation per batch, eager and compiled,
+    # held only while the batch's tensor lives
+    import gc
+
+    ref, vm = _models("llama_gqa")
+    derived = []
+    real = varlen.hf._from_positions
+    monkeypatch.setattr(varlen.hf, "_from_positions", lambda pos, rows: derived.append(1) or real(pos, rows))
+    torch._dynamo.reset()
+    compiled = torch.compile(vm)
+    for seed, lengths in enumerate(([3, 9, 4], [10, 2, 4, 5], [1, 1, 14])):
+        for model in (vm, compiled):
+            samples = _samples(lengths, seed=seed)
+            ids, mask, _ = _padded(samples)
+            batch = varlen.hf.VarlenCollator()([{"input_ids": s} for s in samples])
+            before = len(derived)
+            with torch.no_grad():
+                got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+                want = ref(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            assert len(derived) - before == 1, (lengths, model is compiled)
+            del batch, got
+            gc.collect()
+            assert len(varlen.hf._PER_BATCH) == 0  # nothing of the batch is kept after it

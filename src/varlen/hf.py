@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 from torch import Tensor
 
 from .attention import BACKENDS, BackendUnavailable, attention
@@ -75,10 +75,11 @@ def reaches_varlen(model: torch.nn.Module) -> tuple[bool, str]:
         model.train(training)
     return bool(calls), error
 
-_STATE = {"backend": "auto"}
-# The last batch's metadata: every layer of a forward sees the same position_ids / mask tensor.
-# The tensor itself is kept, so its identity cannot pass to a later batch's tensor.
-_LAST: dict[str, Any] = {"tensor": None, "version": None, "value": None}
+_STATE = {"backend": "auto"}  # the process default; a model's own choice is in its config
+# A batch's metadata, derived once from the position_ids / mask tensor that every layer of a forward
+# sees, kept while that tensor lives (keyed by the tensor itself, not a global "last batch": two
+# models or threads interleaving batches each find their own, and no batch is kept alive).
+_PER_BATCH = WeakIdKeyDictionary()
 
 
 def use(backend: str = "auto", model: torch.nn.Module | None = None) -> None:
@@ -122,10 +123,13 @@ def backend_of(module: torch.nn.Module) -> str:
     return getattr(getattr(module, "config", None), "varlen_backend", None) or _STATE["backend"]
 
 
+@torch.compiler.disable  # host-side derivation (it reads the tensor), cached across layers also when compiled
 def _once_per_batch(tensor: Tensor, build):
-    if _LAST["tensor"] is not tensor or _LAST["version"] != tensor._version:
-        _LAST.update(value=build(), tensor=tensor, version=tensor._version)
-    return _LAST["value"]
+    version, value = _PER_BATCH.get(tensor, (None, None))
+    if version != tensor._version:  # a tensor changed in place is derived again
+        value = build()
+        _PER_BATCH[tensor] = (tensor._version, value)
+    return value
 
 
 def _is_packed(pos: Tensor, real: Tensor | None = None) -> bool:
