@@ -125,3 +125,19 @@ def test_one_spelling_for_compile_backend_and_dtypes_across_commands(capsys):
         with pytest.raises(SystemExit):
             scaling([flag, "0"])
         assert flag in capsys.readouterr().err
+
+
+def test_train_and_the_scaling_sweep_take_the_same_wrapping_flags():
+    import torch
+
+    from varlen.options import from_args
+    from varlen.train.cli import parse_args as train
+    from varlen.train.distributed import Wrapping
+    from varlen.train.scaling import parse as scaling
+
+    argv = ["--reduce-dtype", "bfloat16", "--bucket-mb", "7", "--static-graph", "--no-reshard-after-forward"]
+    want = Wrapping(reduce_dtype="bf16", bucket_mb=7, static_graph=True, reshard_after_forward=False)
+    assert from_args(Wrapping, train(argv)) == from_args(Wrapping, scaling(argv)) == want
+    assert from_args(Wrapping, train([])) == from_args(Wrapping, scaling([])) == Wrapping()
+    assert want.wrap_kwargs() == {"reduce_dtype": torch.bfloat16, "bucket_mb": 7, "static_graph": True,
+                                  "reshard_after_forward": False}

@@ -10,14 +10,14 @@ in :meth:`Levers.decoder_fields` (or the model's build), and a test.
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass
 
+from . import options
 from .argtypes import dtype_name
 from .models.mlp import GELU_FLAGS
+from .options import flag_of
 
-
-def _flag(default, help: str, **argparse_kwargs):
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+_flag = options.option
 
 
 @dataclass(frozen=True)
@@ -35,19 +35,16 @@ class Levers:
                             choices=["tensorwise", "rowwise"])
 
     @classmethod
-    def add_flags(cls, p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-        """One ``--flag`` a field, its default the field's."""
-        for f in fields(cls):
-            p.add_argument(flag_of(f.name), default=f.default, **f.metadata)
+    def add_flags(cls, p: argparse.ArgumentParser) -> None:
+        options.add_flags(cls, p)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Levers:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        return options.from_args(cls, args)
 
     def changed(self) -> dict[str, object]:
         """The fields set away from their defaults, as the flags spell them (what run.json records)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.default is not MISSING and getattr(self, f.name) != f.default}
+        return options.changed(self)
 
     def problems(self, model: str, dtype: str) -> list[str]:
         """Why these levers cannot run on ``model`` (``decoder`` is varlen's own) under autocast to
@@ -93,7 +90,3 @@ class Levers:
         """The :class:`~varlen.models.DecoderConfig` fields these levers set (fp8 converts the built model)."""
         return {"residual_dtype": "bfloat16" if self.residual_dtype == "bf16" else None,
                 "activation": GELU_FLAGS[self.gelu], "mlp_kernel": self.mlp_kernel}
-
-
-def flag_of(name: str) -> str:
-    return "--" + name.replace("_", "-")

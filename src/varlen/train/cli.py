@@ -36,7 +36,8 @@ from ..parallel import context_shard, shard_batch
 from . import checkpoint
 from .cost import measure_cost
 from .data import DataError, DataReport, TrainCollator, fingerprint, load
-from .distributed import Dist, all_agree, from_rank0, per_rank, run_then_teardown, setup, wrap
+from ..options import add_flags, from_args
+from .distributed import Dist, Wrapping, all_agree, from_rank0, per_rank, run_then_teardown, setup, wrap
 from .guard import FiniteGuard, NonFinite
 from .evaluate import evaluate, hold_out
 from .export import export, export_refusal
@@ -128,12 +129,7 @@ def lever_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=dtype_name("bf16", "fp32"), default=None, metavar="{bf16,fp32}",
                    help="autocast dtype (default: bf16 on CUDA)")
     Levers.add_flags(p)  # --residual-dtype, --gelu, --mlp-kernel, --fp8: shared with varlen bench
-    p.add_argument("--reduce-dtype", type=dtype_name("fp32", "bf16"), default="fp32", metavar="{fp32,bf16}",
-                   help="gradient reduction dtype")
-    p.add_argument("--bucket-mb", type=positive_int, default=25, help="DDP gradient bucket size")
-    p.add_argument("--static-graph", action="store_true", help="DDP's static_graph (not with --grad-accum > 1)")
-    p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
-                   help="FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)")
+    add_flags(Wrapping, p)  # --reduce-dtype, --bucket-mb, --static-graph, --reshard-after-forward: as the sweep's
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --compile, on one GPU, one micro-batch a step: the model as CUDA graphs (rows padded "
@@ -504,8 +500,8 @@ def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
                                  world_size=dp, rank=d.rank // args.cp, split=args.split, cost=cost)
     collate = make_collator(args, sampler, ds, max_len, d.device.type)
     trained, forward, loss_sum = head_in_loss(args, fam, model, parallel)
-    wrapped = wrap(trained, parallel, d, reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
-                   param_dtype=torch.bfloat16 if dtype == "bf16" else None, bucket_mb=args.bucket_mb,
+    wrapped = wrap(trained, parallel, d, **from_args(Wrapping, args).wrap_kwargs(),
+                   param_dtype=torch.bfloat16 if dtype == "bf16" else None,
                    compile=args.compile, compile_mode="reduce-overhead" if args.cuda_graphs else None,
                    static_graph=args.static_graph, reshard_after_forward=args.reshard_after_forward)
     opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay,

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ..argtypes import dtype_name, positive_int
+from ..options import option
+
+
+@dataclass(frozen=True)
+class Wrapping:
+    """How DDP / FSDP2 wrap the model: ``varlen train`` and the scaling sweep take these flags alike."""
+    reduce_dtype: str = option("fp32", "gradient reduction dtype (DDP's all-reduce, FSDP2's reduce-scatter)",
+                               type=dtype_name("fp32", "bf16"), metavar="{fp32,bf16}")
+    bucket_mb: int = option(25, "DDP gradient bucket size", type=positive_int)
+    static_graph: bool = option(False, "DDP's static_graph (not with several micro-batches a step)", action="store_true")
+    reshard_after_forward: bool = option(True, "FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)",
+                                         action=argparse.BooleanOptionalAction)
+
+    def wrap_kwargs(self) -> dict:
+        """:func:`wrap`'s keywords for these options."""
+        return {"reduce_dtype": torch.bfloat16 if self.reduce_dtype == "bf16" else torch.float32,
+                "bucket_mb": self.bucket_mb, "static_graph": self.static_graph,
+                "reshard_after_forward": self.reshard_after_forward}
 
 
 @dataclass(frozen=True)

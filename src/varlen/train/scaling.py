@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..argtypes import backend_name, default_device, device_name, dtype_name, nonneg_int, positive_int
+from ..argtypes import backend_name, default_device, device_name, nonneg_int, positive_int
 from ..data import CostModel, PackedBatch, TokenBudgetSampler, move_batch
 from ..measure import GarbageCollection, graph_count, since, start
 from ..measure.profile import breakdown
@@ -30,7 +30,8 @@ from ..models.decoder import PRESETS
 from ..parallel import context_shard, shard_batch
 from .cost import measure_cost
 from .data import TrainCollator, load
-from .distributed import per_rank, run_then_teardown, setup, wrap
+from ..options import add_flags, from_args
+from .distributed import Wrapping, per_rank, run_then_teardown, setup, wrap
 from .step import train_step
 
 
@@ -50,11 +51,7 @@ def parse(argv):
     p.add_argument("--steps", type=positive_int, default=15)
     p.add_argument("--warmup", type=nonneg_int, default=3)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--bucket-mb", type=positive_int, default=25)
-    p.add_argument("--reduce-dtype", type=dtype_name("fp32", "bf16"), default="fp32", metavar="{fp32,bf16}")
-    p.add_argument("--static-graph", action="store_true", help="DDP's static_graph")
-    p.add_argument("--reshard-after-forward", action=argparse.BooleanOptionalAction, default=True,
-                   help="FSDP2: free gathered block parameters after forward (--no-...: ZeRO-2)")
+    add_flags(Wrapping, p)  # --reduce-dtype, --bucket-mb, --static-graph, --reshard-after-forward: as varlen train's
     p.add_argument("--cost", choices=["flops", "measure"], default="flops",
                    help="the balanced split's cost model: from FLOPs, or timed on this device and model")
     p.add_argument("--alone", action=argparse.BooleanOptionalAction, default=True,
@@ -113,10 +110,8 @@ class Sweep:
         # (with context parallelism no rank can step alone: its attention needs the group)
         self.local = model if args.parallel == "ddp" and args.alone and args.cp == 1 else None
         self.alone = dist.new_subgroups(1)[0] if self.local is not None and dist.is_initialized() else None
-        self.wrapped = wrap(model, args.parallel, d, compile=args.compile, bucket_mb=args.bucket_mb,
-                            reduce_dtype=torch.bfloat16 if args.reduce_dtype == "bf16" else torch.float32,
-                            param_dtype=torch.bfloat16 if cuda else None, static_graph=args.static_graph,
-                            reshard_after_forward=args.reshard_after_forward)
+        self.wrapped = wrap(model, args.parallel, d, compile=args.compile, **from_args(Wrapping, args).wrap_kwargs(),
+                            param_dtype=torch.bfloat16 if cuda else None)
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=cuda and args.parallel == "ddp")
         self.collate = TrainCollator(max_seqlen=max_len if args.compile else None, multiple_of=args.cp)
         self.budget = args.tokens_per_rank * d.world_size

@@ -1,0 +1,38 @@
+"""Typed option groups whose command-line flags are generated from their fields.
+
+A group is a frozen dataclass whose fields are made with :func:`option`: the field's name is the
+flag (``reduce_dtype`` -> ``--reduce-dtype``), its default the flag's, and the rest (help, type,
+choices, action) goes to ``argparse`` as it is. Commands add a group's flags with :func:`add_flags`
+and read it back with :func:`from_args`, so two commands that take a group spell, default and check
+its flags alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, field, fields
+
+
+def option(default, help: str, **argparse_kwargs):
+    """A field of an option group: its default and what ``argparse`` needs for its flag."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(group: type, p: argparse.ArgumentParser) -> None:
+    """One ``--flag`` for each field of ``group``, its default the field's."""
+    for f in fields(group):
+        p.add_argument(flag_of(f.name), default=f.default, **f.metadata)
+
+
+def from_args(group: type, args: argparse.Namespace):
+    return group(**{f.name: getattr(args, f.name) for f in fields(group)})
+
+
+def changed(options) -> dict[str, object]:
+    """The fields set away from their defaults, as the flags spell them."""
+    return {f.name: getattr(options, f.name) for f in fields(options)
+            if f.default is not MISSING and getattr(options, f.name) != f.default}
