@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# FlashAttention-4 for a Python 3.12 x86-64 GPU machine without internet (docs/gpu-notes.md: the versions
-# that ran on the H100 with torch 2.11). Its cutlass DSL library wheel is 92 MB and a device call carries
+# FlashAttention-4 for a Python 3.12 x86-64 GPU machine without internet (the versions that ran on the H100
+# with torch 2.11: benchmarks/results/h100-notebook-2026-12-06/NOTES.md). Its cutlass DSL library wheel is 92 MB and a device call carries
 # 64 MiB in all, the repository's tracked files included (~11 MiB and growing with results): `download`
 # cuts the wheels into three folders of ~32 MB, carried in three calls back to back.
 #   benchmarks/fa4_wheels.sh download DIR   here: DIR/a, DIR/b, DIR/c (a third of the big wheel each, small wheels spread)

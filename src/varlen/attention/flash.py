@@ -112,7 +112,7 @@ def unavailable(impl: str | None = None) -> str | None:
 
 # Below this many tokens a batch runs FA2 first. FA4's kernels are faster, but each call costs
 # more host time (its Python launch path): a step of few tokens is bound by the host, and there
-# FA2 wins. Where the threshold comes from: docs/gpu-notes.md, "Measurements behind code choices".
+# FA2 wins. Where the threshold comes from: docs/gpu-notes.md, "FlashAttention-4".
 FA4_MIN_TOKENS = 12288
 
 
