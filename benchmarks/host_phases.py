@@ -7,7 +7,8 @@ lengths by default; needs a CUDA GPU.
 
     PYTHONPATH=src python benchmarks/host_phases.py eval --workers 4 --impl torch [--gc-off] [--eager]
 
-Results: benchmarks/results/h100-2026-11-27-session8/NOTES.md.
+Results: benchmarks/results/h100-2026-11-27-session8/NOTES.md (compiled), h100-2026-12-06-session16 (eager, before and
+after attention was decided once per batch).
 """
 
 from __future__ import annotations
