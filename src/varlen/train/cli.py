@@ -502,8 +502,7 @@ def train(args, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     trained, forward, loss_sum = head_in_loss(args, fam, model, parallel)
     wrapped = wrap(trained, parallel, d, **from_args(Wrapping, args).wrap_kwargs(),
                    param_dtype=torch.bfloat16 if dtype == "bf16" else None,
-                   compile=args.compile, compile_mode="reduce-overhead" if args.cuda_graphs else None,
-                   static_graph=args.static_graph, reshard_after_forward=args.reshard_after_forward)
+                   compile=args.compile, compile_mode="reduce-overhead" if args.cuda_graphs else None)
     opt = make_optimizer(args.optimizer, model, args.lr, args.weight_decay,
                          fused=parallel != "fsdp2" and (d.device.type == "cuda" or args.log_every > 1))
     step, batches_done = restore(resume_from, wrapped, opt, sampler, d)
