@@ -245,6 +245,9 @@ def test_hf_rows_are_views_of_the_packed_row():
     assert kw["input_ids"].shape == kw["labels"].shape == kw["position_ids"].shape == (2, 8)
     assert torch.equal(kw["input_ids"].flatten(), batch.input_ids) and kw["varlen_info"] is batch.info
     assert (kw["position_ids"][:, 0] == 0).all()  # each row begins a sample or filler
+    flash = batch.hf_kwargs(flash_kwargs=True)  # the boundaries over the rows' tokens, seq_idx shaped as the rows
+    assert flash["seq_idx"].shape == (2, 8) and torch.equal(flash["seq_idx"].flatten(), batch.info.document_ids.int())
+    assert torch.equal(flash["cu_seq_lens_q"], batch.info.cu_seqlens.int()) and flash["max_length_k"] == batch.info.max_seqlen
     one = PackCollator(labels="unshifted")(samples).hf_kwargs(varlen_info=False)
     assert one["input_ids"].shape == (1, 14) and "varlen_info" not in one and "labels" not in one
     with pytest.raises(ValueError, match="take no nested tensors"):

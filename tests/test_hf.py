@@ -312,3 +312,43 @@ def test_metadata_from_positions_is_derived_once_a_batch_compiled_too_and_not_ke
             del batch, got
             gc.collect()
             assert len(varlen.hf._PER_BATCH) == 0  # nothing of the batch is kept after it
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 17, 3, 9], [1], [40], [1] * 7])
+def test_flash_kwargs_are_what_transformers_flattening_collator_gives(lengths):
+    # the boundaries as transformers names them, for layers that read them (its FlashAttention path,
+    # linear-attention and state-space layers): equal to DataCollatorWithFlattening's own, from both
+    # varlen collators, and a model through attn_implementation="varlen" fed them alone packs exactly
+    from varlen.data import PackCollator
+
+    samples = _samples(lengths, seed=len(lengths))
+    theirs = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_seq_idx=True)(
+        [{"input_ids": s.tolist()} for s in samples])
+    ours = varlen.hf.VarlenCollator(flash_kwargs=True)([{"input_ids": s} for s in samples])
+    packed = PackCollator(labels="unshifted")([(s, s) for s in samples]).hf_kwargs(labels=True, varlen_info=False,
+                                                                                   flash_kwargs=True)
+    for got in (ours, packed):
+        assert set(theirs) <= set(got)
+        for key, want in theirs.items():
+            if isinstance(want, torch.Tensor):
+                assert got[key].dtype == want.dtype and torch.equal(got[key], want), key
+            else:
+                assert got[key] == want, key
+    ref, vm = _models("llama_gqa")
+    with torch.no_grad():
+        logits = vm(**{k: v for k, v in packed.items() if k != "labels"}, use_cache=False).logits[0]
+        alone = torch.cat([ref(input_ids=s[None], use_cache=False).logits[0] for s in samples])
+    torch.testing.assert_close(logits, alone, rtol=1e-9, atol=1e-9)
+
+
+def test_flash_kwargs_of_a_context_slice_or_padded_rows_are_refused():
+    from varlen.data import PadCollator
+    from varlen.data.batch import PackedBatch
+    from varlen.parallel import ContextShard
+
+    batch = varlen.hf.VarlenCollator()([{"input_ids": s} for s in _samples([4, 4])])
+    sliced = PackedBatch(batch["input_ids"][0], batch["labels"][0], batch["varlen_info"], context=ContextShard(0, 2))
+    with pytest.raises(ValueError, match="one rank's slice"):
+        sliced.hf_kwargs(flash_kwargs=True)
+    with pytest.raises(ValueError, match="padded rows"):
+        PadCollator(labels="unshifted")([(s, s) for s in _samples([3, 2])]).hf_kwargs(flash_kwargs=True)

@@ -31,6 +31,7 @@ from torch import Tensor
 from .attention import BACKENDS, BackendUnavailable, attention
 from .attention.api import split_backend
 from .attention.common import band, sink_softmax, soft_cap, window_bounds
+from .data.batch import PackedBatch
 from .loss import IGNORE_INDEX, Labels
 from .parallel.context import ulysses_attention
 from .seqinfo import SeqInfo
@@ -379,6 +380,10 @@ class VarlenCollator:
     the inputs where a sample has none) and the first label of every sample is ignored: no token
     learns to predict the next sample's first. Shifted labels are refused.
 
+    ``flash_kwargs=True`` adds the boundaries as transformers names them (``cu_seq_lens_q/k``,
+    ``max_length_q/k``, ``seq_idx``: ``PackedBatch.flash_kwargs``), for layers of a model that read
+    them rather than ``varlen_info``.
+
     ``mrope=True`` (the Qwen2-VL family's 3-D rotary positions): ``position_ids`` is ``[4, 1, T]``,
     the restarting text positions first (what attention checks the boundaries against) and then the
     temporal, height and width positions, as transformers takes a packed row for these models. A
@@ -389,6 +394,7 @@ class VarlenCollator:
     ignore_index: int = IGNORE_INDEX
     max_seqlen: int | None = None  # a fixed upper bound keeps torch.compile from specialising per batch
     mrope: bool = False
+    flash_kwargs: bool = False
 
     def __call__(self, features: list[dict]) -> dict:
         if not features:
@@ -409,12 +415,15 @@ class VarlenCollator:
         pos = info.position_ids[None]
         if self.mrope:  # [4, 1, T]: text positions, then temporal / height / width
             pos = torch.cat([pos, torch.cat(rope, dim=1)])[:, None]
-        return {
+        out = {
             "input_ids": torch.cat(ids)[None],
             "labels": Labels.UNSHIFTED.packed(torch.cat(labels), info.cu_seqlens[:-1], self.ignore_index)[None],
             "position_ids": pos,
             "varlen_info": info,
         }
+        if self.flash_kwargs:
+            out.update(PackedBatch(out["input_ids"][0], out["labels"][0], info).flash_kwargs())
+        return out
 
     def _rope_positions(self, feature: dict, n: int, i: int) -> Tensor | None:
         """A sample's ``[3, n]`` mRoPE positions (``mrope=True``); a sample's own positions are never dropped:

@@ -67,10 +67,14 @@ class Batch:
         """varlen's decoder's keyword arguments (``Decoder(**kwargs, causal=...)``)."""
         raise NotImplementedError
 
-    def hf_kwargs(self, labels: bool = False, varlen_info: bool = True) -> dict:
+    def hf_kwargs(self, labels: bool = False, varlen_info: bool = True, flash_kwargs: bool = False) -> dict:
         """A transformers causal LM's keyword arguments; ``labels=True`` adds the labels (for the
         model's own loss, which shifts them: collate with ``Labels.UNSHIFTED``). ``varlen_info``
-        (packed batches): hand the metadata to ``attn_implementation="varlen"``."""
+        (packed batches): hand the metadata to ``attn_implementation="varlen"``. ``flash_kwargs``
+        (packed batches): also the boundaries as transformers names them for its FlashAttention path
+        and for linear-attention / state-space layers (``cu_seq_lens_q/k``, ``max_length_q/k``,
+        ``seq_idx``), as ``DataCollatorWithFlattening(return_flash_attn_kwargs=True,
+        return_seq_idx=True)`` gives them."""
         raise NotImplementedError
 
 
@@ -93,7 +97,9 @@ class PaddedBatch(Batch):
     def model_kwargs(self) -> dict:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
-    def hf_kwargs(self, labels: bool = False, varlen_info: bool = True) -> dict:
+    def hf_kwargs(self, labels: bool = False, varlen_info: bool = True, flash_kwargs: bool = False) -> dict:
+        if flash_kwargs:
+            raise ValueError("flash_kwargs: padded rows have no sequence boundaries to give; collate with PackCollator")
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         return {**out, "labels": self.labels} if labels else out
 
@@ -133,10 +139,10 @@ class PackedBatch(Batch):
         out = {"input_ids": self.input_ids, "info": self.info}
         return out if self.context is None else {**out, "context": self.context}
 
-    def hf_kwargs(self, labels: bool = False, varlen_info: bool = True) -> dict:
+    def hf_kwargs(self, labels: bool = False, varlen_info: bool = True, flash_kwargs: bool = False) -> dict:
         """``[1, T]`` rows (or ``[T / row_len, row_len]``), the restarting ``position_ids`` and the
         metadata as ``varlen_info`` (``varlen_info=False``: HF's own padding-free path, which
-        finds the boundaries in ``position_ids``)."""
+        finds the boundaries in ``position_ids``); ``flash_kwargs``: see :meth:`Batch.hf_kwargs`."""
         positions = self.info.position_ids
         if self.context is not None:
             positions = positions[self.context.slice(self.info.total_tokens)]  # this rank's slice of the row
@@ -147,7 +153,19 @@ class PackedBatch(Batch):
             out["varlen_info"] = self.info
         if self.context is not None:
             out["varlen_context"] = self.context
+        if flash_kwargs:
+            out.update(self.flash_kwargs())
         return out
+
+    def flash_kwargs(self) -> dict:
+        """The boundaries as transformers names them: ``cu_seq_lens_q/k`` [S + 1] int32,
+        ``max_length_q/k`` (host ints) and ``seq_idx`` (each token's sequence, int32, shaped as the rows)."""
+        if self.context is not None:  # they would describe the whole row beside a slice of its tokens
+            raise ValueError("flash_kwargs: this batch holds one rank's slice of the row (context parallelism); "
+                             "its layers get the row's boundaries through varlen_info")
+        cu = self.info.cu_seqlens.to(torch.int32)
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": self.info.max_seqlen,
+                "max_length_k": self.info.max_seqlen, "seq_idx": self._rows(self.info.document_ids.to(torch.int32))}
 
     def _rows(self, x: Tensor) -> Tensor:  # [T] -> [1, T] or [T / row_len, row_len]
         rows = x[None] if self.row_len is None else x.view(-1, self.row_len)
@@ -174,6 +192,6 @@ class NestedBatch(Batch):
     def model_kwargs(self) -> dict:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids}
 
-    def hf_kwargs(self, labels: bool = False, varlen_info: bool = True) -> dict:
+    def hf_kwargs(self, labels: bool = False, varlen_info: bool = True, flash_kwargs: bool = False) -> dict:
         raise ValueError("transformers models take no nested tensors: collate with PackCollator or "
                          "PadCollator for them")
