@@ -138,7 +138,7 @@ def gemm_floor_ms(tokens: int, *, dim: int, n_layers: int, vocab_size: int, mlp_
 
     The layouts matter: a ``[in, tokens]`` operand with an odd token count as its row stride
     leaves cuBLAS's fast (TMA) kernels, which the model never does (an earlier version measured
-    that and reported a floor 2.7x above the model's own GEMM time).
+    that and reported a floor well above the model's own GEMM time).
     """
     gemms = []
     for (fan_in, fan_out), count in linear_shapes(dim, n_layers, vocab_size, mlp_ratio).items():

@@ -335,8 +335,8 @@ def _runs(d: Path) -> list[dict]:
 
 def _efficiency(runs: list[dict], key) -> None:
     """Weak-scaling efficiency from median steps: a mean carries one-off steps (a recompile of
-    seconds in the timed window made a 1-GPU mean 2.8x its median and published 230%). Above 1
-    only with ``efficiency_note`` saying why."""
+    seconds in the timed window once made a 1-GPU mean several times its median and published an
+    efficiency over 100%). Above 1 only with ``efficiency_note`` saying why."""
     for r in runs:  # a step that recompiles (seconds) moves the mean a lot: rates from the median step
         r["tokens_per_s_median"] = r["tokens_per_s"] * r["step_ms_mean"] / r["step_ms_median"]
     base = {key(r): r for r in runs if r["world_size"] == 1}
