@@ -7,7 +7,7 @@ FA2 (docs/gpu-notes.md). Here the forward and the backward are ops with fake (sh
 implementations and a registered autograd formula; the CuTe kernels run only on real tensors.
 
 The kernels are FA4's own low-level entry points (``_flash_attn_fwd`` / ``_flash_attn_bwd`` of
-flash-attn-4 4.0.0b3x), imported on first use: ``import flash_attn.cute`` takes ~10 s.
+flash-attn-4 4.0.0b3x), imported on first use: ``import flash_attn.cute`` takes seconds.
 """
 
 from __future__ import annotations
