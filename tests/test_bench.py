@@ -480,3 +480,16 @@ def test_bench_table_without_rich_is_plain_text(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1].startswith("case | ms | ×pad")
     assert sum(line.startswith("n/a here") for line in out) == 2
+
+
+@pytest.mark.parametrize("preset", ["smoke", "small", "study"])
+def test_a_gpu_preset_on_a_machine_without_cuda_is_one_line_before_any_case(preset, capsys, monkeypatch):
+    from varlen.bench.cli import parse_args, workload_from
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        workload_from(parse_args(["--preset", preset]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--preset {preset} runs on CUDA and there is no CUDA device here" in err, err
+    _, w = workload_from(parse_args(["--preset", preset, "--device", "cpu"]))
+    assert w.device == "cpu"

@@ -125,6 +125,9 @@ def workload_from(args):
             usage_error("varlen bench", "--autotune tunes what torch.compile generates; --compile off compiles nothing")
         overrides["autotune"] = True
     w = replace(w, **overrides)
+    if w.device == "cuda" and not torch.cuda.is_available():  # a GPU preset, or --device cuda, on a CPU machine
+        usage_error("varlen bench", f"--preset {preset} runs on CUDA and there is no CUDA device here; use --preset "
+                                    "tiny or --device cpu")
     levers = Levers.from_args(args)
     # the bench autocasts to bf16 on CUDA and runs float32 on the CPU
     why = next(iter(levers.problems(args.model, "bf16" if w.device == "cuda" else "fp32")), None)
