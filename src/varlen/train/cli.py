@@ -691,8 +691,9 @@ class Loop:
         self.unread.append(({"step": self.step, "lr": lr}, read["values"], counts))
 
     def read(self) -> tuple[list[dict], NonFinite | None]:
-        """The log rows of the steps since the last read, in one host read (``--log-every``: none
-        in between, so the host runs ahead of the device); step times are the window's mean."""
+        """The log rows of the steps since the last read, read once the device has finished them (one
+        synchronisation for the window; ``--log-every``: none in between, so the host runs ahead of
+        the device); step times are the window's mean."""
         unread, self.unread = self.unread, []
         step_ms = 1e3 * since(self.t0, self.d.device) / max(1, len(unread))
         counts = torch.stack([c for _, _, c in unread]).tolist() if unread else []
