@@ -7,6 +7,8 @@
 #                and a resume; exits non-zero on any failure. Run it after
 #                every change to a GPU path and commit what it prints.
 #   tests        GPU tests (pytest -m gpu)
+#   features     attention sinks (GPT-OSS), soft-capping (Gemma 2) and MLA (DeepSeek-V3) through `varlen check`
+#                on FA4 (where installed), Flex and the reference
 #   check        `varlen check --device cuda` with the flash backend on the decoder and small random
 #                Llama, Qwen2, Mistral (sliding window) and Gemma 2 (soft-capping) configs; DeepSeek-V3
 #                (MLA, MoE) and Mixtral (MoE) on every backend; transformers' own sdpa, which must report
@@ -27,7 +29,7 @@
 #   te           the TransformerEngine peer (packed-te, eager) beside padded and packed-flash, study preset
 #   length-8k | length-32k   packed vs padded at longer samples, 65,536 tokens a batch (length scaling)
 # Wheels carried in .whl/ (benchmarks/xformers_wheels.sh download .whl) are installed first, so that
-# xFormers runs; FlashAttention-4 comes with benchmarks/fa4_wheels.sh (three calls) and is used when
+# xFormers runs; FlashAttention-4 comes with benchmarks/fa4_wheels.sh (two calls) and is used when
 # installed. BENCH_ARGS adds flags (e.g. --strategies). Output goes to files under OUT_DIR as it happens.
 set -uo pipefail
 part=$1; out=$2; mkdir -p "$out"
@@ -46,6 +48,30 @@ xf=$(python3 -c "from varlen.attention.xformers import unavailable as u; print('
 te=$(python3 -c "from varlen.models.te_decoder import te_unavailable as u; print('' if u() else 'packed-te')")
 # quack's fused MLP where quack-kernels is installed (it comes with FlashAttention-4)
 quack=$(python3 -c "from varlen.models.mlp import quack_unavailable as u; print('' if u() else 'quack')")
+configs() {  # small random HF configs under $out/configs
+  python3 - "$out/configs" <<'PY'
+import sys, transformers as t
+base = dict(num_hidden_layers=2, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+            intermediate_size=1024, vocab_size=1000, max_position_embeddings=4096)
+for name, cfg in {"llama": t.LlamaConfig(**base), "qwen2": t.Qwen2Config(**base),
+                  "mistral": t.MistralConfig(**base, sliding_window=128),
+                  "gemma2": t.Gemma2Config(**base, head_dim=64, sliding_window=128),
+                  # MLA at DeepSeek-V3's head sizes (q/k 128 + 64 rotary, v 128), MoE with a shared expert
+                  "deepseek_v3": t.DeepseekV3Config(**{**base, "num_key_value_heads": 8}, qk_nope_head_dim=128,
+                                                    qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=128,
+                                                    q_lora_rank=256, n_routed_experts=4, num_experts_per_tok=2,
+                                                    moe_intermediate_size=256, first_k_dense_replace=1, n_group=1,
+                                                    topk_group=1),
+                  "mixtral": t.MixtralConfig(**base, num_local_experts=4, num_experts_per_tok=2),
+                  # attention sinks on every layer, sliding-window layers, MoE
+                  "gpt_oss": t.GptOssConfig(**base, head_dim=64, sliding_window=128, num_local_experts=4,
+                                            num_experts_per_tok=2)}.items():
+    cfg.save_pretrained(f"{sys.argv[1]}/{name}")
+t.MambaConfig(num_hidden_layers=2, hidden_size=256, vocab_size=1000).save_pretrained(f"{sys.argv[1]}/mamba")
+PY
+}
+run() { name=$1; shift; python3 -m varlen check --device cuda --max-len 1024 --json "$out/check-$name.json" "$@" \
+          >"$out/check-$name.txt" 2>&1; echo "check $name: exit $?"; }
 case $part in
   smoke)
          # the kernel tests and both benches at once: each is mostly compile time on the host's
@@ -105,25 +131,7 @@ print('finetune: loss', round(log[0]['loss'], 3), '->', round(log[-1]['loss'], 3
          echo "smoke: tests exit $t, decoder bench exit $d, HF bench exit $h, graphs bench exit $g, train exit $r, finetune exit $f, quack MLP exit $q, TE peer exit $e, $((SECONDS - start)) s"
          [ $t -eq 0 ] && [ $d -eq 0 ] && [ $h -eq 0 ] && [ $g -eq 0 ] && [ $r -eq 0 ] && [ $f -eq 0 ] && [ $q -eq 0 ] && [ $e -eq 0 ] ;;
   check)
-         python3 - "$out/configs" <<'PY'
-import sys, transformers as t
-base = dict(num_hidden_layers=2, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
-            intermediate_size=1024, vocab_size=1000, max_position_embeddings=4096)
-for name, cfg in {"llama": t.LlamaConfig(**base), "qwen2": t.Qwen2Config(**base),
-                  "mistral": t.MistralConfig(**base, sliding_window=128),
-                  "gemma2": t.Gemma2Config(**base, head_dim=64, sliding_window=128),
-                  # MLA at DeepSeek-V3's head sizes (q/k 128 + 64 rotary, v 128), MoE with a shared expert
-                  "deepseek_v3": t.DeepseekV3Config(**{**base, "num_key_value_heads": 8}, qk_nope_head_dim=128,
-                                                    qk_rope_head_dim=64, v_head_dim=128, kv_lora_rank=128,
-                                                    q_lora_rank=256, n_routed_experts=4, num_experts_per_tok=2,
-                                                    moe_intermediate_size=256, first_k_dense_replace=1, n_group=1,
-                                                    topk_group=1),
-                  "mixtral": t.MixtralConfig(**base, num_local_experts=4, num_experts_per_tok=2)}.items():
-    cfg.save_pretrained(f"{sys.argv[1]}/{name}")
-t.MambaConfig(num_hidden_layers=2, hidden_size=256, vocab_size=1000).save_pretrained(f"{sys.argv[1]}/mamba")
-PY
-         run() { name=$1; shift; python3 -m varlen check --device cuda --max-len 1024 --json "$out/check-$name.json" "$@" \
-                   >"$out/check-$name.txt" 2>&1; echo "check $name: exit $?"; }
+         configs
          run decoder-small --preset small --backend flash
          run decoder-small-compiled --preset small --backend flash --compile
          for m in llama qwen2 mistral gemma2; do run "$m" --hf-config "$out/configs/$m" --random-init --backend flash; done
@@ -134,6 +142,17 @@ PY
          done
          run mamba-refused --hf-config "$out/configs/mamba" --random-init --backend flash; wait
          run llama-hf-sdpa --hf-config "$out/configs/llama" --random-init --attn-implementation sdpa ;;
+  features)
+         # issue 30's attention features on the kernels that take them: sinks (GPT-OSS), soft-capping
+         # (Gemma 2), MLA (DeepSeek-V3), each through `varlen check` (packed against alone, gradients)
+         configs
+         for b in ${fa4:+flash:fa4} flex reference; do
+           (run "gpt_oss-${b/:/-}" --hf-config "$out/configs/gpt_oss" --random-init --backend "$b") &
+         done; wait
+         for b in ${fa4:+flash:fa4} flex; do
+           (run "gemma2-${b/:/-}" --hf-config "$out/configs/gemma2" --random-init --backend "$b"
+            run "deepseek_v3-${b/:/-}" --hf-config "$out/configs/deepseek_v3" --random-init --backend "$b") &
+         done; wait ;;
   tests) python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_gpu.py ${TEST_ARGS:-} >"$out/gpu_tests.txt" 2>&1
          tail -15 "$out/gpu_tests.txt" ;;
   profile)

@@ -361,6 +361,28 @@ def test_flex_softcap_compiles_with_dynamic_shapes():
         assert max_err(out, truth) <= bound(max_err(base, truth), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (5, 0))],
+                         ids=["causal", "full", "window"])
+@pytest.mark.parametrize("softcap", [0.0, 0.8], ids=["no_cap", "softcap"])
+def test_sinks_against_float64(backend, causal, window, softcap):
+    # GPT-OSS's attention sinks: a learned logit per head beside every row's scores, large enough
+    # to take a visible share; length 1 (the sink against one key) and many tiny sequences included
+    lengths = [1, 9, 30, 4, 1, 2, 3]
+    q, k, v = random_qkv(lengths, 4, 2, 16, torch.float32, seed=11)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(3)) * 2
+    info = SeqInfo.from_lengths(lengths)
+    grad = backend == "reference"  # Flex is forward-only on the CPU (its gradients: tests/test_gpu.py)
+    for x in (q, k, v, sinks):
+        x.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = attention(q, k, v, info, causal=causal, window_size=window, softcap=softcap, backend=backend,
+                        sinks=sinks)
+    assert_matches_truth(out, q, k, v, lengths, causal, window, grad=grad, softcap=softcap, sinks=sinks)
+    plain = truth_attention(q.double(), k.double(), v.double(), lengths, causal, window, softcap=softcap)
+    assert max_err(out, plain) > 1e-2, "the sinks must change the result"
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "nested"])
 def test_softcap_refused_where_a_backend_cannot(backend):
     q, k, v = random_qkv([3, 5], 2, 2, 8, torch.float32)
@@ -371,15 +393,18 @@ def test_softcap_refused_where_a_backend_cannot(backend):
     assert name == "flex" and f"{backend} (no logit soft-capping" in reason
 
 
-def test_flash_implementations_without_softcap_say_so(monkeypatch):
+def test_flash_implementations_without_softcap_or_sinks_say_so(monkeypatch):
     from varlen.attention import flash
 
     monkeypatch.setattr(flash, "impl_unavailable", lambda impl: None)
     k = torch.empty(1, 2, 64)
-    impl, whys = flash.choose_impl(torch.empty(20000, 2, 64), k, True, (-1, -1), softcap=1.0)
-    assert impl == "fa2"  # flash-attn 2.x caps; FA4 and torch's FA2 do not
-    assert whys == [] and flash.impl_reasons("fa4", torch.empty(1, 2, 64), k, True, (-1, -1), 1.0) == [
-        "no logit soft-capping (flash-attn 2.x has it)"]
+    many, few = torch.empty(20000, 2, 64), torch.empty(100, 2, 64)
+    assert flash.choose_impl(many, k, True, (-1, -1), softcap=1.0) == ("fa4", [])  # FA2 and FA4 cap
+    assert flash.choose_impl(few, k, True, (-1, -1), softcap=1.0) == ("fa2", [])
+    assert flash.impl_reasons("torch", few, k, True, (-1, -1), 1.0) == ["no logit soft-capping (fa2 and fa4 have it)"]
+    assert flash.choose_impl(few, k, True, (-1, -1), sinks=True) == ("fa4", [])  # FA4 alone has sinks
+    assert flash.choose_impl(few, k, True, (-1, -1), impl="fa2", sinks=True) == (
+        None, ["fa2: no attention sinks (fa4 has them)"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

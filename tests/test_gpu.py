@@ -71,6 +71,47 @@ def test_smoke_qkvpacked_vs_float64(backend, causal):
     assert_matches_truth(out, q, k, v, lengths, causal)
 
 
+@pytest.mark.parametrize("backend", ["flash:fa4", "flex", "reference", "auto"])
+@pytest.mark.parametrize("window", [(-1, -1), (64, 0)], ids=["causal", "window64"])
+@pytest.mark.parametrize("softcap", [0.0, 4.0], ids=["no_cap", "softcap"])
+def test_smoke_sinks_vs_float64(backend, window, softcap):
+    # GPT-OSS's attention sinks (FA4's learnable_sink; Flex through its log-sum-exp), with Gemma 2's
+    # soft-capping beside them: forward and every gradient, the sinks' included
+    lengths = [1, 37, 200, 5, 300] + [1, 2, 3] * 4
+    q, k, v = random_qkv(lengths, 8, 2, 64, torch.bfloat16, device="cuda", seed=5)
+    q, k = q * 2, k * 2  # scores of a few units, so a cap of 4 bites
+    sinks = (torch.randn(8, generator=torch.Generator().manual_seed(1)) * 2).cuda()
+    info = SeqInfo.from_lengths(lengths, device="cuda")
+    for x in (q, k, v, sinks):
+        x.requires_grad_()
+    if backend != "auto":
+        why = backend_reasons(backend, q, k, v, info, True, window, softcap, True)
+        if why:
+            pytest.skip(f"{backend}: {'; '.join(why)}")
+    out = attention(q, k, v, info, causal=True, window_size=window, softcap=softcap, backend=backend, sinks=sinks)
+    assert_matches_truth(out, q, k, v, lengths, True, window, softcap=softcap, sinks=sinks)
+
+
+@pytest.mark.parametrize("backend", ["flash:fa4", "flash:torch", "flex", "auto"])
+@pytest.mark.parametrize("dims", [(96, 64), (64, 32)], ids=["qk96-v64", "qk64-v32"])
+def test_smoke_mla_vs_float64(backend, dims):
+    # multi-head latent attention: v's head size unlike q's and k's (DeepSeek), forward and gradients
+    dqk, dv = dims
+    lengths = [1, 37, 200, 5, 300] + [1, 2, 3] * 4
+    q, k, _ = random_qkv(lengths, 8, 8, dqk, torch.bfloat16, device="cuda", seed=6)
+    v = random_qkv(lengths, 8, 8, dv, torch.bfloat16, device="cuda", seed=7)[2]
+    info = SeqInfo.from_lengths(lengths, device="cuda")
+    for x in (q, k, v):
+        x.requires_grad_()
+    if backend != "auto":
+        pad = lambda x: torch.nn.functional.pad(x, (0, max(dims) - x.shape[-1]))  # noqa: E731  (what api does)
+        why = backend_reasons(backend, pad(q), pad(k), pad(v), info, True, (-1, -1))
+        if why:
+            pytest.skip(f"{backend}: {'; '.join(why)}")
+    out = attention(q, k, v, info, causal=True, backend=backend)
+    assert_matches_truth(out, q, k, v, lengths, True)
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 1000, 4099])
 def test_smoke_quack_mlp_vs_float64(tokens):
     # quack's fused MLP (GELU in fc1's epilogue, its derivative in fc2's backward) under bf16 autocast:

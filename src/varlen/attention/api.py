@@ -117,6 +117,8 @@ def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bo
     why = m.CAPS.reasons(q, k, causal, window_size, softcap, sinks)
     if softcap and m.CAPS.softcap:  # only backends that can cap take the argument
         kw["softcap"] = softcap
+    if sinks and m.CAPS.sinks:  # likewise sinks
+        kw["sinks"] = sinks
     return why + m.reasons(q, k, v, info, causal, window_size, **kw)
 
 
@@ -274,7 +276,7 @@ def _decide_call(q, k, v, info, causal, scale, window_size, softcap, backend, si
     name, kw = split_backend(backend)
     m = backend_module(name)
     if hasattr(m, "resolve_impl"):  # flash: its implementation for these inputs, chosen here once
-        kw["impl"] = m.resolve_impl(q, k, causal, window_size, kw.get("impl"), softcap)
+        kw["impl"] = m.resolve_impl(q, k, causal, window_size, kw.get("impl"), softcap, sinks is not None)
     kw["scale"] = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     kw["window_size"] = window_size
     if softcap:  # only backends that can cap get here with it

@@ -6,6 +6,9 @@ the graph on FA4's DLPack wrappers: the compiled study model got slower with FA4
 FA2 (docs/gpu-notes.md). Here the forward and the backward are ops with fake (shape-only)
 implementations and a registered autograd formula; the CuTe kernels run only on real tensors.
 
+Logit soft-capping and attention sinks (``learnable_sink``, its gradient from FA4's backward) ride on
+the plain pair; the qkv-packed pair has neither (``flash.py`` sends such calls to the plain pair).
+
 The kernels are FA4's own low-level entry points (``_flash_attn_fwd`` / ``_flash_attn_bwd`` of
 flash-attn-4 4.0.0b3x), imported on first use: ``import flash_attn.cute`` takes seconds.
 """
@@ -27,24 +30,26 @@ def _kernels():
     """``(fwd, bwd)``: FA4's kernels behind the ops; tests swap in a torch implementation."""
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
-    def fwd(q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right):
+    def fwd(q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right, softcap=0.0, sinks=None):
         wl, wr = _window(left, right)
         out, lse, *_ = _flash_attn_fwd(
             q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
             max_seqlen_k=max_seqlen, softmax_scale=scale, causal=causal, window_size_left=wl,
-            window_size_right=wr, return_lse=True,
+            window_size_right=wr, softcap=softcap, learnable_sink=sinks, return_lse=True,
         )
         return out, lse
 
-    def bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right, dq=None, dk=None, dv=None):
-        # dq, dk, dv given: FA4 writes the gradients into them (views of one [T, 3, H, D] buffer)
+    def bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right, softcap=0.0, sinks=None,
+            dq=None, dk=None, dv=None):
+        # dq, dk, dv given: FA4 writes the gradients into them (views of one [T, 3, H, D] buffer);
+        # with sinks FA4 returns their gradient too (lse then counts the sink's term)
         wl, wr = _window(left, right)
-        dq, dk, dv = _flash_attn_bwd(
-            q, k, v, out, dout, lse, scale, causal, 0.0, window_size_left=wl, window_size_right=wr,
+        grads = _flash_attn_bwd(
+            q, k, v, out, dout, lse, scale, causal, softcap, window_size_left=wl, window_size_right=wr,
             cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
-            max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv,
-        )[:3]
-        return dq, dk, dv
+            max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv, learnable_sink=sinks,
+        )
+        return (*grads[:3], grads[3] if sinks is not None else None)
 
     return fwd, bwd
 
@@ -60,12 +65,14 @@ def fa4_varlen_fwd(
     causal: bool,
     left: int,
     right: int,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,  # [H]
 ) -> tuple[Tensor, Tensor]:  # out [T, H, D], lse [H, T] float32
-    return _kernels()[0](q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right)
+    return _kernels()[0](q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right, softcap, sinks)
 
 
 @fa4_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, causal, left, right, softcap=0.0, sinks=None):
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
     return out, lse
@@ -85,27 +92,32 @@ def fa4_varlen_bwd(
     causal: bool,
     left: int,
     right: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels()[1](dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right)
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # dq, dk, dv, dsinks ([0] without sinks: an op returns tensors)
+    dq, dk, dv, dsinks = _kernels()[1](dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right,
+                                       softcap, sinks)
+    return dq, dk, dv, q.new_empty(0) if dsinks is None else dsinks
 
 
 @fa4_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, left, right, softcap=0.0, sinks=None):
+    dsinks = q.new_empty(0) if sinks is None else torch.empty_like(sinks)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, *args = inputs
+    q, k, v, cu_seqlens, *args, sinks = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-    ctx.args = args  # max_seqlen, scale, causal, left, right
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sinks)
+    ctx.args = args  # max_seqlen, scale, causal, left, right, softcap
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = fa4_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, lse, cu_seqlens, sinks = ctx.saved_tensors
+    dq, dk, dv, dsinks = fa4_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.args, sinks)
+    return dq, dk, dv, None, None, None, None, None, None, None, None if sinks is None else dsinks
 
 
 fa4_varlen_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -147,7 +159,8 @@ def fa4_varlen_qkv_bwd(
     right: int,
 ) -> Tensor:  # dqkv [T, 3, H, D]
     dqkv = torch.empty_like(qkv)
-    _kernels()[1](dout, *qkv.unbind(1), out, lse, cu_seqlens, max_seqlen, scale, causal, left, right, *dqkv.unbind(1))
+    _kernels()[1](dout, *qkv.unbind(1), out, lse, cu_seqlens, max_seqlen, scale, causal, left, right, 0.0, None,
+                  *dqkv.unbind(1))
     return dqkv
 
 
@@ -180,10 +193,12 @@ def bucket(max_seqlen: int) -> int:
     return pow2_bucket(max_seqlen, 128)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *,
-              scale: float, causal: bool, left: int, right: int) -> Tensor:  # [T, H, D]
+def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, scale: float, causal: bool,
+              left: int, right: int, softcap: float = 0.0, sinks: Tensor | None = None) -> Tensor:  # [T, H, D]
+    if sinks is not None:  # FA4 reads a contiguous [H] in a dtype of its own list
+        sinks = sinks.contiguous() if sinks.dtype in (torch.float16, torch.bfloat16, torch.float32) else sinks.float()
     return fa4_varlen_fwd(q, k, v, cu_seqlens, bucket(max_seqlen), float(scale), bool(causal), int(left),
-                          int(right))[0]
+                          int(right), float(softcap), sinks)[0]
 
 
 def attention_qkvpacked(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, *, scale: float, causal: bool, left: int,

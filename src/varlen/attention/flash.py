@@ -34,7 +34,8 @@ CAPS = Capabilities(
     head_dims="a multiple of 8, at most 256 (fa4: 64, 96 or 128)",
     head_dim_ok=lambda d: d % 8 == 0 and d <= 256,
     window=True,
-    softcap=True,  # fa2 only: the others say so in their reasons
+    softcap=True,  # fa2 and fa4: torch's says so in its reasons
+    sinks=True,  # fa4 only
     notes="FlashAttention varlen: " + " > ".join(IMPLS),
 )
 
@@ -76,13 +77,16 @@ def impl_unavailable(impl: str) -> str | None:
     raise ValueError(f"unknown flash implementation {impl!r}; choose from {IMPLS}")
 
 
-def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size, softcap: float = 0.0) -> list[str]:
+def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size, softcap: float = 0.0,
+                 sinks: bool = False) -> list[str]:
     why = impl_unavailable(impl)
     if why:
         return [why]
     out = []
-    if softcap and impl != "fa2":
-        out.append("no logit soft-capping (flash-attn 2.x has it)")
+    if softcap and impl == "torch":
+        out.append("no logit soft-capping (fa2 and fa4 have it)")
+    if sinks and impl != "fa4":
+        out.append("no attention sinks (fa4 has them)")
     if impl == "fa4" and q.shape[-1] not in (64, 96, 128):
         out.append(f"head size {q.shape[-1]} unsupported (64, 96 or 128)")
     if impl == "torch":
@@ -121,36 +125,38 @@ def preferred(tokens: int) -> tuple[str, ...]:
     return IMPLS if tokens >= FA4_MIN_TOKENS else ("fa2", "torch", "fa4")
 
 
-def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size, impl: str | None = None, softcap: float = 0.0
-                ) -> tuple[str | None, list[str]]:
+def choose_impl(q: Tensor, k: Tensor, causal: bool, window_size, impl: str | None = None, softcap: float = 0.0,
+                sinks: bool = False) -> tuple[str | None, list[str]]:
     """The implementation to use, or None with every implementation's reasons."""
     impl = forced_impl(impl)
     whys = []
     for i in (impl,) if impl else preferred(q.shape[0]):
-        r = impl_reasons(i, q, k, causal, window_size, softcap)
+        r = impl_reasons(i, q, k, causal, window_size, softcap, sinks)
         if not r:
             return i, []
         whys += [f"{i}: {w}" for w in r]
     return None, whys
 
 
-def reasons(q, k, v, info, causal, window_size, impl: str | None = None, softcap: float = 0.0) -> list[str]:
-    return choose_impl(q, k, causal, window_size, impl, softcap)[1]
+def reasons(q, k, v, info, causal, window_size, impl: str | None = None, softcap: float = 0.0,
+            sinks: bool = False) -> list[str]:
+    return choose_impl(q, k, causal, window_size, impl, softcap, sinks)[1]
 
 
-def resolve_impl(q: Tensor, k: Tensor, causal: bool, window_size, impl: str | None = None, softcap: float = 0.0) -> str:
+def resolve_impl(q: Tensor, k: Tensor, causal: bool, window_size, impl: str | None = None, softcap: float = 0.0,
+                 sinks: bool = False) -> str:
     """The implementation that runs these inputs (``varlen.attention`` asks once per batch and
     passes it to :func:`attention`); raises with every implementation's reasons."""
-    impl, whys = choose_impl(q, k, causal, window_size, impl, softcap)
+    impl, whys = choose_impl(q, k, causal, window_size, impl, softcap, sinks)
     if impl is None:
         raise ValueError("flash cannot run: " + "; ".join(whys))
     return impl
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size,
-              impl: str | None = None, softcap: float = 0.0) -> Tensor:
+              impl: str | None = None, softcap: float = 0.0, sinks: Tensor | None = None) -> Tensor:
     """``impl``: the implementation :func:`resolve_impl` chose (None: choose it here)."""
-    impl = impl or resolve_impl(q, k, causal, window_size, None, softcap)
+    impl = impl or resolve_impl(q, k, causal, window_size, None, softcap, sinks is not None)
     left, right = window_bounds(causal, window_size)
     cu, m = info.cu_seqlens, info.max_seqlen
     match impl:
@@ -176,15 +182,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
         case "fa4":
             from . import fa4  # custom ops: one opaque node for torch.compile
 
-            return fa4.attention(q, k, v, cu, m, scale=scale, causal=causal, left=left, right=right)
+            return fa4.attention(q, k, v, cu, m, scale=scale, causal=causal, left=left, right=right, softcap=softcap,
+                                 sinks=sinks)
 
 
 def attention_qkvpacked(qkv: Tensor, info: SeqInfo, *, causal, scale, window_size, impl: str | None = None,
                         softcap: float = 0.0) -> Tensor:  # qkv [T, 3, H, D] -> [T, H, D]
-    """FA4 takes ``qkv`` whole (its gradient comes back as one buffer); the others take the views."""
+    """FA4 takes ``qkv`` whole (its gradient comes back as one buffer); the others, and FA4 with
+    soft-capping, take the views."""
     q, k, v = qkv.unbind(1)
     impl = impl or resolve_impl(q, k, causal, window_size, None, softcap)
-    if impl != "fa4":
+    if impl != "fa4" or softcap:
         return attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size, impl=impl, softcap=softcap)
     from . import fa4
 

@@ -23,6 +23,7 @@ CAPS = Capabilities(
     head_dims="any on CPU; a power of two >= 16 on CUDA",
     window=True,
     softcap=True,
+    sinks=True,  # from the log-sum-exp, which Flex returns with its gradient
     notes="document BlockMask built once per batch; compiled on CUDA; forward-only on CPU",
 )
 
@@ -35,7 +36,7 @@ def unavailable() -> str | None:
     return None
 
 
-def reasons(q, k, v, info, causal, window_size, softcap=0.0) -> list[str]:
+def reasons(q, k, v, info, causal, window_size, softcap=0.0, sinks=False) -> list[str]:
     d = q.shape[-1]
     out = []
     if q.device.type == "cuda" and (d < 16 or d & (d - 1)):
@@ -159,8 +160,24 @@ def soft_cap_mod(softcap: Tensor):
     return soft_cap
 
 
+def _lse_request() -> dict:
+    # torch >= 2.9 asks with return_aux (return_lse is deprecated there); older torch with return_lse
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
+
+
+def with_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> Tensor:  # out [1, H, T, D], lse [1, H, T]
+    """Attention sinks from the output without them: a sink logit s beside the keys' scores takes
+    the share ``1 - sigmoid(lse - s)`` of every row's weight away from the keys, so the output
+    scales by ``sigmoid(lse - s)``; gradients reach q, k (through lse) and the sinks."""
+    return out * torch.sigmoid(lse - sinks.float()[None, :, None])[..., None].to(out.dtype)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, window_size,
-              softcap: float = 0.0) -> Tensor:
+              softcap: float = 0.0, sinks: Tensor | None = None) -> Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     mask = block_mask(info, causal, window_size)
@@ -173,6 +190,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
         cap = info.cached(("flex_softcap", float(softcap)),
                           lambda: torch.tensor(float(softcap), dtype=torch.float32, device=q.device))
         kw["score_mod"] = soft_cap_mod(cap)
+    if sinks is not None:
+        kw.update(_lse_request())
     if q.device.type == "cuda" and not torch.compiler.is_compiling():
         out = _compiled_flex()(qf, kf, vf, **kw)
     elif q.device.type == "cuda":  # inside the caller's torch.compile: it fuses Flex itself
@@ -181,4 +200,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
         with warnings.catch_warnings():  # eager Flex warns that it is unfused; on CPU that is the point
             warnings.simplefilter("ignore", UserWarning)
             out = flex_attention(qf, kf, vf, **kw)
+    if sinks is not None:
+        out, aux = out
+        out = with_sinks(out, getattr(aux, "lse", aux), sinks)
     return out[0].transpose(0, 1)[:t]  # [T, H, D]

@@ -25,7 +25,7 @@ def unavailable() -> str | None:
     return None
 
 
-def reasons(q, k, v, info, causal, window_size, softcap=0.0) -> list[str]:
+def reasons(q, k, v, info, causal, window_size, softcap=0.0, sinks=False) -> list[str]:
     return []
 
 
