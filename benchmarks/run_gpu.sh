@@ -8,7 +8,7 @@
 #                every change to a GPU path and commit what it prints.
 #   tests        GPU tests (pytest -m gpu)
 #   features     attention sinks (GPT-OSS), soft-capping (Gemma 2) and MLA (DeepSeek-V3) through `varlen check`
-#                on FA4 (where installed), Flex and the reference
+#                on FA4 (where installed), Flex and the reference; hybrid Qwen3-Next and Mamba2 (mixers sample by sample)
 #   check        `varlen check --device cuda` with the flash backend on the decoder and small random
 #                Llama, Qwen2, Mistral (sliding window) and Gemma 2 (soft-capping) configs; DeepSeek-V3
 #                (MLA, MoE) and Mixtral (MoE) on every backend; transformers' own sdpa, which must report
@@ -68,6 +68,9 @@ for name, cfg in {"llama": t.LlamaConfig(**base), "qwen2": t.Qwen2Config(**base)
                                             num_experts_per_tok=2)}.items():
     cfg.save_pretrained(f"{sys.argv[1]}/{name}")
 t.MambaConfig(num_hidden_layers=2, hidden_size=256, vocab_size=1000).save_pretrained(f"{sys.argv[1]}/mamba")
+from varlen.matrix import tiny_config
+for name in ("qwen3_next", "mamba2"):  # the matrix's tiny hybrids (width 64)
+    tiny_config(name).save_pretrained(f"{sys.argv[1]}/{name}")
 PY
 }
 run() { name=$1; shift; python3 -m varlen check --device cuda --max-len 1024 --json "$out/check-$name.json" "$@" \
@@ -152,7 +155,11 @@ print('finetune: loss', round(log[0]['loss'], 3), '->', round(log[-1]['loss'], 3
          for b in ${fa4:+flash:fa4} flex; do
            (run "gemma2-${b/:/-}" --hf-config "$out/configs/gemma2" --random-init --backend "$b"
             run "deepseek_v3-${b/:/-}" --hf-config "$out/configs/deepseek_v3" --random-init --backend "$b") &
-         done; wait ;;
+         done
+         # hybrids: Gated DeltaNet and Mamba2 mixers one packed sample at a time (varlen.samplewise)
+         (run qwen3_next --hf-config "$out/configs/qwen3_next" --random-init --backend flash --max-len 256
+          run mamba2 --hf-config "$out/configs/mamba2" --random-init --backend flash --max-len 256) &
+         wait ;;
   tests) python3 -m pytest -m gpu -q -p no:cacheprovider --durations=8 tests/test_gpu.py ${TEST_ARGS:-} >"$out/gpu_tests.txt" 2>&1
          tail -15 "$out/gpu_tests.txt" ;;
   profile)

@@ -28,9 +28,8 @@ def _packed(vocab, lengths=(3, 5, 2)):
 
 # type -> what the one-line refusal must name
 REFUSED = {
-    "mamba": "MambaMixer",  # a pure state-space model: no attention layer at all
-    "qwen3_next": "GatedDeltaNet",  # hybrid: linear attention beside full attention
-    "falcon_h1": "FalconH1Mixer",
+    "kimi_linear": "self_attn.conv1d (Conv1d, kernel 4)",  # a short convolution inside an attention layer
+    "deepseek_v4": "'heavily_compressed_attention' layer",  # a stateful layer kind with no known mixer module
     "roberta": "padding index",  # learned positions offset from input_ids
     "bart": "place in the row",  # positions from the row's length
 }
@@ -61,13 +60,13 @@ def test_packed_rows_reaching_such_a_model_are_refused_before_any_kernel(model_t
 
 
 def test_check_refuses_before_running(tmp_path, capsys):
-    folder = tmp_path / "mamba"
-    matrix.tiny_config("mamba").save_pretrained(folder)
+    folder = tmp_path / "kimi_linear"
+    matrix.tiny_config("kimi_linear").save_pretrained(folder)
     with pytest.raises(SystemExit) as e:
         main(["--hf-config", str(folder), "--random-init", "--device", "cpu", "--max-len", "16"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1 and err[0].startswith("varlen check: FAILED before any check could run")
-    assert "MambaMixer" in err[0]
+    assert "Conv1d, kernel 4" in err[0]
 
 
 def test_a_model_that_never_calls_varlen_is_named_not_trained():
@@ -91,8 +90,9 @@ def test_mla_and_moe_models_pass_the_check(model_type):
 
 # one architecture of each kind the matrix names; a change of outcome is a regression (or, for a
 # refusal that becomes exact, docs/compatibility.md to regenerate)
-SAMPLE = {"llama": "exact", "gemma3": "exact", "deepseek_v3": "exact", "qwen2_moe": "exact",
-          "mamba2": "refused", "xlm-roberta": "refused", "gpt_oss": "exact", "bloom": "not-varlen"}
+SAMPLE = {"llama": "exact", "gemma3": "exact", "deepseek_v3": "exact", "qwen2_moe": "exact", "gpt_oss": "exact",
+          "mamba2": "exact", "qwen3_next": "exact", "kimi_linear": "refused", "xlm-roberta": "refused",
+          "bloom": "not-varlen"}
 
 
 def test_matrix_sample(tmp_path, capsys):
@@ -106,7 +106,7 @@ def test_matrix_sample(tmp_path, capsys):
     for o in got.values():
         assert o["outcome"] == "exact" or (o["reason"] and "\n" not in o["reason"])
     text = md.read_text()
-    assert "| exact | 5 |" in text and "| `mamba2` | refused |" in text
+    assert "| exact | 7 |" in text and "| `kimi_linear` | refused |" in text
 
 
 def test_matrix_rejects_unknown_types(capsys):

@@ -16,6 +16,8 @@ and an all-ones attention mask, it reports the leak.
 
 from __future__ import annotations
 
+import re
+
 import copy
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -288,8 +290,9 @@ def check(model, *, lengths: list[int] | None = None, max_len: int = 256, vocab_
     if subject.hf:
         from .hf import PackingRefused
         from .packable import refusal
+        from .samplewise import sample_wise_paths
 
-        why = refusal(model)
+        why = refusal(model, sample_wise_paths(model))
         if why:  # refused before any check runs: the model cannot be packed exactly
             raise PackingRefused(why)
         _reaches_varlen(model)
@@ -313,6 +316,17 @@ def check(model, *, lengths: list[int] | None = None, max_len: int = 256, vocab_
     return report
 
 
+def _mixers_only(model) -> bool:
+    """A model whose only sequence layers are mixers that run sample by sample (Mamba, RWKV): no
+    module named as attention outside them."""
+    from .samplewise import sample_wise_paths
+
+    paths = sample_wise_paths(model)
+    inside = lambda p: any(p == q or p.startswith(q + ".") for q in paths)  # noqa: E731
+    return bool(paths) and not any(re.search("Attention|Attn", type(m).__name__) and not inside(p)
+                                   for p, m in model.named_modules())
+
+
 def _reaches_varlen(model) -> None:
     """A model that was given ``attn_implementation="varlen"`` but never calls it: NotVarlen."""
     from .hf import NAME, NotVarlen, reaches_varlen
@@ -320,6 +334,8 @@ def _reaches_varlen(model) -> None:
     if model.config._attn_implementation != NAME:
         return
     reached, error = reaches_varlen(model)
+    if not reached and not error and _mixers_only(model):
+        return  # no attention to reach: every layer that sees the sequence runs one sample at a time
     if not reached:
         raise NotVarlen(f"{type(model).__name__} computes attention itself, not through transformers' attention "
                         f"registry, so attn_implementation='varlen' never runs{f' ({error})' if error else ''}")

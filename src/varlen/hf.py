@@ -34,13 +34,11 @@ from .attention.common import band, sink_softmax, soft_cap, window_bounds
 from .data.batch import PackedBatch
 from .loss import IGNORE_INDEX, Labels
 from .parallel.context import ulysses_attention
+from .packable import PackingRefused
+from .samplewise import run_sample_wise
 from .seqinfo import SeqInfo
 
 NAME = "varlen"
-
-
-class PackingRefused(ValueError):
-    """A model, or a feature of it, that varlen cannot pack exactly: the message names the layer."""
 
 
 class NotVarlen(PackingRefused):
@@ -94,29 +92,36 @@ def use(backend: str = "auto", model: torch.nn.Module | None = None) -> None:
         return
     from .packable import refusal
 
-    why = refusal(model)
+    wrapped = tuple(run_sample_wise(model, batch_info))  # stateful mixers: one packed sample at a time
+    why = refusal(model, wrapped)
     if why:  # refused when chosen, not when the first packed batch arrives
         raise PackingRefused(f"varlen cannot pack this model exactly: {why}; train it on padded rows instead")
     # every config the model's modules hold: a composite model's text config is another object
     for config in {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}.values():
         config.varlen_backend = backend
+        _SAMPLE_WISE[id(config)] = (weakref.ref(config), wrapped)
 
 
 def refuse_packing(config) -> None:
     """Packed rows reached a model with layers that would mix its samples: one line, before any kernel."""
     if config is None:
         return
-    ref, why = _REFUSALS.get(id(config), (None, None))
+    ref, wrapped = _SAMPLE_WISE.get(id(config), (None, ()))
+    wrapped = wrapped if ref is not None and ref() is config else ()
+    ref, why = _REFUSALS.get((id(config), wrapped), (None, None))
     if ref is None or ref() is not config:  # once per config: decided from it alone (all a layer sees)
         from .packable import config_refusal
 
-        why = config_refusal(config) or ""
-        _REFUSALS[id(config)] = (weakref.ref(config), why)
+        why = config_refusal(config, wrapped) or ""
+        _REFUSALS[(id(config), wrapped)] = (weakref.ref(config), why)
     if why:
-        raise PackingRefused(f"varlen cannot pack this model exactly: {why}; train it on padded rows instead")
+        raise PackingRefused(f"varlen cannot pack this model exactly: {why}; varlen.hf.use(backend, model) runs "
+                             "its known state-space / linear-attention mixers one sample at a time, otherwise "
+                             "train it on padded rows")
 
 
-_REFUSALS: dict[int, tuple] = {}  # id(config) -> (weak reference to it, the refusal or "")
+_REFUSALS: dict[tuple, tuple] = {}  # (id(config), sample-wise paths) -> (weak reference to it, the refusal or "")
+_SAMPLE_WISE: dict[int, tuple] = {}  # id(config) -> (weak reference to it, its model's sample-wise mixer paths)
 
 
 def backend_of(module: torch.nn.Module) -> str:

@@ -74,6 +74,11 @@ OVERRIDES = {
     "dots3_note_text": {"num_key_value_heads": HEADS},
     "lfm2": {"layer_types": ["conv", "full_attention"]},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # hybrids whose default puts no attention layer among the first few (transformers' cache then fails
+    # on a model of mamba layers alone): one of each kind
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "reformer": {"is_decoder": True, "axial_pos_shape": [16, 32], "axial_pos_embds_dim": [32, 32],
                  "attn_layers": ["local", "lsh"], "local_attn_chunk_length": 16, "lsh_attn_chunk_length": 16},
 }
@@ -179,13 +184,14 @@ def build(model_type: str):
 def classify(model_type: str, max_len: int = 64) -> Outcome:
     from .attention import BackendUnavailable
     from .check import check
-    from .hf import NotVarlen, PackingRefused
+    from .hf import NotVarlen, PackingRefused, use
 
     t0 = time.time()
     model = build(model_type)
     if isinstance(model, Outcome):
         return model
     try:
+        use("auto", model)  # as varlen's tools take a model: stateful mixers run sample by sample
         report = check(model, max_len=max_len)
     except NotVarlen as e:
         return Outcome(model_type, "not-varlen", str(e), time.time() - t0)

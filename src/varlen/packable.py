@@ -12,7 +12,8 @@ varlen's attention does. Two other kinds of layer do not, and no attention kerne
 
 :func:`refusal` inspects a built model (it names the module); :func:`config_refusal` decides from
 a config alone, which is all varlen's attention sees when a packed batch reaches it. Both return
-None for a model that packs exactly, else one line naming the layer and why.
+None for a model that packs exactly, else one line naming the layer and why. Mixers that
+``varlen.hf.use`` made run one sample at a time (:mod:`varlen.samplewise`) pass both.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from __future__ import annotations
 import re
 
 import torch
+
+
+class PackingRefused(ValueError):
+    """A model, or a feature of it, that varlen cannot pack exactly: the message names the layer."""
 
 # modules that carry a state along the sequence, by the names transformers gives them (the layer
 # itself, not the blocks and norms around it that share its prefix)
@@ -68,27 +73,33 @@ def _sub_configs(config):
             yield from _sub_configs(sub)
 
 
-def config_refusal(config) -> str | None:
-    """Why a model of this config cannot be packed exactly, from the config alone, or None."""
+def _under(path: str, wrapped) -> bool:
+    return any(path == p or path.startswith(p + ".") for p in wrapped)
+
+
+def config_refusal(config, sample_wise: tuple[str, ...] = ()) -> str | None:
+    """Why a model of this config cannot be packed exactly, from the config alone, or None.
+    ``sample_wise``: the paths of the model's mixers that run one sample at a time
+    (:mod:`varlen.samplewise`); a stateful layer kind is then fine in a layer that holds one."""
     for c in _sub_configs(config):
         model_type = getattr(c, "model_type", "")
         if model_type in ROW_POSITIONS:
             return f"{model_type}: {ROW_POSITIONS[model_type]}"
-        kinds = _kinds(c)
-        if kinds:
-            i, kind = kinds[0]
-            return f"{model_type}: layer {i} is a {kind!r} layer, which {STATEFUL}"
+        for i, kind in _kinds(c):
+            if not any(f".{i}." in f".{p}." for p in sample_wise):
+                return f"{model_type}: layer {i} is a {kind!r} layer, which {STATEFUL}"
         fields = [f for f in MIXER_FIELDS if getattr(c, f, None) is not None]
-        if fields:
+        if fields and not sample_wise:
             return (f"{model_type}: its state-space / recurrent / convolution layers ({', '.join(fields[:2])} in "
                     f"its config) carry their state from one packed sample into the next")
     return None
 
 
-def mixing_module(model: torch.nn.Module) -> str | None:
+def mixing_module(model: torch.nn.Module, sample_wise: tuple[str, ...] = ()) -> str | None:
     """The first module that carries a state along the sequence, as ``"path (Class)"``, or None: a
-    layer known by its class name, else a convolution over the tokens (kernel > 1)."""
-    modules = [(path, m) for path, m in model.named_modules() if path]  # the model itself names nothing
+    layer known by its class name, else a convolution over the tokens (kernel > 1); modules in the
+    mixers of ``sample_wise`` run one sample at a time and pass."""
+    modules = [(path, m) for path, m in model.named_modules() if path and not _under(path, sample_wise)]
     for path, m in modules:
         if MIXER_NAMES.search(type(m).__name__):
             return f"{path} ({type(m).__name__})"
@@ -98,13 +109,13 @@ def mixing_module(model: torch.nn.Module) -> str | None:
     return None
 
 
-def refusal(model: torch.nn.Module) -> str | None:
+def refusal(model: torch.nn.Module, sample_wise: tuple[str, ...] = ()) -> str | None:
     """Why this built model cannot be packed exactly, naming the module, or None."""
     config = getattr(model, "config", None)
     for c in (_sub_configs(config) if config is not None else ()):
         if getattr(c, "model_type", "") in ROW_POSITIONS:
             return f"{type(model).__name__}: {ROW_POSITIONS[c.model_type]}"
-    layer = mixing_module(model)
+    layer = mixing_module(model, sample_wise)
     if layer:
         return f"{type(model).__name__}: {layer} {STATEFUL}"
-    return config_refusal(config) if config is not None else None
+    return config_refusal(config, sample_wise) if config is not None else None

@@ -1,0 +1,85 @@
+"""Hybrid and state-space models packed exactly: their stateful mixers run one packed sample at a
+time (``varlen.hf.use``), checked by ``varlen.check`` against each sample alone in float64 (logits
+with and without a cache, loss and every gradient, leakage, every collator form); batches that are
+not packed reach the mixers unchanged; a mixer that hands back more than its hidden states is
+refused naming it."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+import varlen.hf  # noqa: E402  registers "varlen"
+from varlen import matrix  # noqa: E402
+from varlen.check import check  # noqa: E402
+from varlen.hf import PackingRefused  # noqa: E402
+from varlen.samplewise import HOOKED, sample_wise_paths  # noqa: E402
+
+
+def _tiny(model_type):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(matrix.tiny_config(model_type), attn_implementation="varlen")
+
+
+# a Gated DeltaNet hybrid, a pure Mamba2, a short-convolution hybrid, a Mamba hybrid that hands its
+# mixers no position_ids (boundaries from the model's own call)
+@pytest.mark.parametrize("model_type,mixer", [("qwen3_next", "GatedDeltaNet"), ("mamba2", "Mamba2Mixer"),
+                                              ("lfm2", "ShortConv"), ("jamba", "JambaMambaMixer")])
+def test_hybrid_models_pack_exactly(model_type, mixer):
+    model = _tiny(model_type)
+    varlen.hf.use("auto", model)
+    paths = sample_wise_paths(model)
+    assert paths and all(mixer in type(model.get_submodule(p)).__name__ for p in paths)
+    report = check(model, max_len=24, seed=2)
+    assert report.passed, report.table()
+    assert any("gradients" in f.check for f in report.findings)
+
+
+def test_without_use_packed_rows_are_refused_naming_the_fix():
+    model = _tiny("qwen3_next").eval()
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(4, 4 + n)} for n in (3, 5, 2)])
+    with pytest.raises(PackingRefused, match=r"'linear_attention' layer.*varlen\.hf\.use\(backend, model\)") as e:
+        with torch.no_grad():
+            model(**batch)
+    assert "\n" not in str(e.value)
+
+
+def test_mixers_see_each_sample_alone_and_unpacked_rows_whole():
+    model = _tiny("mamba2").eval()
+    varlen.hf.use("auto", model)
+    seen = []
+    mixer = model.get_submodule(sample_wise_paths(model)[0])
+    inner = mixer.forward.forward
+    mixer.forward.forward = lambda h, *a, **k: seen.append(tuple(h.shape[:2])) or inner(h, *a, **k)
+    lengths = (3, 1, 5)
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(4, 4 + n)} for n in lengths])
+    with torch.no_grad():
+        model(**batch)
+        assert seen == [(1, n) for n in lengths]
+        seen.clear()
+        model(input_ids=torch.randint(4, 50, (2, 6)))  # two rows, one sample each: not packed
+        assert seen == [(2, 6)]
+
+
+def test_use_is_idempotent_and_a_deep_copy_reads_its_own_batches():
+    model = _tiny("mamba2").eval()
+    varlen.hf.use("auto", model)
+    varlen.hf.use("auto", model)
+    assert len(model._forward_pre_hooks) == 1
+    twin = copy.deepcopy(model)
+    assert getattr(twin, HOOKED) is not getattr(model, HOOKED)
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(4, 4 + n)} for n in (3, 4)])
+    with torch.no_grad():
+        twin(**batch)
+    assert getattr(twin, HOOKED).info is not None and getattr(model, HOOKED).info is None
+
+
+def test_a_mixer_that_returns_its_state_is_refused_naming_it():
+    model = _tiny("rwkv").eval()
+    varlen.hf.use("auto", model)
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(4, 4 + n)} for n in (3, 4)])
+    with pytest.raises(PackingRefused, match=r"rwkv\.blocks\.0\.attention \(RwkvSelfAttention\) sample by sample"):
+        with torch.no_grad():
+            model(**batch)
