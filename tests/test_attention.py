@@ -246,8 +246,13 @@ def test_flash_implementation_choice_and_reasons(monkeypatch):
     impl, why = flash.choose_impl(q, q, True, (-1, -1))
     assert impl is None and why == ["fa4: flash-attn-4 (flash_attn.cute) not installed"]
     monkeypatch.setattr(flash, "_has_fa4", lambda: True)
-    impl, why = flash.choose_impl(torch.zeros(4, 2, 80, dtype=torch.bfloat16), q, True, (-1, -1))
-    assert impl is None and why == ["fa4: head size 80 unsupported (64, 96 or 128)"]
+    impl, why = flash.choose_impl(torch.zeros(4, 2, 84, dtype=torch.bfloat16), q, True, (-1, -1))
+    assert impl is None and why == ["fa4: head size 84 unsupported (Hopper: a multiple of 8 up to 256; Blackwell: "
+                                    "up to 128, or 256)"]
+    assert flash.choose_impl(torch.zeros(4, 2, 192, dtype=torch.bfloat16), q, True, (-1, -1)) == ("fa4", [])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (10, 0))  # Blackwell: up to 128, or 256
+    assert flash.choose_impl(torch.zeros(4, 2, 192, dtype=torch.bfloat16), q, True, (-1, -1))[0] is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert flash.choose_impl(q, q, True, (-1, -1)) == ("fa4", [])
     # backend="flash:<impl>" names one for a call, over the environment
     assert flash.choose_impl(q, q, True, (-1, -1), "torch") == ("torch", [])

@@ -93,7 +93,7 @@ def test_smoke_sinks_vs_float64(backend, window, softcap):
 
 
 @pytest.mark.parametrize("backend", ["flash:fa4", "flash:torch", "flex", "auto"])
-@pytest.mark.parametrize("dims", [(96, 64), (64, 32)], ids=["qk96-v64", "qk64-v32"])
+@pytest.mark.parametrize("dims", [(96, 64), (64, 32), (192, 128)], ids=["qk96-v64", "qk64-v32", "deepseek"])
 def test_smoke_mla_vs_float64(backend, dims):
     # multi-head latent attention: v's head size unlike q's and k's (DeepSeek), forward and gradients
     dqk, dv = dims

@@ -31,7 +31,7 @@ CAPS = Capabilities(
     name="flash",
     devices=frozenset({"cuda"}),
     dtypes=HALF,
-    head_dims="a multiple of 8, at most 256 (fa4: 64, 96 or 128)",
+    head_dims="a multiple of 8, at most 256 (fa4 on Blackwell: up to 128, or 256)",
     head_dim_ok=lambda d: d % 8 == 0 and d <= 256,
     window=True,
     softcap=True,  # fa2 and fa4: torch's says so in its reasons
@@ -87,12 +87,20 @@ def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size, sof
         out.append("no logit soft-capping (fa2 and fa4 have it)")
     if sinks and impl != "fa4":
         out.append("no attention sinks (fa4 has them)")
-    if impl == "fa4" and q.shape[-1] not in (64, 96, 128):
-        out.append(f"head size {q.shape[-1]} unsupported (64, 96 or 128)")
+    if impl == "fa4" and not fa4_head_dim_ok(q.shape[-1]):
+        out.append(f"head size {q.shape[-1]} unsupported (Hopper: a multiple of 8 up to 256; Blackwell: up to 128, "
+                   "or 256)")
     if impl == "torch":
         if tuple(window_size) != (-1, -1) and "window_size" not in _VARLEN_PARAMS:
             out.append(f"torch {torch.__version__} varlen_attn has no window_size")
     return out
+
+
+def fa4_head_dim_ok(d: int) -> bool:
+    """FlashAttention-4's head sizes (flash-attn-4 4.0.0b36, forward and backward): Hopper takes any
+    multiple of 8 up to 256; Blackwell up to 128, or 256."""
+    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 9
+    return d % 8 == 0 and (d <= 256 if major == 9 else d <= 128 or d == 256)
 
 
 def forced_impl(impl: str | None = None) -> str | None:
