@@ -83,3 +83,13 @@ def test_a_mixer_that_returns_its_state_is_refused_naming_it():
     with pytest.raises(PackingRefused, match=r"rwkv\.blocks\.0\.attention \(RwkvSelfAttention\) sample by sample"):
         with torch.no_grad():
             model(**batch)
+
+
+def test_attention_only_models_get_no_hook_and_context_parallelism_is_refused():
+    llama = _tiny("llama")
+    varlen.hf.use("auto", llama)
+    assert not llama._forward_pre_hooks and sample_wise_paths(llama) == ()
+    model = _tiny("mamba2")
+    varlen.hf.use("auto", model)
+    with pytest.raises(PackingRefused, match="sample by sample with context parallelism"):
+        model(input_ids=torch.arange(4, 8)[None], varlen_context=object())

@@ -33,6 +33,9 @@ class Boundaries:
         self.info, self.derive = None, derive
 
     def capture(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("varlen_context") is not None:  # one rank's slice of a row: samples cross its edges
+            raise PackingRefused(f"varlen cannot run the state-space / linear-attention mixers of "
+                                 f"{type(model).__name__} sample by sample with context parallelism")
         ids = kwargs.get("input_ids", args[0] if args else None)
         x = ids if ids is not None else kwargs.get("inputs_embeds")
         if x is None or x.dim() < 2:
@@ -67,7 +70,8 @@ def run_sample_wise(model: nn.Module, derive) -> list[str]:
     found = mixers(model)
     for path, m in found:
         m.forward = _SampleWise(m.forward, bounds, f"{path} ({type(m).__name__})")
-    model.register_forward_pre_hook(bounds.capture, with_kwargs=True)  # a method: a deep copy hooks its own copy
+    if found:  # a model of attention layers alone needs no hook
+        model.register_forward_pre_hook(bounds.capture, with_kwargs=True)  # a method: a deep copy hooks its copy
     setattr(model, HOOKED, bounds)
     return [p for p, _ in found]
 
