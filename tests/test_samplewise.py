@@ -93,3 +93,21 @@ def test_attention_only_models_get_no_hook_and_context_parallelism_is_refused():
     varlen.hf.use("auto", model)
     with pytest.raises(PackingRefused, match="sample by sample with context parallelism"):
         model(input_ids=torch.arange(4, 8)[None], varlen_context=object())
+
+
+def test_on_a_gpu_it_waits_for_its_gpu_run_unless_asked(monkeypatch):
+    # sample by sample has run on the CPU only so far: a packed batch on another device is refused
+    # in one line naming the switch (a meta-device batch stands in for CUDA here)
+    from varlen.samplewise import Boundaries
+
+    bounds = Boundaries(varlen.hf.batch_info)
+    model = _tiny("mamba2")
+    ids = torch.arange(4, 12, device="meta")[None]
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    derive = lambda rows, length, device, mask, kw: varlen.hf.batch_info(rows, length, "cpu", mask, kw)  # noqa: E731
+    bounds.derive = derive
+    with pytest.raises(PackingRefused, match="awaits a GPU run .VARLEN_UNVERIFIED=1"):
+        bounds.capture(model, (), {"input_ids": ids, "position_ids": positions})
+    monkeypatch.setenv("VARLEN_UNVERIFIED", "1")
+    bounds.capture(model, (), {"input_ids": ids, "position_ids": positions})
+    assert bounds.info.lengths == (3, 5)
