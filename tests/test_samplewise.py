@@ -53,11 +53,11 @@ def test_mixers_see_each_sample_alone_and_unpacked_rows_whole():
     mixer = model.get_submodule(sample_wise_paths(model)[0])
     inner = mixer.forward.forward
     mixer.forward.forward = lambda h, *a, **k: seen.append(tuple(h.shape[:2])) or inner(h, *a, **k)
-    lengths = (3, 1, 5)
+    lengths = (3, 1, 5, 1, 3, 3)
     batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(4, 4 + n)} for n in lengths])
     with torch.no_grad():
         model(**batch)
-        assert seen == [(1, n) for n in lengths]
+        assert seen == [(3, 3), (2, 1), (1, 5)]  # samples of one length as the rows of one batch
         seen.clear()
         model(input_ids=torch.randint(4, 50, (2, 6)))  # two rows, one sample each: not packed
         assert seen == [(2, 6)]

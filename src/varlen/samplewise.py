@@ -86,10 +86,11 @@ SAMPLE_POSITIONS = ("cache_position",)  # [L]: a sample alone counts from 0
 
 class _SampleWise:
     """A mixer's forward, called once per sample of a packed batch: ``[B, L, C]`` rows in, each
-    sample's ``[1, n, C]`` through the mixer alone. Its other arguments follow: per-token tensors
-    (``[B, L, ...]``: positions, rotary tables, a 2-D mask) are cut to the sample, a cache is left
-    out (a packed batch is no prefill to decode from), row-wide metadata (``cu_seq_lens_q``, a 4-D
-    mask) is dropped, the rest passes as it is."""
+    sample's ``[1, n, C]`` through the mixer alone; samples of one length go through together as the
+    rows of one ``[k, n, C]`` batch (a mixer keeps its batch's rows apart). Its other arguments
+    follow: per-token tensors (``[B, L, ...]``: positions, rotary tables, a 2-D mask) are cut to the
+    sample, a cache is left out (a packed batch is no prefill to decode from), row-wide metadata
+    (``cu_seq_lens_q``, a 4-D mask) is dropped, the rest passes as it is."""
 
     def __init__(self, forward, bounds: Boundaries, name: str) -> None:
         self.forward, self.bounds, self.name = forward, bounds, name
@@ -100,26 +101,53 @@ class _SampleWise:
             return self.forward(hidden_states, *args, **kwargs)
         rows, length = hidden_states.shape[:2]
         if info.total_tokens != rows * length:
-            raise ValueError(f"varlen: {self.name} got {rows * length} tokens, the batch's metadata {info.total_tokens}")
+            raise ValueError(f"varlen: {self.name} got {rows * length} tokens, the batch's metadata "
+                             f"{info.total_tokens}")
         kwargs = {k: (None if k in CACHES else v) for k, v in kwargs.items()}
-        outs, start = [], 0
-        for n in info.lengths:
-            row, off = divmod(start, length)
-            cut = lambda v: _cut(v, row, off, n, rows, length)  # noqa: E731
-            out = self.forward(hidden_states[row:row + 1, off:off + n], *map(cut, args),
-                               **{k: (_count(v, n) if k in SAMPLE_POSITIONS else cut(v)) for k, v in kwargs.items()})
-            outs.append(self._hidden(out))
-            start += n
+        spans = _spans(info.lengths, length)  # (row, offset, length) of each sample
+        outs: list = [None] * len(spans)
+        for n, members in _by_length(spans).items():
+            cuts = [[_cut(v, r, o, n, rows, length) for r, o, _ in (spans[i] for i in members)] for v in args]
+            kw = {k: (_count(v, n) if k in SAMPLE_POSITIONS
+                      else _stack([_cut(v, r, o, n, rows, length) for r, o, _ in (spans[i] for i in members)]))
+                  for k, v in kwargs.items()}
+            x = torch.cat([hidden_states[r:r + 1, o:o + n] for r, o, _ in (spans[i] for i in members)])
+            out = self.forward(x, *map(_stack, cuts), **kw)
+            for j, h in zip(members, self._hidden(out)):
+                outs[j] = h
         hidden = torch.cat(outs).view(rows, length, *outs[0].shape[1:])
         return hidden if isinstance(out, Tensor) else (hidden, *[None] * (len(out) - 1))
 
-    def _hidden(self, out) -> Tensor:  # [n, C] of a sample's output: the hidden states, or them and Nones
+    def _hidden(self, out) -> Tensor:  # [k, n, C] of a group's output: the hidden states, or them and Nones
         if isinstance(out, tuple) and out and isinstance(out[0], Tensor) and all(x is None for x in out[1:]):
-            return out[0][0]
+            return out[0]
         if not isinstance(out, Tensor):
             raise PackingRefused(f"varlen cannot run {self.name} sample by sample: it returns "
                                  f"{type(out).__name__} with more than the hidden states")
-        return out[0]
+        return out
+
+
+def _spans(lengths, length: int) -> list[tuple[int, int, int]]:
+    out, start = [], 0
+    for n in lengths:  # a packed row holds whole samples: none crosses into the next row
+        out.append((*divmod(start, length), n))
+        start += n
+    return out
+
+
+def _by_length(spans) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, (_, _, n) in enumerate(spans):
+        groups.setdefault(n, []).append(i)
+    return groups
+
+
+def _stack(values: list):
+    """The cut arguments of a group's samples as one batch: tensors ``[1, n, ...]`` stacked as rows."""
+    first = values[0]
+    if isinstance(first, tuple):
+        return tuple(_stack(list(v)) for v in zip(*values))
+    return torch.cat(values) if isinstance(first, Tensor) else first
 
 
 def _cut(value, row: int, off: int, n: int, rows: int, length: int):
