@@ -33,6 +33,7 @@ class Boundaries:
     def __init__(self, derive) -> None:
         self.info, self.derive = None, derive
 
+    @torch.compiler.disable  # reads the batch on the host, as varlen's attention does
     def capture(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         if kwargs.get("varlen_context") is not None:  # one rank's slice of a row: samples cross its edges
             raise PackingRefused(f"varlen cannot run the state-space / linear-attention mixers of "
@@ -96,9 +97,14 @@ class _SampleWise:
         self.forward, self.bounds, self.name = forward, bounds, name
 
     def __call__(self, hidden_states: Tensor, *args, **kwargs):
-        info = self.bounds.info
-        if info is None:
+        if self.bounds.info is None:
             return self.forward(hidden_states, *args, **kwargs)
+        return self.packed(hidden_states, *args, **kwargs)
+
+    # eager inside a compiled model: the loop over a batch's lengths would otherwise be traced per batch
+    @torch.compiler.disable
+    def packed(self, hidden_states: Tensor, *args, **kwargs):
+        info = self.bounds.info
         rows, length = hidden_states.shape[:2]
         if info.total_tokens != rows * length:
             raise ValueError(f"varlen: {self.name} got {rows * length} tokens, the batch's metadata "
