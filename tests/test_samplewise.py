@@ -100,7 +100,7 @@ def test_on_a_gpu_it_waits_for_its_gpu_run_unless_asked(monkeypatch):
     # in one line naming the switch (a meta-device batch stands in for CUDA here)
     from varlen.samplewise import Boundaries
 
-    bounds = Boundaries(varlen.hf.batch_info)
+    bounds = Boundaries(varlen.hf.batch_info, ())
     model = _tiny("mamba2")
     ids = torch.arange(4, 12, device="meta")[None]
     positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])

@@ -16,10 +16,9 @@ and an all-ones attention mask, it reports the leak.
 
 from __future__ import annotations
 
-import re
-
 import copy
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -319,11 +318,11 @@ def check(model, *, lengths: list[int] | None = None, max_len: int = 256, vocab_
 def _mixers_only(model) -> bool:
     """A model whose only sequence layers are mixers that run sample by sample (Mamba, RWKV): no
     module named as attention outside them."""
+    from .packable import under
     from .samplewise import sample_wise_paths
 
     paths = sample_wise_paths(model)
-    inside = lambda p: any(p == q or p.startswith(q + ".") for q in paths)  # noqa: E731
-    return bool(paths) and not any(re.search("Attention|Attn", type(m).__name__) and not inside(p)
+    return bool(paths) and not any(re.search("Attention|Attn", type(m).__name__) and not under(p, paths)
                                    for p, m in model.named_modules())
 
 

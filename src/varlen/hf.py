@@ -92,7 +92,7 @@ def use(backend: str = "auto", model: torch.nn.Module | None = None) -> None:
         return
     from .packable import refusal
 
-    wrapped = tuple(run_sample_wise(model, batch_info))  # stateful mixers: one packed sample at a time
+    wrapped = run_sample_wise(model, batch_info)  # stateful mixers: one packed sample at a time
     why = refusal(model, wrapped)
     if why:  # refused when chosen, not when the first packed batch arrives
         raise PackingRefused(f"varlen cannot pack this model exactly: {why}; train it on padded rows instead")

@@ -73,8 +73,9 @@ def _sub_configs(config):
             yield from _sub_configs(sub)
 
 
-def _under(path: str, wrapped) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in wrapped)
+def under(path: str, paths) -> bool:
+    """Whether the module at ``path`` is one of ``paths`` or inside one."""
+    return any(path == p or path.startswith(p + ".") for p in paths)
 
 
 def config_refusal(config, sample_wise: tuple[str, ...] = ()) -> str | None:
@@ -99,7 +100,7 @@ def mixing_module(model: torch.nn.Module, sample_wise: tuple[str, ...] = ()) -> 
     """The first module that carries a state along the sequence, as ``"path (Class)"``, or None: a
     layer known by its class name, else a convolution over the tokens (kernel > 1); modules in the
     mixers of ``sample_wise`` run one sample at a time and pass."""
-    modules = [(path, m) for path, m in model.named_modules() if path and not _under(path, sample_wise)]
+    modules = [(path, m) for path, m in model.named_modules() if path and not under(path, sample_wise)]
     for path, m in modules:
         if MIXER_NAMES.search(type(m).__name__):
             return f"{path} ({type(m).__name__})"

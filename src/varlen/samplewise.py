@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention.common import UNVERIFIED, unverified_enabled
-from .packable import MIXER_NAMES, PackingRefused
+from .packable import MIXER_NAMES, PackingRefused, under
 
 HOOKED = "_varlen_sample_wise"  # the attribute a model whose mixers run sample by sample carries
 
@@ -30,8 +30,8 @@ class Boundaries:
     """The current batch's samples as seen by the model's forward (None: not packed). ``derive`` is
     varlen's attention's reading of a batch (``varlen.hf.batch_info``), so both see the same samples."""
 
-    def __init__(self, derive) -> None:
-        self.info, self.derive = None, derive
+    def __init__(self, derive, paths: tuple[str, ...]) -> None:
+        self.info, self.derive, self.paths = None, derive, paths  # paths: the mixers it serves
 
     @torch.compiler.disable  # reads the batch on the host, as varlen's attention does
     def capture(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -56,29 +56,30 @@ def mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The modules that carry a state along the sequence, by class name, outermost only."""
     found: list[tuple[str, nn.Module]] = []
     for path, m in model.named_modules():
-        if path and MIXER_NAMES.search(type(m).__name__) and not any(path.startswith(p + ".") for p, _ in found):
+        if path and MIXER_NAMES.search(type(m).__name__) and not under(path, [p for p, _ in found]):
             found.append((path, m))
     return found
 
 
 def sample_wise_paths(model: nn.Module) -> tuple[str, ...]:
     """The paths of ``model``'s mixers that run one sample at a time (none before :func:`run_sample_wise`)."""
-    return tuple(p for p, _ in mixers(model)) if getattr(model, HOOKED, None) is not None else ()
+    bounds = getattr(model, HOOKED, None)
+    return bounds.paths if bounds is not None else ()
 
 
-def run_sample_wise(model: nn.Module, derive) -> list[str]:
+def run_sample_wise(model: nn.Module, derive) -> tuple[str, ...]:
     """Make ``model``'s stateful mixers run one packed sample at a time, reading each batch with
     ``derive``; the paths it changed. Idempotent: a model already prepared is left as it is."""
     if getattr(model, HOOKED, None) is not None:
-        return [p for p, _ in mixers(model)]
-    bounds = Boundaries(derive)
+        return sample_wise_paths(model)
     found = mixers(model)
+    bounds = Boundaries(derive, tuple(p for p, _ in found))
     for path, m in found:
         m.forward = _SampleWise(m.forward, bounds, f"{path} ({type(m).__name__})")
     if found:  # a model of attention layers alone needs no hook
         model.register_forward_pre_hook(bounds.capture, with_kwargs=True)  # a method: a deep copy hooks its copy
     setattr(model, HOOKED, bounds)
-    return [p for p, _ in found]
+    return bounds.paths
 
 
 CACHES = ("cache", "cache_params", "past_key_values", "past_key_value")
@@ -113,12 +114,13 @@ class _SampleWise:
         spans = _spans(info.lengths, length)  # (row, offset, length) of each sample
         outs: list = [None] * len(spans)
         for n, members in _by_length(spans).items():
-            cuts = [[_cut(v, r, o, n, rows, length) for r, o, _ in (spans[i] for i in members)] for v in args]
-            kw = {k: (_count(v, n) if k in SAMPLE_POSITIONS
-                      else _stack([_cut(v, r, o, n, rows, length) for r, o, _ in (spans[i] for i in members)]))
-                  for k, v in kwargs.items()}
-            x = torch.cat([hidden_states[r:r + 1, o:o + n] for r, o, _ in (spans[i] for i in members)])
-            out = self.forward(x, *map(_stack, cuts), **kw)
+            group = [spans[i] for i in members]
+
+            def batched(v, n=n, group=group):  # the group's samples of a per-token value, stacked as rows
+                return _stack([_cut(v, r, o, n, rows, length) for r, o, _ in group])
+
+            kw = {k: (_count(v, n) if k in SAMPLE_POSITIONS else batched(v)) for k, v in kwargs.items()}
+            out = self.forward(batched(hidden_states), *map(batched, args), **kw)
             for j, h in zip(members, self._hidden(out)):
                 outs[j] = h
         hidden = torch.cat(outs).view(rows, length, *outs[0].shape[1:])
