@@ -302,3 +302,48 @@ def test_smoke_te_imports_after_torch_used_cudnn():
             "print(te_unavailable())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "None", out
+
+
+@pytest.mark.parametrize("backend,dtype", [("flash", torch.bfloat16), ("flex", torch.float32)],
+                         ids=["flash-bf16", "flex-fp32"])
+def test_smoke_mrope_packs_on_gpu(backend, dtype):
+    # Qwen2-VL's 3-D rotary positions (one sample holding an image grid) through a packed row on the GPU:
+    # logits and every gradient within 4x the error that each sample alone through sdpa has, both against
+    # each sample alone in float64 on the CPU
+    pytest.importorskip("transformers")
+    import copy
+
+    import varlen.hf
+    from test_mrope import _grid_positions, _models
+
+    eager64, _ = _models("qwen2_vl")
+    alone, packed = (copy.deepcopy(eager64).to("cuda", dtype) for _ in range(2))
+    packed.set_attn_implementation("varlen")
+    varlen.hf.use(backend, packed)
+    g = torch.Generator().manual_seed(0)
+    samples = [{"input_ids": torch.randint(1, 200, (n,), generator=g)} for n in (12, 1, 37, 5)]
+    samples[0]["position_ids"] = _grid_positions(12)
+    pos = [s.get("position_ids", torch.arange(len(s["input_ids"])).expand(3, -1))[:, None] for s in samples]
+
+    def each_alone(model, device):
+        return torch.cat([model(input_ids=s["input_ids"][None].to(device), position_ids=p.to(device),
+                                use_cache=False).logits[0] for s, p in zip(samples, pos)])
+
+    batch = varlen.hf.VarlenCollator(mrope=True)(samples)
+    out = packed(input_ids=batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(),
+                 varlen_info=batch["varlen_info"].to("cuda"), use_cache=False).logits[0]
+    runs = {"truth": (eager64, each_alone(eager64, "cpu")), "alone": (alone, each_alone(alone, "cuda")),
+            "packed": (packed, out)}
+    w = torch.randn(runs["truth"][1].shape, dtype=torch.float64, generator=g)
+    for model, logits in runs.values():
+        (logits * w.to(logits.device, logits.dtype)).sum().backward()
+    truth = runs["truth"][1]
+    err = lambda x, t: (x.detach().double().cpu() - t).abs().max().item()  # noqa: E731
+    assert err(out, truth) <= 4 * err(runs["alone"][1], truth) + 1e-6, (err(out, truth), err(runs["alone"][1], truth))
+    named = [dict(m.named_parameters()) for m, _ in runs.values()]
+    for name, p64 in named[0].items():
+        if p64.grad is None:
+            continue
+        scale = p64.grad.abs().max().item()
+        e, base = err(named[2][name].grad, p64.grad), err(named[1][name].grad, p64.grad)
+        assert e <= 4 * base + 1e-6 * scale, (name, e, base)
