@@ -9,6 +9,7 @@
 #   tests        GPU tests (pytest -m gpu)
 #   features     attention sinks (GPT-OSS), soft-capping (Gemma 2) and MLA (DeepSeek-V3) through `varlen check`
 #                on FA4 (where installed), Flex and the reference; hybrid Qwen3-Next and Mamba2 (mixers sample by sample)
+#   features-fa4 the same three on FA4 alone (a second call, once the wheels are installed)
 #   check        `varlen check --device cuda` with the flash backend on the decoder and small random
 #                Llama, Qwen2, Mistral (sliding window) and Gemma 2 (soft-capping) configs; DeepSeek-V3
 #                (MLA, MoE) and Mixtral (MoE) on every backend; transformers' own sdpa, which must report
@@ -145,10 +146,16 @@ print('finetune: loss', round(log[0]['loss'], 3), '->', round(log[-1]['loss'], 3
          done
          run mamba-refused --hf-config "$out/configs/mamba" --random-init --backend flash; wait
          run llama-hf-sdpa --hf-config "$out/configs/llama" --random-init --attn-implementation sdpa ;;
-  features)
+  features|features-fa4)
          # issue 30's attention features on the kernels that take them: sinks (GPT-OSS), soft-capping
-         # (Gemma 2), MLA (DeepSeek-V3), each through `varlen check` (packed against alone, gradients)
+         # (Gemma 2), MLA (DeepSeek-V3), each through `varlen check` (packed against alone, gradients);
+         # features-fa4: FA4's runs alone (FA4 comes in a second call, after the others ran)
          configs
+         if [ "$part" = features-fa4 ]; then
+           [ -n "$fa4" ] || { echo "features-fa4: FlashAttention-4 is not installed"; exit 1; }
+           for m in gpt_oss gemma2 deepseek_v3; do (run "$m-flash-fa4" --hf-config "$out/configs/$m" --random-init \
+             --backend flash:fa4) & done; wait; exit 0
+         fi
          for b in ${fa4:+flash:fa4} flex reference; do
            (run "gpt_oss-${b/:/-}" --hf-config "$out/configs/gpt_oss" --random-init --backend "$b") &
          done; wait

@@ -25,18 +25,18 @@ def test_every_field_is_a_flag_of_both_commands_with_the_same_default_and_choice
 
     assert set(CHOICES) == {f.name for f in fields(Levers)}  # a new lever gets its choices listed here
     bench, train = bench_args([]), train_args([])
-    assert Levers.from_args(bench) == Levers.from_args(train) == Levers()
+    assert Levers.from_args(bench) == train.levers == Levers()
     for f in fields(Levers):
         for value in CHOICES[f.name][1:]:
             argv = [flag_of(f.name), value]
             assert getattr(Levers.from_args(bench_args(argv)), f.name) == value
-            assert getattr(Levers.from_args(train_args(argv)), f.name) == value
+            assert getattr(train_args(argv).levers, f.name) == value
 
 
 def test_long_dtype_names_are_taken():
     from varlen.train.cli import parse_args
 
-    assert parse_args(["--residual-dtype", "bfloat16"]).residual_dtype == "bf16"
+    assert parse_args(["--residual-dtype", "bfloat16"]).levers.residual_dtype == "bf16"
 
 
 @pytest.mark.parametrize("values", list(itertools.product(*CHOICES.values())))
@@ -115,12 +115,15 @@ def test_one_spelling_for_compile_backend_and_dtypes_across_commands(capsys):
     from varlen.train.scaling import parse as scaling
 
     base = {train: [], scaling: [], check: ["--preset", "tiny"]}
+    compiled = {train: lambda c: c.runtime.compile}  # train's settings come in groups
     for parse, extra in base.items():
-        assert parse([*extra, "--compile"]).compile is True and parse([*extra, "--no-compile"]).compile is False
+        on = compiled.get(parse, lambda c: c.compile)
+        assert on(parse([*extra, "--compile"])) is True and on(parse([*extra, "--no-compile"])) is False
         with pytest.raises(SystemExit):
             parse([*extra, "--backend", "nope"])
         assert "--backend" in capsys.readouterr().err
-    assert train(["--reduce-dtype", "bfloat16"]).reduce_dtype == scaling(["--reduce-dtype", "bfloat16"]).reduce_dtype == "bf16"
+    reduce = ["--reduce-dtype", "bfloat16"]
+    assert train(reduce).wrapping.reduce_dtype == scaling(reduce).reduce_dtype == "bf16"
     for flag in ("--steps", "--tokens-per-rank", "--cp"):
         with pytest.raises(SystemExit):
             scaling([flag, "0"])
@@ -137,7 +140,7 @@ def test_train_and_the_scaling_sweep_take_the_same_wrapping_flags():
 
     argv = ["--reduce-dtype", "bfloat16", "--bucket-mb", "7", "--static-graph", "--no-reshard-after-forward"]
     want = Wrapping(reduce_dtype="bf16", bucket_mb=7, static_graph=True, reshard_after_forward=False)
-    assert from_args(Wrapping, train(argv)) == from_args(Wrapping, scaling(argv)) == want
-    assert from_args(Wrapping, train([])) == from_args(Wrapping, scaling([])) == Wrapping()
+    assert train(argv).wrapping == from_args(Wrapping, scaling(argv)) == want
+    assert train([]).wrapping == from_args(Wrapping, scaling([])) == Wrapping()
     assert want.wrap_kwargs() == {"reduce_dtype": torch.bfloat16, "bucket_mb": 7, "static_graph": True,
                                   "reshard_after_forward": False}

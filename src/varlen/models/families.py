@@ -141,6 +141,18 @@ def head_refusal(model: nn.Module) -> str | None:
     return None
 
 
+def aux_loss_refusal(config) -> str | None:
+    """Why training this model on its logits' cross-entropy alone would drop part of the loss its config
+    asks for (a mixture of experts' load-balancing loss), or None."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    coef = getattr(c, "router_aux_loss_coef", 0.0) or 0.0
+    if getattr(c, "output_router_logits", False) and coef:
+        return (f"its config asks for the router's load-balancing loss (output_router_logits=true, "
+                f"router_aux_loss_coef={coef}), which varlen train's loss (the logits' cross-entropy) leaves out; set "
+                "output_router_logits to false in its config.json to train on the cross-entropy alone")
+    return None
+
+
 def decoder_sizes(config) -> DecoderConfig:
     """A transformers config's sizes as the decoder's (what the token budget, the cost model and the
     FLOPs count read); ``max_len - 1`` is the longest sample it takes."""
