@@ -184,3 +184,22 @@ def test_rotary_models_under_autocast_run_as_sdpa_does():
         want = model(input_ids=ids, use_cache=False).logits.float()
     # the same bf16 inputs, float32 softmax in both: bf16 rounding of the attention output and what follows
     torch.testing.assert_close(got, want, rtol=0, atol=8 * 2 ** -8 * want.abs().max().item())
+
+
+def test_a_packed_batch_on_a_filled_cache_is_refused():
+    # the cache's earlier tokens belong to no sample of the packed batch: attending to them (the
+    # decode path, queries shorter than keys) would mix them into every sample
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="varlen").eval()
+    cache = model(input_ids=torch.arange(1, 6)[None], use_cache=True).past_key_values
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(1, n + 1)} for n in (3, 4)])
+    with pytest.raises(varlen.hf.PackingRefused, match=r"a packed batch \(varlen_info\) with a KV cache that already"):
+        model(**batch, past_key_values=cache, use_cache=True)
+    # decoding one sample with its own cache stays as it was (a fresh cache: the refused call's layer
+    # had appended its keys before its attention refused)
+    cache = model(input_ids=torch.arange(1, 6)[None], use_cache=True).past_key_values
+    step = model(input_ids=torch.tensor([[7]]), past_key_values=cache, use_cache=True).logits
+    whole = model(input_ids=torch.cat([torch.arange(1, 6), torch.tensor([7])])[None], use_cache=False).logits
+    torch.testing.assert_close(step[0, -1], whole[0, -1], rtol=1e-5, atol=1e-5)

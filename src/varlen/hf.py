@@ -275,6 +275,7 @@ def _decode_step(query, key, value, attention_mask, scaling, causal, window, sof
 # value is refused too, by name, rather than ignored.
 METADATA = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "varlen_info",
             "varlen_context", "seq_idx")  # seq_idx: TRL's sequence index per token, for linear-attention layers
+PACKED_METADATA = ("varlen_info", "cu_seq_lens_q", "cu_seq_lens_k", "varlen_context")  # a packed batch's own
 HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch", "shift_labels",
             "labels", "logits_to_keep")
 SINKS = ("s_aux", "sinks")  # attention sinks (GPT-OSS's s_aux): honoured where the backend has them
@@ -327,6 +328,11 @@ def varlen_attention_forward(
     b, h, length, d = query.shape
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
     if key.shape[2] != length:
+        packed = [k for k in PACKED_METADATA if kwargs.get(k) is not None]
+        if packed:  # the cache holds earlier tokens: a packed batch's boundaries say nothing of them
+            raise PackingRefused(f"varlen attention: a packed batch ({', '.join(packed)}) with a KV cache that already "
+                                 f"holds tokens ({type(module).__name__}); packed rows take no cache: call with "
+                                 "use_cache=False, or generate one sample a row")
         return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap, sinks), None
     if kwargs.get("varlen_context") is not None:  # this rank's slice of a packed row (context parallelism)
         if sinks is not None:
