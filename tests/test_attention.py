@@ -249,8 +249,6 @@ def test_flash_implementation_choice_and_reasons(monkeypatch):
     impl, why = flash.choose_impl(torch.zeros(4, 2, 84, dtype=torch.bfloat16), q, True, (-1, -1))
     assert impl is None and why == ["fa4: head size 84 unsupported (Hopper: a multiple of 8 up to 256; Blackwell: "
                                     "up to 128, or 256)"]
-    assert flash.choose_impl(torch.zeros(4, 2, 192, dtype=torch.bfloat16), q, True, (-1, -1))[0] is None
-    monkeypatch.setenv("VARLEN_UNVERIFIED", "1")  # FA4's wider head sizes, before their GPU run
     assert flash.choose_impl(torch.zeros(4, 2, 192, dtype=torch.bfloat16), q, True, (-1, -1)) == ("fa4", [])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (10, 0))  # Blackwell: up to 128, or 256
     assert flash.choose_impl(torch.zeros(4, 2, 192, dtype=torch.bfloat16), q, True, (-1, -1))[0] is None
@@ -406,12 +404,6 @@ def test_flash_implementations_without_softcap_or_sinks_say_so(monkeypatch):
     monkeypatch.setattr(flash, "impl_unavailable", lambda impl: None)
     k = torch.empty(1, 2, 64)
     many, few = torch.empty(20000, 2, 64), torch.empty(100, 2, 64)
-    # before their GPU run, FA4's soft-capping and sinks are off unless asked for
-    assert flash.choose_impl(many, k, True, (-1, -1), softcap=1.0) == ("fa2", [])
-    assert flash.choose_impl(few, k, True, (-1, -1), sinks=True) == (None, [
-        "fa2: no attention sinks (fa4 has them)", "torch: no attention sinks (fa4 has them)",
-        "fa4: FA4's attention sinks await a GPU run (VARLEN_UNVERIFIED=1 turns them on)"])
-    monkeypatch.setenv("VARLEN_UNVERIFIED", "1")
     assert flash.choose_impl(many, k, True, (-1, -1), softcap=1.0) == ("fa4", [])  # FA2 and FA4 cap
     assert flash.choose_impl(few, k, True, (-1, -1), softcap=1.0) == ("fa2", [])
     assert flash.impl_reasons("torch", few, k, True, (-1, -1), 1.0) == ["no logit soft-capping (fa2 and fa4 have it)"]

@@ -74,14 +74,13 @@ def test_smoke_qkvpacked_vs_float64(backend, causal):
 @pytest.mark.parametrize("backend", ["flash:fa4", "flex", "reference", "auto"])
 @pytest.mark.parametrize("window", [(-1, -1), (64, 0)], ids=["causal", "window64"])
 @pytest.mark.parametrize("softcap", [0.0, 4.0], ids=["no_cap", "softcap"])
-def test_smoke_sinks_vs_float64(backend, window, softcap, monkeypatch):
+def test_smoke_sinks_vs_float64(backend, window, softcap):
     # GPT-OSS's attention sinks (FA4's learnable_sink; Flex through its log-sum-exp), with Gemma 2's
     # soft-capping beside them: forward and every gradient, the sinks' included
     lengths = [1, 37, 200, 5, 300] + [1, 2, 3] * 4
     q, k, v = random_qkv(lengths, 8, 2, 64, torch.bfloat16, device="cuda", seed=5)
     q, k = q * 2, k * 2  # scores of a few units, so a cap of 4 bites
     sinks = (torch.randn(8, generator=torch.Generator().manual_seed(1)) * 2).cuda()
-    monkeypatch.setenv("VARLEN_UNVERIFIED", "1")  # FA4's and Flex-on-CUDA's sinks: this test is their GPU run
     info = SeqInfo.from_lengths(lengths, device="cuda")
     for x in (q, k, v, sinks):
         x.requires_grad_()
@@ -95,8 +94,7 @@ def test_smoke_sinks_vs_float64(backend, window, softcap, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["flash:fa4", "flash:torch", "flex", "auto"])
 @pytest.mark.parametrize("dims", [(96, 64), (64, 32), (192, 128)], ids=["qk96-v64", "qk64-v32", "deepseek"])
-def test_smoke_mla_vs_float64(backend, dims, monkeypatch):
-    monkeypatch.setenv("VARLEN_UNVERIFIED", "1")  # FA4's head sizes past 128: this test is their GPU run
+def test_smoke_mla_vs_float64(backend, dims):
     # multi-head latent attention: v's head size unlike q's and k's (DeepSeek), forward and gradients
     dqk, dv = dims
     lengths = [1, 37, 200, 5, 300] + [1, 2, 3] * 4

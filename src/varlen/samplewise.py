@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention.common import UNVERIFIED, unverified_enabled
 from .packable import MIXER_NAMES, PackingRefused, under
 
 HOOKED = "_varlen_sample_wise"  # the attribute a model whose mixers run sample by sample carries
@@ -47,9 +46,6 @@ class Boundaries:
         info, indices = self.derive(rows, length, x.device, kwargs.get("attention_mask"), kwargs)
         # padded rows keep one sample a row: the mixers take those (and their mask) as they are
         self.info = info if indices is None and info.num_seqs > rows else None
-        if self.info is not None and x.device.type != "cpu" and not unverified_enabled():
-            raise PackingRefused(f"varlen runs the mixers of {type(model).__name__} sample by sample on the CPU; "
-                                 f"on {x.device.type} that awaits a GPU run ({UNVERIFIED}=1 turns it on)")
 
 
 def mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:

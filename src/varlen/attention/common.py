@@ -8,7 +8,6 @@ cannot run these inputs) and ``attention(q, k, v, info, *, causal, scale, window
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -63,16 +62,6 @@ class Capabilities:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not self.autograd:
             out.append("forward only (no autograd)")
         return out
-
-
-UNVERIFIED = "VARLEN_UNVERIFIED"
-
-
-def unverified_enabled() -> bool:
-    """Kernel features written and tested on the CPU (FA4's through stand-in kernels) whose run on a
-    GPU is still to come: attention sinks on FlashAttention-4 and on Flex on CUDA, soft-capping on
-    FlashAttention-4, FA4's head sizes beyond 64, 96 and 128. Off unless ``VARLEN_UNVERIFIED=1``."""
-    return os.environ.get(UNVERIFIED, "") == "1"
 
 
 def window_bounds(causal: bool, window_size: tuple[int, int]) -> tuple[int, int]:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..seqinfo import SeqInfo
-from .common import HALF, UNVERIFIED, Capabilities, probe, repeat_kv, unverified_enabled, window_bounds
+from .common import HALF, Capabilities, probe, repeat_kv, window_bounds
 
 IMPLS = ("fa4", "fa2", "torch")
 
@@ -87,9 +87,6 @@ def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size, sof
         out.append("no logit soft-capping (fa2 and fa4 have it)")
     if sinks and impl != "fa4":
         out.append("no attention sinks (fa4 has them)")
-    if impl == "fa4" and (softcap or sinks) and not unverified_enabled():
-        out.append(f"FA4's {'soft-capping' if softcap else 'attention sinks'} await a GPU run ({UNVERIFIED}=1 "
-                   "turns them on)")
     if impl == "fa4" and not fa4_head_dim_ok(q.shape[-1]):
         out.append(f"head size {q.shape[-1]} unsupported (Hopper: a multiple of 8 up to 256; Blackwell: up to 128, "
                    "or 256)")
@@ -102,8 +99,6 @@ def impl_reasons(impl: str, q: Tensor, k: Tensor, causal: bool, window_size, sof
 def fa4_head_dim_ok(d: int) -> bool:
     """FlashAttention-4's head sizes (flash-attn-4 4.0.0b36, forward and backward): Hopper takes any
     multiple of 8 up to 256; Blackwell up to 128, or 256."""
-    if not unverified_enabled():  # the sizes run on the GPU so far
-        return d in (64, 96, 128)
     major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 9
     return d % 8 == 0 and (d <= 256 if major == 9 else d <= 128 or d == 256)
 

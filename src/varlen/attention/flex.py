@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..buckets import ceil_div, round_up
 from ..seqinfo import SeqInfo
-from .common import UNVERIFIED, Capabilities, unverified_enabled, window_bounds
+from .common import Capabilities, window_bounds
 
 CAPS = Capabilities(
     name="flex",
@@ -41,8 +41,6 @@ def reasons(q, k, v, info, causal, window_size, softcap=0.0, sinks=False) -> lis
     out = []
     if q.device.type == "cuda" and (d < 16 or d & (d - 1)):
         out.append(f"head size {d} unsupported on CUDA (the Triton kernel needs a power of two >= 16)")
-    if sinks and q.device.type == "cuda" and not unverified_enabled():
-        out.append(f"attention sinks on CUDA await a GPU run ({UNVERIFIED}=1 turns them on)")
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if q.device.type == "cpu" and grad:
         out.append("no backward on CPU (torch's FlexAttention is forward-only there)")
