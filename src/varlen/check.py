@@ -509,11 +509,11 @@ def _compiled(report, subject, model, truth_model, device, vocab, max_len, n, g,
     """torch.compile over n random batches: a bounded number of graphs, and the right logits."""
     from torch._dynamo.utils import counters
 
+    from .samplewise import sample_wise_paths
+
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model)
-    from .samplewise import sample_wise_paths
-
     # each sample-wise mixer runs eager between compiled pieces (a graph break each side)
     pieces = 1 + len(sample_wise_paths(model))
     err = 0.0

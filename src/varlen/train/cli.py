@@ -117,28 +117,27 @@ def load_data(conf, cfg: DecoderConfig, micro_budget: int, report: DataReport, t
     --drop-long, else stop the run with the row named."""
     max_len = conf.data.max_len or cfg.max_len - 1
     longest = min(max_len, micro_budget)
-    too_long = conf.data.too_long
     try:
         ds = load(conf.data.data, num_samples=conf.data.num_samples, max_len=max_len, vocab_size=cfg.vocab_size,
-                  seed=conf.run.seed, too_long=too_long, report=report, longest=longest, tokenizer=tokenizer)
+                  seed=conf.run.seed, too_long=conf.data.too_long, report=report, longest=longest, tokenizer=tokenizer)
     except (DataError, ValueError) as e:
         fail(str(e))
     if max(ds.lengths) > micro_budget:  # synthetic lengths up to --max-len
         fail(f"samples reach {max(ds.lengths)} tokens but a micro-step takes {micro_budget} (--max-tokens "
              f"{conf.step.max_tokens or '(per rank x ranks)'} / --grad-accum {conf.step.grad_accum}); raise "
              "--max-tokens")
-    return ds, max_len, too_long
+    return ds, max_len
 
 
-def run_config(conf, d: Dist, budget: int, parallel: str, dtype: str, max_len: int, too_long: str) -> dict:
+def run_config(conf, d: Dist, budget: int, parallel: str, dtype: str, max_len: int) -> dict:
     """The settings this run's checkpoints are tied to (:data:`~varlen.train.config.CONFIG_FIELDS`)."""
     try:
         data_fp = fingerprint(conf.data.data)
     except DataError as e:
         fail(str(e))
-    m, st, o = conf.model, conf.step, conf.optim
-    return {"model": m.model, "preset": m.preset, "backend": m.backend, "data": conf.data.data,
-            "data_fingerprint": data_fp, "num_samples": conf.data.num_samples, "max_len": max_len, "too_long": too_long,
+    m, data, st, o = conf.model, conf.data, conf.step, conf.optim
+    return {"model": m.model, "preset": m.preset, "backend": m.backend, "data": data.data,
+            "data_fingerprint": data_fp, "num_samples": data.num_samples, "max_len": max_len, "too_long": data.too_long,
             "max_tokens": budget, "grad_accum": st.grad_accum, "split": st.split, "cost": st.cost,
             "window": st.window, "static": st.static, "optimizer": o.optimizer, "lr": o.lr,
             "seed": conf.run.seed, "world_size": d.world_size, "parallel": parallel, "cp": st.cp, "dtype": dtype,
@@ -303,9 +302,9 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     tokenizer = model_tokenizer(conf, fam)
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
     report = DataReport()
-    ds, max_len, too_long = load_data(conf, cfg, micro_budget, report, tokenizer)
+    ds, max_len = load_data(conf, cfg, micro_budget, report, tokenizer)
     ds, held_out = hold_out(ds, conf.data.eval_split, conf.run.seed)
-    config = run_config(conf, d, budget, parallel, dtype, max_len, too_long)
+    config = run_config(conf, d, budget, parallel, dtype, max_len)
     resume_from = resume_point(conf, d, config)
     if resume_from is not None and checkpoint.step_of(resume_from) >= conf.step.steps:
         return nothing_to_do(conf, d, checkpoint.step_of(resume_from))
