@@ -14,8 +14,8 @@ from varlen.data import move_batch
 from varlen.data.synthetic import sample_lengths
 from varlen.measure.timing import since, start
 from varlen.models.families import family
-from varlen.train.data import TrainCollator
-from varlen.train.step import train_step
+from varlen.data import TrainCollator
+from varlen.engine.step import train_step
 
 cfg = DecoderConfig.from_name("study")
 lengths = sample_lengths(32 * 25, "uniform", 1023, seed=0)

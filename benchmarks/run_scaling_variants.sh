@@ -3,7 +3,7 @@
 # every efficiency compares against a 1-GPU run of the same lease. One variant a line of VARIANTS:
 #   LABEL;ENV;PARALLEL;FLAGS[;WORLDS]    (ENV: space-separated VAR=value, or -; WORLDS default "WORLD 1")
 # Usage: benchmarks/run_scaling_variants.sh OUT WORLD [VARIANTS_FILE]; then
-#   python -m varlen.train.scaling --report OUT/runs --out RESULTS_DIR
+#   python -m varlen.bench.scaling --report OUT/runs --out RESULTS_DIR
 set -uo pipefail
 out=$1; world=$2; file=${3:-/dev/stdin}
 mkdir -p "$out"

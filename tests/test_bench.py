@@ -394,7 +394,7 @@ def test_autotune_reaches_torch_compile_and_needs_compiling(monkeypatch, capsys)
     # --autotune is issue 18's epilogue lever: Inductor's max-autotune, with CUDA graphs its graphing
     # variant; eager cases stay eager, and --compile off with it is refused in one line
     from varlen.bench.cli import main
-    from varlen.bench.worker import _step_fn
+    from varlen.bench.worker import _engine
     from varlen.models import family
 
     modes = []
@@ -402,9 +402,9 @@ def test_autotune_reaches_torch_compile_and_needs_compiling(monkeypatch, capsys)
     w = Workload(**{**TINY.__dict__, "autotune": True})
     model = Decoder(DecoderConfig.from_name("tiny"))
     for graphed in (False, True):
-        _step_fn(Case("packed-sdpa", "eval", True, w), model, family("decoder"), graphed)
-    _step_fn(Case("packed-sdpa", "eval", False, w), model, family("decoder"), False)
-    _step_fn(Case("packed-sdpa", "eval", True, TINY), model, family("decoder"), False)
+        _engine(Case("packed-sdpa", "eval", True, w), model, family("decoder"), graphed)
+    _engine(Case("packed-sdpa", "eval", False, w), model, family("decoder"), False)
+    _engine(Case("packed-sdpa", "eval", True, TINY), model, family("decoder"), False)
     assert modes == ["max-autotune-no-cudagraphs", "max-autotune", None]
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--autotune", "--compile", "off"])

@@ -86,7 +86,7 @@ def test_fp8_rows_are_padded_to_whole_gemm_tiles():
     from varlen.bench.runner import precheck
     from varlen.bench.worker import _collator
     from varlen.data.synthetic import SyntheticDataset
-    from varlen.train.data import TrainCollator
+    from varlen.data import TrainCollator
 
     w = replace(WORKLOADS["tiny"], levers=Levers(fp8="rowwise"))
     ds = SyntheticDataset(6, max_len=w.max_len, vocab_size=w.vocab_size, seed=3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parent.parent / "src" / "varlen"
-CLI_MODULES = {"varlen.cli", "varlen.check_cli", "varlen.bench.cli", "varlen.train.cli", "varlen.train.scaling"}
+CLI_MODULES = {"varlen.cli", "varlen.check_cli", "varlen.bench.cli", "varlen.train.cli", "varlen.bench.scaling"}
 MAX_LINES = 60
 
 
@@ -79,6 +79,23 @@ def test_no_private_name_crosses_a_package():
 def test_models_reach_attention_through_its_public_names_only():
     bad = [(m, t) for m, ts in _graph().items() for t in ts
            if m.startswith("varlen.models") and t.startswith("varlen.attention.")]
+    assert not bad, bad
+
+
+# what building and stepping a model is made of: only the engine (and the floors below it) says these
+ENGINE_NAMES = {"train_step", "wrap", "move_batch", "shard_batch", "mark_dynamic", "convert"}
+
+
+def test_the_loops_build_and_step_through_the_engine():
+    # varlen train, the bench's worker, the scaling sweep and the cost fit: one build, one step
+    bad = []
+    for m, p in MODULES.items():
+        if not m.startswith(("varlen.train", "varlen.bench")):
+            continue
+        for n in ast.walk(ast.parse(p.read_text())):
+            name = n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else None
+            if name in ENGINE_NAMES:
+                bad.append(f"{m}:{n.lineno} {name}")
     assert not bad, bad
 
 

@@ -75,7 +75,7 @@ def test_preset_names_are_the_decoder_presets_in_every_command(capsys):
     from varlen.check_cli import parse_args as check
     from varlen.models.decoder import PRESETS
     from varlen.train.cli import parse_args as train
-    from varlen.train.scaling import parse as scaling
+    from varlen.bench.scaling import parse as scaling
 
     # a bench preset of a name runs the decoder preset of that name
     assert set(WORKLOADS) == set(PRESETS) and all(w.model == name for name, w in WORKLOADS.items())
@@ -112,7 +112,7 @@ def test_convert_and_token_multiple_follow_fp8():
 def test_one_spelling_for_compile_backend_and_dtypes_across_commands(capsys):
     from varlen.check_cli import parse_args as check
     from varlen.train.cli import parse_args as train
-    from varlen.train.scaling import parse as scaling
+    from varlen.bench.scaling import parse as scaling
 
     base = {train: [], scaling: [], check: ["--preset", "tiny"]}
     compiled = {train: lambda c: c.runtime.compile}  # train's settings come in groups
@@ -135,8 +135,8 @@ def test_train_and_the_scaling_sweep_take_the_same_wrapping_flags():
 
     from varlen.options import from_args
     from varlen.train.cli import parse_args as train
-    from varlen.train.distributed import Wrapping
-    from varlen.train.scaling import parse as scaling
+    from varlen.parallel.distributed import Wrapping
+    from varlen.bench.scaling import parse as scaling
 
     argv = ["--reduce-dtype", "bfloat16", "--bucket-mb", "7", "--static-graph", "--no-reshard-after-forward"]
     want = Wrapping(reduce_dtype="bf16", bucket_mb=7, static_graph=True, reshard_after_forward=False)

@@ -314,7 +314,7 @@ def test_a_gpu_this_machine_lacks_is_one_line(command, capsys, monkeypatch):
 
 
 def test_torchrun_ranks_take_their_local_gpu_not_a_chosen_one():
-    from varlen.train.distributed import gpu_of
+    from varlen.parallel.distributed import gpu_of
 
     assert gpu_of("cuda", 4, 3) == torch.device("cuda", 3) and gpu_of("cuda:1", 1, 0) == torch.device("cuda", 1)
     assert gpu_of("cpu", 4, 2) == torch.device("cpu")

@@ -205,9 +205,9 @@ def _poison(monkeypatch, what: str, at: int) -> None:
     real = family("decoder")
     calls = {"n": 0}
 
-    def logits(model, batch):
+    def logits(model, batch, causal=True):
         calls["n"] += 1
-        out = real.logits(model, batch)
+        out = real.logits(model, batch, causal=causal)
         if calls["n"] == at and what == "loss":
             return out * float("nan")
         if calls["n"] == at and what == "grad":
@@ -279,7 +279,7 @@ def test_read_every_n_steps_a_non_finite_step_is_skipped_on_the_device_and_stops
 
 def test_deferred_guard_leaves_the_weights_of_the_step_before_the_first_non_finite_one():
     from varlen.train.guard import FiniteGuard
-    from varlen.train.step import StepStats
+    from varlen.engine.step import StepStats
 
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(5))

@@ -16,9 +16,9 @@ import torch
 
 from varlen.data import SyntheticDataset
 from varlen.models import DECODER, Decoder
-from varlen.train import train_step
+from varlen.engine import train_step
 from varlen.train import checkpoint
-from varlen.train.data import TrainCollator
+from varlen.data import TrainCollator
 
 SCRIPTS = Path(__file__).parent / "scripts"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -129,9 +129,9 @@ def test_context_parallel_cli_equals_one_process(tmp_path):
 
 
 def test_scaling_sweep_with_context_parallelism(tmp_path):
-    from varlen.train.scaling import report
+    from varlen.bench.scaling import report
 
-    common = ["-m", "varlen.train.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "2",
+    common = ["-m", "varlen.bench.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "2",
               "--warmup", "1", "--tokens-per-rank", "512", "--dists", "fixed", "--splits", "balanced", "--max-len", "1023"]
     _torchrun(1, *common, "--tokens-per-rank", "1024", "--out", tmp_path / "one")
     _torchrun(2, *common, "--cp", "2", "--out", tmp_path / "cp2")
@@ -195,10 +195,10 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
 
 
 def test_scaling_sweep_and_report(tmp_path):
-    from varlen.train.scaling import report
+    from varlen.bench.scaling import report
 
     for n in (1, 2):
-        _torchrun(n, "-m", "varlen.train.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "3",
+        _torchrun(n, "-m", "varlen.bench.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "3",
                   "--warmup", "1", "--tokens-per-rank", "1024", "--dists", "lognormal", "--out", tmp_path / f"w{n}",
                   "--profile-steps", "1", "--cost", "measure", "--label", "m")
     result = report([tmp_path / "w1", tmp_path / "w2"], tmp_path / "rep")
@@ -288,7 +288,7 @@ def test_hf_dataset_on_disk_trains_like_the_same_jsonl(tmp_path):
 def test_garbage_collection_runs_on_its_own_cadence(monkeypatch):
     import gc
 
-    from varlen.train import GarbageCollection
+    from varlen.measure import GarbageCollection
 
     calls = []
     monkeypatch.setattr(gc, "collect", lambda generation=2: calls.append(generation))
@@ -304,7 +304,7 @@ def test_garbage_collection_runs_on_its_own_cadence(monkeypatch):
 
 
 def test_efficiency_vs_alone_is_parallel_rate_over_the_ranks_alone():
-    from varlen.train.scaling import _vs_alone
+    from varlen.bench.scaling import _vs_alone
 
     shares = [[[100], [100]], [[50], [150]]]  # [step][rank]: lengths
     ms = [[10.0, 10.0], [5.0, 15.0]]  # each rank alone: 150 tokens in 15 ms, 250 in 25 ms: 10k tokens/s each
@@ -316,10 +316,10 @@ def test_efficiency_vs_alone_is_parallel_rate_over_the_ranks_alone():
 def test_measured_cost_fits_three_weights_or_says_why(monkeypatch):
     from varlen.data import CostModel
     from varlen.models import DecoderConfig
-    from varlen.train.cost import measure_cost
-    from varlen.train.distributed import Dist
+    from varlen.engine.cost import measure_cost
+    from varlen.parallel.distributed import Dist
 
-    from varlen.train import cost as cost_module
+    from varlen.engine import cost as cost_module
 
     cfg = DecoderConfig.from_name("tiny")
     d = Dist(0, 1, 0, torch.device("cpu"))
@@ -353,7 +353,7 @@ def test_measured_cost_fits_three_weights_or_says_why(monkeypatch):
 
 def test_cost_check_scores_the_model_against_the_times():
     from varlen.data import CostModel
-    from varlen.train.scaling import _cost_check
+    from varlen.bench.scaling import _cost_check
 
     true = CostModel(1.0, 1e-3, 5.0)
     shares = [[[10] * 30, [300]], [[50, 60], [200, 20, 20]], [[500], [5] * 40]]  # [step][rank]
@@ -439,7 +439,7 @@ def test_static_rows_grow_past_the_planned_size_in_whole_tiles():
 
 
 def test_wrap_passes_the_compile_mode(monkeypatch):
-    from varlen.train.distributed import Dist, wrap
+    from varlen.parallel.distributed import Dist, wrap
 
     modes = []
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)

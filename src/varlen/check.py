@@ -496,7 +496,7 @@ def _accumulation(report, subject, model, samples, forms, device, k: int, target
             total = sum(len(s) - 1 for s in samples)
             got = sum(_packed_loss(subject, model, first(p), num_items_in_batch=total).item() for p in parts)
     if not subject.hf:
-        from .train.step import train_step
+        from .engine import train_step
 
         got = float(train_step(model, [first(p) for p in parts], None, lambda m, b: subject.logits(m, b, False)).loss)
         model.zero_grad(set_to_none=True)

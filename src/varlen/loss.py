@@ -11,7 +11,7 @@ A label convention is stated by whoever builds the batch, never guessed from a k
   ignored (:func:`ignore_starts`) -- the one boundary rule.
 
 The loss is token-normalised: the sum of every target's cross-entropy divided by the number of
-targets (of the whole step, over micro-batches and ranks, in ``varlen.train.step``).
+targets (of the whole step, over micro-batches and ranks, in ``varlen.engine.step``).
 """
 
 from __future__ import annotations
@@ -74,8 +74,14 @@ def ignore_starts(labels: Tensor, starts: Tensor, ignore_index: int = IGNORE_IND
 
 
 def num_targets(labels: Tensor) -> Tensor:
-    """The number of real targets (a device scalar, no sync)."""
-    return (labels != IGNORE_INDEX).sum()
+    """The number of real targets (a device scalar, no sync); nested labels too."""
+    return ((labels.values() if labels.is_nested else labels) != IGNORE_INDEX).sum()
+
+
+def num_shifted_targets(labels: Tensor) -> Tensor:
+    """The targets an HF model's own loss averages over, for ``Labels.UNSHIFTED`` labels [..., L]: it
+    shifts them left by one in every row, so each row's first label is never a target."""
+    return num_targets(labels[..., 1:])
 
 
 def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
@@ -90,8 +96,7 @@ def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over the real targets of one batch (packed, padded or nested), for
     ``Labels.SHIFTED`` labels aligned with ``logits``."""
-    flat = labels.values() if labels.is_nested else labels
-    return cross_entropy_sum(logits, labels) / num_targets(flat).clamp_min(1)
+    return cross_entropy_sum(logits, labels) / num_targets(labels).clamp_min(1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from varlen.data import PackCollator, PackedBatch, SyntheticDataset
 from varlen.models import DecoderConfig, family
 from varlen.parallel import ContextShard, shard_batch
-from varlen.train import train_step
-from varlen.train.distributed import setup, teardown, wrap
+from varlen.engine import train_step
+from varlen.parallel.distributed import setup, teardown, wrap
 
 cp, out = int(sys.argv[1]), sys.argv[2]
 parallel = sys.argv[3] if len(sys.argv) > 3 else "ddp"

@@ -9,9 +9,9 @@ import torch
 
 from varlen.data import SyntheticDataset, split_across_ranks
 from varlen.models import DECODER, Decoder
-from varlen.train import train_step
-from varlen.train.data import TrainCollator
-from varlen.train.distributed import setup, teardown, wrap
+from varlen.engine import train_step
+from varlen.data import TrainCollator
+from varlen.parallel.distributed import setup, teardown, wrap
 
 (parallel, _, variant), out = sys.argv[1].partition(":"), sys.argv[2]
 d = setup("cpu")

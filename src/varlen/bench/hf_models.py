@@ -10,18 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..data import Batch, PackCollator, PadCollator
+from ..data import PackCollator, PadCollator
 from ..data.collate import as_pairs
-from ..loss import Labels
-from ..models import HF_GPT2, DecoderConfig
+from ..engine import Objective
+from ..loss import Labels, num_shifted_targets
 from .cases import Strategy, padded_length
 
 
-def gpt2(cfg: DecoderConfig, strategy: Strategy):
-    """The strategy's GPT2: through varlen's kernel (``hf-varlen-<backend>``) or HF's own sdpa."""
+def build_args(strategy: Strategy) -> tuple[str, dict]:
+    """(backend, keywords) that build the strategy's GPT2: through varlen's kernel (``hf-varlen-<backend>``)
+    or HF's own sdpa."""
     if strategy.layout == "hf-varlen":
-        return HF_GPT2.build(cfg, strategy.backend, attn_implementation="varlen")
-    return HF_GPT2.build(cfg, "auto", attn_implementation="sdpa")
+        return strategy.backend, {"attn_implementation": "varlen"}
+    return "auto", {"attn_implementation": "sdpa"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,12 @@ def collator(strategy: Strategy, max_len: int, compiled: bool) -> HFCollator:
     return HFCollator(PackCollator(max_seqlen=max_len if compiled else None, labels=Labels.UNSHIFTED))
 
 
-def loss(model, batch: Batch, strategy: Strategy):
-    """HF's own loss; ``hf-packed`` gives the row without ``varlen_info`` (HF finds the boundaries in
-    ``position_ids``)."""
-    return model(**batch.hf_kwargs(labels=True, varlen_info=strategy.packed), use_cache=False).loss
+def objective(strategy: Strategy) -> Objective:
+    """HF's own loss (its mean over the shifted targets) as the sum over them the step divides, in
+    float64 so that the step's division gives back that mean and its gradient exactly; ``hf-packed``
+    gives the row without ``varlen_info`` (HF finds the boundaries in ``position_ids``)."""
+    def forward(model, batch):
+        return model(**batch.hf_kwargs(labels=True, varlen_info=strategy.packed), use_cache=False).loss
+
+    return Objective(forward, loss_sum=lambda mean, labels: mean.double() * num_shifted_targets(labels),
+                     count=num_shifted_targets)

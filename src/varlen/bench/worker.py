@@ -11,7 +11,6 @@ import json
 import resource
 import statistics
 import sys
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -19,10 +18,12 @@ from torch.utils.data import DataLoader
 
 from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, graph_num_seqs, round_up
-from ..data import Batch, NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset, move_batch
+from ..data import Batch, NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset
+from ..engine import Engine, Objective, build_model
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start, time_calls
 from ..measure.profile import breakdown, gemm_floor_ms
-from ..models import DecoderConfig, family, lm_loss
+from ..models import DecoderConfig, family
+from ..parallel import Dist
 from . import hf_models
 from .cases import Case, Result, padded_length
 
@@ -118,8 +119,8 @@ def run_case(case: Case) -> Result:
     cfg = DecoderConfig.from_name(w.model, vocab_size=w.vocab_size, max_len=max(base.max_len, padded_length(w.max_len)),
                                   **w.levers.decoder_fields())
     fam = family(case.spec.family)
-    model = (hf_models.gpt2(cfg, case.spec) if fam.hf else fam.build(cfg, case.backend)).to(device).train(train)
-    w.levers.convert(model)
+    backend, build_kwargs = hf_models.build_args(case.spec) if fam.hf else (case.backend, {})
+    model = build_model(fam, cfg, backend, device, levers=w.levers, train=train, **build_kwargs)
     n_profile = 3 if w.profile else 0
     batches = sample_batches(w, w.warmup + w.steps + n_profile + (n_profile > 0))  # breakdown: one unrecorded step first
     collate = hf_models.collator(case.spec, w.max_len, case.compile) if fam.hf else _collator(case, cfg, batches)
@@ -134,12 +135,14 @@ def run_case(case: Case) -> Result:
         batches += timed
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=w.num_workers,
                         pin_memory=device.type == "cuda")
-    step = _step_fn(case, model, fam, graphed)
+    engine = _engine(case, model, fam, graphed)
+    step = _step_fn(case, engine)
     it = iter(loader)
-    tally = _timed_steps(case, step, it, [[ds.lengths[j] for j in b] for b in batches], cfg, fam, graphed, warmup)
+    tally = _timed_steps(case, engine, step, it, [[ds.lengths[j] for j in b] for b in batches], cfg, fam, graphed,
+                         warmup)
     profile = None
     if n_profile:
-        profile = breakdown(lambda: step(move_batch(next(it), device, non_blocking=True)), n_profile, device.type)
+        profile = breakdown(lambda: step(engine.prepare(next(it))), n_profile, device.type)
     return _result(case, cfg, tally, profile)
 
 
@@ -151,28 +154,24 @@ def compile_mode(autotune: bool, graphed: bool) -> str | None:
     return "reduce-overhead" if graphed else None
 
 
-def _step_fn(case: Case, model, fam, graphed: bool):
-    """One step of the case on a batch already on the device -> its loss (detached)."""
+def _engine(case: Case, model, fam, graphed: bool) -> Engine:
+    """The case's model compiled as asked, its autocast dtype on a GPU, its loss: HF's own for the HF
+    strategies, else the logits' (bidirectional in eval, as in the study)."""
     w, train = case.workload, case.mode == "train"
-    on_gpu = w.device == "cuda"
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, fused=on_gpu) if train else None
-    fwd = torch.compile(model, mode=compile_mode(w.autotune, graphed)) if case.compile else model
-    autocast = torch.autocast("cuda", dtype=getattr(torch, w.dtype)) if on_gpu else nullcontext()
-    grad = torch.enable_grad() if train else torch.no_grad()
+    objective = hf_models.objective(case.spec) if fam.hf else Objective.logits(fam, causal=train)
+    return Engine.around(model, objective, Dist.alone(w.device), compile=case.compile,
+                         compile_mode=compile_mode(w.autotune, graphed),
+                         dtype=getattr(torch, w.dtype) if w.device == "cuda" else None,
+                         static=graphed and bool(w.tokens_per_batch))
 
-    def step(batch):
-        with grad, autocast:
-            if fam.hf:
-                loss = hf_models.loss(fwd, batch, case.spec)
-            else:
-                loss = lm_loss(fam.logits(fwd, batch, causal=train), batch.labels)
-        if train:
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss.detach()
 
-    return step
+def _step_fn(case: Case, engine: Engine):
+    """One step of the case on a prepared batch -> its loss (a detached device scalar): an SGD step
+    in train mode, the loss alone without gradients in eval mode."""
+    if case.mode != "train":
+        return engine.eval_loss
+    opt = torch.optim.SGD(engine.model.parameters(), lr=1e-3, fused=case.workload.device == "cuda")
+    return lambda batch: engine.step([batch], opt).loss
 
 
 @dataclass
@@ -188,21 +187,18 @@ class Tally:
     last_batch: Batch | None = None  # the last host batch (the kernel that ran is read from it)
 
 
-def _timed_steps(case: Case, step, it, lengths: list[list[int]], cfg, fam, graphed: bool, warmup: int) -> Tally:
+def _timed_steps(case: Case, engine: Engine, step, it, lengths: list[list[int]], cfg, fam, graphed: bool,
+                 warmup: int) -> Tally:
     """``warmup`` untimed steps, then the workload's ``steps`` timed ones. CUDA graphs on token-budget
     batches have one static shape; on batches of samples, a few row sizes: compiled once for all
     (marked dynamic), a graph recorded for each."""
     w, device = case.workload, torch.device(case.workload.device)
-    static = graphed and bool(w.tokens_per_batch)
     tally = Tally()
     collector = GarbageCollection(GC_EVERY)
     for i in range(warmup + w.steps):
         t0 = start()  # the last step ended synchronised
         host = next(it)
-        batch = move_batch(host, device, non_blocking=True)
-        if case.compile and not static:
-            batch = batch.mark_dynamic()
-        loss = step(batch)
+        loss = step(engine.prepare(host))
         if graphed:  # a graph's outputs are overwritten by its next replay
             loss = loss.clone()
         dt = since(t0, device)

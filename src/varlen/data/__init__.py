@@ -12,6 +12,7 @@ from .collate import (
 )
 from .batch import Batch, NestedBatch, PackedBatch, PaddedBatch
 from .binpack import best_fit_decreasing
+from .shares import STATIC_ROW_MULTIPLE, TrainCollator
 from .sampler import CostModel, TokenBudgetSampler, split_across_ranks
 from .synthetic import LENGTH_DISTS, SyntheticDataset, sample_lengths
 
@@ -30,8 +31,10 @@ __all__ = [
     "PaddedBatch",
     "PadCollator",
     "PadToLongestCollator",
+    "STATIC_ROW_MULTIPLE",
     "SyntheticDataset",
     "TokenBudgetSampler",
+    "TrainCollator",
     "best_fit_decreasing",
     "move_batch",
     "sample_lengths",

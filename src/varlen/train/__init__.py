@@ -1,6 +1,2 @@
-"""``varlen train``: packed, token-budget training on one process or many (DDP, FSDP2)."""
-
-from ..measure import GarbageCollection
-from .step import StepStats, count_targets, train_step
-
-__all__ = ["StepStats", "count_targets", "train_step"]
+"""``varlen train``: packed, token-budget training on one process or many (DDP, FSDP2), built and
+stepped by :mod:`varlen.engine`; the command itself is ``varlen.train.cli``."""

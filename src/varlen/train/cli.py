@@ -24,24 +24,22 @@ import torch
 from ..argtypes import device_problem, runtime_error, usage_error
 from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
-from ..data import CostModel, TokenBudgetSampler, move_batch
+from ..data import CostModel, TokenBudgetSampler, TrainCollator
+from ..engine import Engine, Objective, build_model, measure_cost
 from ..measure import GarbageCollection, compile_counter, graph_count, since, start
 from ..models import DecoderConfig, family
-from ..loss import cross_entropy_sum, linear_cross_entropy_sum
+from ..loss import linear_cross_entropy_sum
 from ..models.families import HiddenStates, PretrainedFamily, head_refusal
-from ..parallel import context_shard, shard_batch
+from ..parallel import Dist, all_agree, context_shard, from_rank0, per_rank, run_then_teardown, setup
 from . import checkpoint
-from .cost import measure_cost
-from .data import DataError, DataReport, TrainCollator, fingerprint, load
+from .data import DataError, DataReport, fingerprint, load
 from .config import TrainConfig
-from .distributed import Dist, all_agree, from_rank0, per_rank, run_then_teardown, setup, wrap
 from .guard import FiniteGuard, NonFinite
 from .evaluate import evaluate, hold_out
 from .export import export, export_refusal
 from .lock import LockHeld, RunLock
 from .optim import Schedule, make_optimizer
 from .text import TextError, load_tokenizer
-from .step import train_step
 from .watchdog import Watchdog, process_group_timeout
 
 
@@ -308,19 +306,19 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     resume_from = resume_point(conf, d, config)
     if resume_from is not None and checkpoint.step_of(resume_from) >= conf.step.steps:
         return nothing_to_do(conf, d, checkpoint.step_of(resume_from))
-    model = build_model(conf, fam, cfg).to(d.device)
+    model = new_model(conf, fam, cfg, d.device)
     cost = measure_cost(model, fam, cfg, d, autocast) if conf.step.cost == "measure" else \
         CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=conf.step.window, seed=conf.run.seed,
                                  world_size=dp, rank=d.rank // conf.step.cp, split=conf.step.split, cost=cost)
     collate = make_collator(conf, sampler, ds, max_len, d.device.type)
-    trained, forward, loss_sum = head_in_loss(conf, fam, model, parallel)
-    wrapped = wrap(trained, parallel, d, **conf.wrapping.wrap_kwargs(),
-                   param_dtype=torch.bfloat16 if dtype == "bf16" else None,
-                   compile=conf.runtime.compile, compile_mode="reduce-overhead" if conf.runtime.cuda_graphs else None)
+    trained, objective = head_in_loss(conf, fam, model, parallel)
+    engine = Engine.around(trained, objective, d, parallel=parallel, wrapping=conf.wrapping,
+                           compile=conf.runtime.compile, compile_mode="reduce-overhead" if conf.runtime.cuda_graphs
+                           else None, dtype=torch.bfloat16 if dtype == "bf16" else None, shard=shard)
     opt = make_optimizer(conf.optim.optimizer, model, conf.optim.lr, conf.optim.weight_decay,
                          fused=parallel != "fsdp2" and (d.device.type == "cuda" or conf.run.log_every > 1))
-    step, batches_done = restore(resume_from, wrapped, opt, sampler, d)
+    step, batches_done = restore(resume_from, engine.wrapped, opt, sampler, d)
     if d.main:
         st = conf.step
         info = {"world_size": d.world_size, "parallel": parallel, "cp": st.cp, "split": st.split, "max_tokens": budget,
@@ -332,9 +330,8 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
         print("varlen train:", json.dumps(info), flush=True)
     eval_collate = make_collator(conf, sampler, ds, max_len, d.device.type, plain=True)  # built once, not per eval
     evaluator = None if held_out is None else (lambda: evaluate(
-        wrapped, forward, held_out, eval_collate, micro_budget, device=d.device, dp=dp, dp_rank=d.rank // conf.step.cp,
-        shard=shard, autocast=autocast, loss_sum=loss_sum))
-    loop = Loop(conf, d, wrapped, opt, sampler, ds, collate, config, autocast, shard, evaluator, forward, loss_sum)
+        engine, held_out, eval_collate, micro_budget, dp=dp, dp_rank=d.rank // conf.step.cp))
+    loop = Loop(conf, d, engine, opt, sampler, ds, collate, config, evaluator)
     log = loop.run(step, batches_done)
     if d.main:
         compiled_late = graph_count() - loop.graphs_after_warmup if conf.runtime.compile else None
@@ -346,11 +343,11 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     return 0
 
 
-def head_in_loss(conf, fam, model, parallel: str):
-    """(the module to wrap, forward, loss_sum): the model and its logits' cross-entropy, or with
+def head_in_loss(conf, fam, model, parallel: str) -> tuple[torch.nn.Module, Objective]:
+    """(the module to wrap, its objective): the model and its logits' cross-entropy, or with
     --loss-chunk the model without its head and the head applied in the loss, chunk by chunk."""
     if not conf.optim.loss_chunk:
-        return model, fam.logits, cross_entropy_sum
+        return model, Objective.logits(fam)
     why = "varlen's decoder keeps its head (a small vocabulary)" if not fam.hf else head_refusal(model) or (
         "under FSDP2 the head's weight is sharded outside its module" if parallel == "fsdp2" else None)
     if why:
@@ -363,7 +360,7 @@ def head_in_loss(conf, fam, model, parallel: str):
     def loss_sum(h, labels):
         return linear_cross_entropy_sum(h, hidden.head_weight, labels, chunk=conf.optim.loss_chunk)
 
-    return hidden, forward, loss_sum
+    return hidden, Objective(forward, loss_sum)
 
 
 def model_tokenizer(conf, fam):
@@ -379,16 +376,13 @@ def model_tokenizer(conf, fam):
         fail(str(e))
 
 
-def build_model(conf, fam, cfg: DecoderConfig):
+def new_model(conf, fam, cfg: DecoderConfig, device: torch.device):
     """The model, in training mode (from_pretrained leaves it in eval mode), fp8-converted where asked;
     a folder transformers cannot load, or a model varlen cannot pack, is one line."""
     try:
-        model = fam.build(cfg, conf.model.backend)
+        return build_model(fam, cfg, conf.model.backend, device, levers=conf.levers)
     except ValueError as e:  # varlen.hf.PackingRefused too
         fail(f"--model {conf.model.model}: {e}" if str(conf.model.model) not in str(e) else str(e))
-    model.train()
-    conf.levers.convert(model)
-    return model
 
 
 def nothing_to_do(conf, d: Dist, step: int) -> int:
@@ -441,22 +435,18 @@ def make_collator(conf, sampler, ds, max_len: int, device_type: str, plain: bool
 class Loop:
     """The training loop: steps, the log, progress and checkpoints."""
 
-    def __init__(self, conf, d: Dist, wrapped, opt, sampler, ds, collate, config: dict, autocast, shard=None,
-                 evaluator=None, forward=None, loss_sum=cross_entropy_sum):
-        self.conf, self.d, self.wrapped, self.opt, self.sampler = conf, d, wrapped, opt, sampler
+    def __init__(self, conf, d: Dist, engine: Engine, opt, sampler, ds, collate, config: dict, evaluator=None):
+        self.conf, self.d, self.engine, self.opt, self.sampler = conf, d, engine, opt, sampler
         o = conf.optim
         self.schedule = Schedule(o.lr_schedule, o.lr, o.warmup_steps, conf.step.steps, o.min_lr_ratio)
         self.evaluator = evaluator  # () -> {"eval_loss", "eval_ppl", "eval_targets"}, every rank
         self.board = None  # a TensorBoard writer, while run() runs
-        self.shard = shard  # context parallelism: this rank's slice of each row
-        self.ds, self.collate, self.config, self.autocast = ds, collate, config, autocast
-        self.fwd = forward or family(conf.model.model).logits
-        self.loss_sum = loss_sum
+        self.ds, self.collate, self.config = ds, collate, config
         self.log_path = conf.run.out / "train_log.jsonl" if conf.run.out else None
         self.step = 0
         self.batches_done = 0
         self.graphs_after_warmup = 0  # graph_count() once the warm-up steps have run
-        self.guard = FiniteGuard(wrapped.parameters(), defer=conf.run.log_every > 1)
+        self.guard = FiniteGuard(engine.wrapped.parameters(), defer=conf.run.log_every > 1)
         self.unread: list[tuple] = []  # (row, values, counts) of the steps since the last read
         self.t0 = 0.0  # when the unread steps began
 
@@ -489,21 +479,14 @@ class Loop:
     def one_step(self) -> None:
         """One optimizer step, its values left on the device (see :meth:`read`)."""
         conf, d = self.conf, self.d
-        micro = []
-        for _ in range(conf.step.grad_accum):
-            b = next(self.it)
-            if self.shard is not None:
-                b = shard_batch(b, self.shard)
-            b = move_batch(b, d.device, non_blocking=True)
-            micro.append(b.mark_dynamic() if conf.runtime.compile else b)
+        micro = [self.engine.prepare(next(self.it)) for _ in range(conf.step.grad_accum)]
         read = {}
         lr = self.schedule.apply(self.opt, self.step + 1)
 
         def before_update(stats):  # every step: the one host read of the step, before the update
             read["values"] = self.guard.before_update(stats, self.step + 1, self.opt)
 
-        stats = train_step(self.wrapped, micro, self.opt, self.fwd, autocast=self.autocast,
-                           max_grad_norm=conf.optim.max_grad_norm, before_update=before_update, loss_sum=self.loss_sum)
+        stats = self.engine.step(micro, self.opt, max_grad_norm=conf.optim.max_grad_norm, before_update=before_update)
         self.guard.after_update(self.step + 1)
         self.step += 1
         counts = torch.cat([stats.targets.reshape(1), per_rank(stats.local_tokens, d, torch.int64)])
@@ -607,7 +590,7 @@ class Loop:
         self.guarded(self.guard.check_weights)
         conf, d = self.conf, self.d
         try:
-            checkpoint.save(conf.run.out / "checkpoint", self.wrapped, self.opt, step=self.step,
+            checkpoint.save(conf.run.out / "checkpoint", self.engine.wrapped, self.opt, step=self.step,
                             sampler_state=self.sampler.state_dict(self.batches_done), rank=d.rank,
                             config=self.config, keep=conf.run.keep)
         except checkpoint.SAVE_ERRORS as e:

@@ -20,7 +20,7 @@ from ..models import DecoderConfig, family
 from ..models.decoder import PRESETS
 from ..models.families import PretrainedFamily, aux_loss_refusal
 from ..options import add_flags, from_args, option
-from .distributed import Wrapping
+from ..parallel import Wrapping
 from .optim import SCHEDULES
 
 # The settings a checkpoint is tied to: resuming with another value changes what the run computes.

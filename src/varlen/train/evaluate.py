@@ -4,15 +4,13 @@ together, and its perplexity."""
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from ..data import TokenBudgetSampler, move_batch
-from ..loss import cross_entropy_sum, num_targets
-from ..parallel import shard_batch
+from ..data import TokenBudgetSampler
+from ..engine import Engine
 
 
 class Part(Dataset):
@@ -43,23 +41,21 @@ def hold_out(ds, fraction: float, seed: int) -> tuple[Part, Part | None]:
 
 
 @torch.no_grad()
-def evaluate(model, forward, part: Part, collate, budget: int, *, device, dp: int, dp_rank: int, shard=None,
-             autocast=None, loss_sum=cross_entropy_sum) -> dict:
+def evaluate(engine: Engine, part: Part, collate, budget: int, *, dp: int, dp_rank: int) -> dict:
     """Every held-out sample once, packed into rows of ``budget`` tokens, the data-parallel ranks
     sharing them (each runs the same number of batches, so FSDP2's collectives match)."""
     sampler = TokenBudgetSampler(part.lengths, budget, seed=0, world_size=dp, rank=dp_rank)
     loader = torch.utils.data.DataLoader(part, batch_sampler=sampler, collate_fn=collate)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    n = torch.zeros((), dtype=torch.int64, device=device)
-    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    n = torch.zeros((), dtype=torch.int64, device=engine.device)
+    engine.wrapped.eval()
     try:
         for b in loader:
-            b = move_batch(b if shard is None else shard_batch(b, shard), device)
-            with autocast or nullcontext():
-                total += loss_sum(forward(model, b), b.labels).double()
-            n += num_targets(b.labels)
+            b_total, b_n = engine.loss_and_count(engine.prepare(b, dynamic=False))
+            total += b_total
+            n += b_n
     finally:
-        model.train()
+        engine.wrapped.train()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
         dist.all_reduce(n)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .step import StepStats, total_norm
+from ..engine import StepStats, total_norm
 
 
 class NonFinite(Exception):

@@ -1,5 +1,5 @@
-"""``--cost measure``: the token-budget sampler's cost model fitted to this model's own
-forward+backward times on this device."""
+"""``--cost measure`` (``varlen train``, the scaling sweep): the token-budget sampler's cost model
+fitted to this model's own forward+backward times on this device."""
 
 from __future__ import annotations
 
@@ -9,12 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import CostModel, move_batch
+from ..data import CostModel, TrainCollator, move_batch
 from ..loss import IGNORE_INDEX
 from ..measure import time_calls
 from ..models import DecoderConfig, ModelFamily
-from .data import TrainCollator
-from .distributed import Dist
+from ..parallel.distributed import Dist
 
 
 def cost_shares(cfg: DecoderConfig, device: torch.device) -> list[list[int]]:
@@ -58,5 +57,5 @@ def measure_cost(model: nn.Module, fam: ModelFamily, cfg: DecoderConfig, d: Dist
         w = w.to(d.device)
         dist.broadcast(w, 0)
     if w.isnan().any():  # on every rank, not only where the fit failed: none is left waiting
-        raise SystemExit(f"varlen train: --cost measure could not fit rank 0's timings{why}; use --cost flops")
+        raise SystemExit(f"--cost measure could not fit rank 0's timings{why}; use --cost flops")
     return CostModel(1.0, float(w[0]), float(w[1]))

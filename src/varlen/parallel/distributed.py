@@ -1,4 +1,4 @@
-"""Process group, device and model wrapping for ``varlen train`` (torchrun sets the environment)."""
+"""Data parallelism: the process group torchrun describes, this rank's device, and DDP / FSDP2 wrapping."""
 
 from __future__ import annotations
 
@@ -41,6 +41,11 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @classmethod
+    def alone(cls, device: str | torch.device) -> Dist:
+        """One process on ``device``, no process group."""
+        return cls(0, 1, 0, torch.device(device))
 
 
 def setup(device: str, timeout: timedelta | None = None) -> Dist:

@@ -26,7 +26,7 @@ class StepStats:
     loss: Tensor  # mean CE over the step's global targets (a device scalar: read it when logging)
     targets: Tensor  # global number of target tokens
     local_tokens: int  # tokens (filler excluded) this rank processed
-    grad_norm: Tensor | None = None  # the gradients' total 2-norm before clipping (device scalar; with an optimizer)
+    grad_norm: Tensor | None = None  # the gradients' 2-norm before clipping (device scalar; when clipped or checked)
 
 
 def total_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -40,8 +40,10 @@ def _world(group) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def count_targets(micro_batches: Sequence[Batch], group=None, device=None, async_op: bool = False):
-    """Target tokens of all micro-batches of this step, summed over the data-parallel group.
+def count_targets(micro_batches: Sequence[Batch], group=None, device=None, async_op: bool = False,
+                  count: Callable[[Tensor], Tensor] = num_targets):
+    """Target tokens of all micro-batches of this step (``count(labels)`` each), summed over the
+    data-parallel group.
 
     ``async_op``: returns ``(n, wait)`` with the sum still in flight; ``wait()`` before reading
     ``n``. Nothing needs the count until the first backward, so the forward runs meanwhile
@@ -50,7 +52,7 @@ def count_targets(micro_batches: Sequence[Batch], group=None, device=None, async
     device = device or micro_batches[0].labels.device
     n = torch.zeros((), dtype=torch.int64, device=device)
     for b in micro_batches:
-        n += num_targets(b.labels)
+        n += count(b.labels)
     work = dist.all_reduce(n, group=group, async_op=True) if _world(group) > 1 else None
     if not async_op:
         if work is not None:
@@ -63,16 +65,18 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch],
                optimizer: torch.optim.Optimizer | None, forward: Callable[[torch.nn.Module, Batch], Tensor],
                *, group=None, autocast=None, max_grad_norm: float | None = None,
                before_update: Callable[[StepStats], None] | None = None,
-               loss_sum: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum) -> StepStats:
+               loss_sum: Callable[[Tensor, Tensor], Tensor] = cross_entropy_sum,
+               count: Callable[[Tensor], Tensor] = num_targets) -> StepStats:
     """Forward/backward every micro-batch, then one optimizer step (skipped when ``optimizer`` is None).
 
-    With an optimizer the gradients' total norm is measured (``grad_norm``), the gradients are
-    scaled down to ``max_grad_norm`` where given, and ``before_update(stats)`` runs before the
-    update: raising there (a non-finite loss or norm) leaves the weights as they were.
+    With an optimizer and ``max_grad_norm`` or ``before_update``, the gradients' total norm is
+    measured (``grad_norm``), the gradients are scaled down to ``max_grad_norm`` where given, and
+    ``before_update(stats)`` runs before the update: raising there (a non-finite loss or norm)
+    leaves the weights as they were.
 
     ``forward(model, batch)`` returns logits aligned with the batch's labels (a collator's typed
-    batch), and ``loss_sum(output, labels)`` sums their cross-entropy (or
-    ``forward`` returns hidden states and ``loss_sum`` applies the head, chunked). ``model`` may be
+    batch), and ``loss_sum(output, labels)`` sums their cross-entropy over the ``count(labels)``
+    targets (or ``forward`` returns hidden states and ``loss_sum`` applies the head, chunked). ``model`` may be
     DDP-wrapped (gradient sync only on the last micro-batch) or FSDP2-sharded; both average
     gradients over ranks, which the ``world`` factor undoes so that the sum over ranks divided by
     the global target count is what remains.
@@ -83,7 +87,7 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch],
         raise ValueError("gradient accumulation (several micro-batches) with DDP's static_graph is broken in "
                          "PyTorch (pytorch/pytorch#187732); use one micro-batch a step or static_graph=False")
     world = _world(group)
-    n, counted = count_targets(micro_batches, group, async_op=True)  # in flight during the first forward
+    n, counted = count_targets(micro_batches, group, async_op=True, count=count)  # in flight during the first forward
     total = torch.zeros((), dtype=torch.float64, device=n.device)
     tokens = 0
     for i, batch in enumerate(micro_batches):
@@ -104,12 +108,17 @@ def train_step(model: torch.nn.Module, micro_batches: Sequence[Batch],
         dist.all_reduce(total, group=group)
     stats = StepStats(total / n, n, tokens)
     if optimizer is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        stats.grad_norm = total_norm([p.grad for p in params]) if params else torch.zeros((), device=n.device)
-        if max_grad_norm is not None and params:
-            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, stats.grad_norm)
+        if max_grad_norm is not None or before_update is not None:
+            _norm_and_clip(optimizer, stats, max_grad_norm)
         if before_update is not None:
             before_update(stats)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
+
+
+def _norm_and_clip(optimizer: torch.optim.Optimizer, stats: StepStats, max_grad_norm: float | None) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    stats.grad_norm = total_norm([p.grad for p in params]) if params else torch.zeros((), device=stats.loss.device)
+    if max_grad_norm is not None and params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, stats.grad_norm)

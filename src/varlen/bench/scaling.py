@@ -1,8 +1,8 @@
 """Weak scaling of packed training: one torchrun launch per (world size, parallel); inside it the
 model is built and compiled once and every (length distribution, split) runs on it.
 
-    torchrun --nproc-per-node 4 -m varlen.train.scaling --parallel ddp --out DIR
-    python -m varlen.train.scaling --report DIR...      # join launches, efficiency vs 1 GPU
+    torchrun --nproc-per-node 4 -m varlen.bench.scaling --parallel ddp --out DIR
+    python -m varlen.bench.scaling --report DIR...      # join launches, efficiency vs 1 GPU
 
 Each rank's budget is fixed (``--tokens-per-rank``): the global batch grows with the world size,
 so ideal weak scaling keeps the step time flat. Efficiency = tokens/s at W GPUs / (W x tokens/s
@@ -22,21 +22,18 @@ import torch
 import torch.distributed as dist
 
 from ..argtypes import backend_name, default_device, device_name, nonneg_int, positive_int
-from ..data import CostModel, PackedBatch, TokenBudgetSampler, move_batch
+from ..data import CostModel, PackedBatch, SyntheticDataset, TokenBudgetSampler, TrainCollator
+from ..engine import Engine, Objective, build_model, measure_cost
 from ..measure import GarbageCollection, graph_count, since, start
 from ..measure.profile import breakdown
 from ..models import DecoderConfig, family
 from ..models.decoder import PRESETS
-from ..parallel import context_shard, shard_batch
-from .cost import measure_cost
-from .data import TrainCollator, load
 from ..options import add_flags, from_args
-from .distributed import Wrapping, per_rank, run_then_teardown, setup, wrap
-from .step import train_step
+from ..parallel import Wrapping, context_shard, per_rank, run_then_teardown, setup
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(prog="varlen.train.scaling", description=__doc__,
+    p = argparse.ArgumentParser(prog="varlen.bench.scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="study")
     p.add_argument("--model", default="decoder")
@@ -99,10 +96,11 @@ class Sweep:
             raise SystemExit(f"--cp {args.cp}: {e}") from None
         self.cp, self.dp = args.cp, d.world_size // args.cp
         self.fam = family(args.model)
-        model = self.fam.build(cfg, args.backend).to(d.device)
-        self.autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if cuda else None
+        model = build_model(self.fam, cfg, args.backend, d.device)
+        dtype = torch.bfloat16 if cuda else None
         if args.cost == "measure":  # before wrapping: no collectives inside the timing
-            self.cost = measure_cost(model, self.fam, cfg, d, self.autocast)
+            autocast = torch.autocast(d.device.type, dtype=dtype) if cuda else None
+            self.cost = measure_cost(model, self.fam, cfg, d, autocast)
         else:
             self.cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
         # DDP leaves the module it wraps usable on its own: called directly, its gradients stay local (the
@@ -110,14 +108,15 @@ class Sweep:
         # (with context parallelism no rank can step alone: its attention needs the group)
         self.local = model if args.parallel == "ddp" and args.alone and args.cp == 1 else None
         self.alone = dist.new_subgroups(1)[0] if self.local is not None and dist.is_initialized() else None
-        self.wrapped = wrap(model, args.parallel, d, compile=args.compile, **from_args(Wrapping, args).wrap_kwargs(),
-                            param_dtype=torch.bfloat16 if cuda else None)
+        self.engine = Engine.around(model, Objective.logits(self.fam), d, parallel=args.parallel,
+                                    wrapping=from_args(Wrapping, args), compile=args.compile, dtype=dtype,
+                                    shard=self.shard)
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=cuda and args.parallel == "ddp")
         self.collate = TrainCollator(max_seqlen=max_len if args.compile else None, multiple_of=args.cp)
         self.budget = args.tokens_per_rank * d.world_size
         n_samples = (args.warmup + args.steps + args.profile_steps + 8) * self.budget // 50  # >= 50 tokens a sample
-        self.datasets = {dn: load(dn, num_samples=n_samples, max_len=max_len, vocab_size=cfg.vocab_size, seed=0)
-                         for dn in args.dists.split(",")}
+        self.datasets = {dn: SyntheticDataset(n_samples, max_len=max_len, vocab_size=cfg.vocab_size, length_dist=dn,
+                                              seed=0) for dn in args.dists.split(",")}
         self.collector = GarbageCollection(args.gc_every)
         if d.main and args.out:
             self._write_env(args.out)
@@ -161,14 +160,11 @@ class Sweep:
     def _next_batch(self):
         b = next(self.it)
         self.row_lengths = list(b.info.real_lengths)  # this group's documents (before a context slice is cut)
-        if self.shard is not None:
-            b = shard_batch(b, self.shard)
-        b = move_batch(b, self.d.device, non_blocking=True)
-        return b.mark_dynamic() if self.args.compile else b
+        return self.engine.prepare(b)
 
     def _step(self, b=None):
         b = b if b is not None else self._next_batch()
-        return train_step(self.wrapped, [b], self.opt, self.fam.logits, autocast=self.autocast)
+        return self.engine.step([b], self.opt)
 
     def _timed(self, fn, b):
         """``fn(b)`` and each rank's seconds, the ranks started together."""
@@ -179,7 +175,7 @@ class Sweep:
         return stats, per_rank(since(t0, self.d.device), self.d)
 
     def _alone_step(self, b):
-        return train_step(self.local, [b], self.opt, self.fam.logits, autocast=self.autocast, group=self.alone)
+        return self.engine.step([b], self.opt, module=self.local, group=self.alone)
 
     def _steps(self, steps: int) -> dict:
         d, args = self.d, self.args
