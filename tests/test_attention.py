@@ -164,6 +164,31 @@ def test_flex_filler_tokens_change_nothing(monkeypatch, mask, lengths):
     _check("flex", lens, "gqa", mask, torch.float32, seed=zlib.crc32(f"{mask}{lengths}".encode()), grad=False)
 
 
+@pytest.mark.parametrize("dims", [(24, 24), (80, 80), (48, 32)], ids=["24", "80", "mla-48-32"])
+@pytest.mark.parametrize("mask", ["causal", "window"])
+def test_flex_pads_head_sizes_its_kernel_cannot_take(monkeypatch, dims, mask):
+    # on CUDA Flex's Triton kernel takes powers of two >= 16: other head sizes are zero-padded up to
+    # one; forced here on the CPU (where Flex takes any size), the output must equal the truth's
+    from varlen.attention import flex
+
+    assert flex.kernel_head_dim(192, "cuda") == 256 and flex.kernel_head_dim(8, "cuda") == 16
+    assert flex.kernel_head_dim(64, "cuda") == 64 and flex.kernel_head_dim(192, "cpu") == 192
+    monkeypatch.setattr(flex, "kernel_head_dim", lambda d, device_type: max(16, 1 << (d - 1).bit_length()))
+    padded = []
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(torch.nn.functional, "pad", lambda x, p, *a, **k: padded.append(p) or real_pad(x, p, *a, **k))
+    dq, dv = dims
+    lengths = [1, 37, 5, 90]
+    g = torch.Generator().manual_seed(dq + dv)
+    q, k = (torch.randn(sum(lengths), 4, dq, generator=g) for _ in range(2))
+    v = torch.randn(sum(lengths), 4, dv, generator=g)
+    causal, window = (True, (-1, -1)) if mask == "causal" else (True, (16, 0))
+    out = attention(q, k, v, SeqInfo.from_lengths(lengths), causal=causal, window_size=window, backend="flex")
+    assert out.shape == (sum(lengths), 4, dv)
+    assert padded, "the kernel's head size was not padded"
+    assert_matches_truth(out, q, k, v, lengths, causal=causal, window_size=window, grad=False)
+
+
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_flex_block_mask_from_cu_seqlens_matches_dense_evaluation(mask, seed):

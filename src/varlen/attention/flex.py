@@ -20,7 +20,7 @@ from .common import Capabilities, window_bounds
 
 CAPS = Capabilities(
     name="flex",
-    head_dims="any on CPU; a power of two >= 16 on CUDA",
+    head_dims="any (on CUDA zero-padded up to a power of two >= 16 for the Triton kernel)",
     window=True,
     softcap=True,
     sinks=True,  # from the log-sum-exp, which Flex returns with its gradient
@@ -37,14 +37,20 @@ def unavailable() -> str | None:
 
 
 def reasons(q, k, v, info, causal, window_size, softcap=0.0, sinks=False) -> list[str]:
-    d = q.shape[-1]
     out = []
-    if q.device.type == "cuda" and (d < 16 or d & (d - 1)):
-        out.append(f"head size {d} unsupported on CUDA (the Triton kernel needs a power of two >= 16)")
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     if q.device.type == "cpu" and grad:
         out.append("no backward on CPU (torch's FlexAttention is forward-only there)")
     return out
+
+
+def kernel_head_dim(d: int, device_type: str) -> int:
+    """The head size Flex runs a head of ``d`` at: on CUDA its Triton kernel takes powers of two from
+    16, so other sizes (MLA's 192 and 96, 80) are zero-padded up to one: zeros add nothing to a
+    score or an output, and the scale stays that of ``d``."""
+    if device_type != "cuda":
+        return d
+    return max(16, 1 << (d - 1).bit_length())
 
 
 def generate_doc_mask_mod(document_ids: Tensor, left: int, right: int):
@@ -182,9 +188,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
 
     mask = block_mask(info, causal, window_size)
     t, pad = q.shape[0], padded_tokens(info) - info.total_tokens
-    if pad:
-        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-    qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T_pad, D]
+    dq, dv = q.shape[-1], v.shape[-1]
+    pad_q, pad_v = kernel_head_dim(dq, q.device.type) - dq, kernel_head_dim(dv, v.device.type) - dv
+    if pad or pad_q or pad_v:
+        q, k = (torch.nn.functional.pad(x, (0, pad_q, 0, 0, 0, pad)) for x in (q, k))
+        v = torch.nn.functional.pad(v, (0, pad_v, 0, 0, 0, pad))
+    qf, kf, vf = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T_pad, D_kernel]
+    scale = dq ** -0.5 if scale is None else scale  # the padded size must not change it
     kw = {"block_mask": mask, "scale": scale, "enable_gqa": k.shape[1] != q.shape[1]}
     if softcap:
         cap = info.cached(("flex_softcap", float(softcap)),
@@ -203,4 +213,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
     if sinks is not None:
         out, aux = out
         out = with_sinks(out, getattr(aux, "lse", aux), sinks)
-    return out[0].transpose(0, 1)[:t]  # [T, H, D]
+    return out[0].transpose(0, 1)[:t, :, :dv]  # [T, H, Dv]
