@@ -203,3 +203,25 @@ def test_a_packed_batch_on_a_filled_cache_is_refused():
     step = model(input_ids=torch.tensor([[7]]), past_key_values=cache, use_cache=True).logits
     whole = model(input_ids=torch.cat([torch.arange(1, 6), torch.tensor([7])])[None], use_cache=False).logits
     torch.testing.assert_close(step[0, -1], whole[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_from_a_cache_a_packed_batch_filled_is_refused():
+    # a packed prefill with a cache (use_cache defaults to True) leaves several samples in each cache
+    # row: a decoded token would attend to all of them. Refused at the first decode step; a prefill of
+    # one prompt a row clears it, and decoding from that is the sample's own continuation
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="varlen").eval()
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(1, n + 1)} for n in (3, 4)])
+    cache = model(**batch).past_key_values  # the packed forward itself runs as it did
+    assert cache is not None
+    with pytest.raises(varlen.hf.PackingRefused, match="decoding from a KV cache that a packed batch filled"):
+        model(input_ids=torch.tensor([[7]]), past_key_values=cache, position_ids=torch.tensor([[7]]))
+    cache = model(input_ids=torch.arange(1, 6)[None]).past_key_values
+    step = model(input_ids=torch.tensor([[7]]), past_key_values=cache).logits
+    whole = model(input_ids=torch.cat([torch.arange(1, 6), torch.tensor([7])])[None], use_cache=False).logits
+    torch.testing.assert_close(step[0, -1], whole[0, -1], rtol=1e-5, atol=1e-5)
+    model(**batch, use_cache=False)  # no cache filled: nothing to refuse later
+    cache = model(input_ids=torch.arange(1, 6)[None]).past_key_values
+    model(input_ids=torch.tensor([[7]]), past_key_values=cache)

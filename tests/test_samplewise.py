@@ -119,3 +119,23 @@ def test_check_compiled_bounds_graphs_a_compiled_piece():
     graphs = next(f for f in report.findings if f.check.startswith("compiled: graphs"))
     assert graphs.tolerance == 3 * (1 + 2) and "3 pieces" in graphs.note  # two mixers
     assert report.passed, report.table()
+
+
+def test_decoding_from_a_cache_a_packed_batch_ran_with_is_refused():
+    # the mixers run sample by sample without the cache (a packed row is no prompt to continue): the
+    # cache's state stays empty, so decoding from it is refused rather than continued from nothing
+    model = _tiny("mamba2").eval()
+    varlen.hf.use("auto", model)
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(1, n + 1)} for n in (3, 4)])
+    out = model(**batch, use_cache=True)
+    cache = getattr(out, "cache_params", None) or getattr(out, "past_key_values", None)
+    assert cache is not None
+    with pytest.raises(PackingRefused, match="decoding from a cache that a packed batch was run with"):
+        model(input_ids=torch.tensor([[7]]), cache_params=cache, use_cache=True,
+              cache_position=torch.tensor([7]))
+    # a prompt alone, then its next token: as the longer prompt alone
+    out = model(input_ids=torch.arange(1, 6)[None], use_cache=True)
+    cache = getattr(out, "cache_params", None) or getattr(out, "past_key_values", None)
+    step = model(input_ids=torch.tensor([[7]]), cache_params=cache, use_cache=True, cache_position=torch.tensor([5]))
+    whole = model(input_ids=torch.cat([torch.arange(1, 6), torch.tensor([7])])[None], use_cache=False).logits
+    torch.testing.assert_close(step.logits[0, -1], whole[0, -1], rtol=1e-4, atol=1e-4)

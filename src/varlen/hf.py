@@ -328,11 +328,7 @@ def varlen_attention_forward(
     b, h, length, d = query.shape
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
     if key.shape[2] != length:
-        packed = [k for k in PACKED_METADATA if kwargs.get(k) is not None]
-        if packed:  # the cache holds earlier tokens: a packed batch's boundaries say nothing of them
-            raise PackingRefused(f"varlen attention: a packed batch ({', '.join(packed)}) with a KV cache that already "
-                                 f"holds tokens ({type(module).__name__}); packed rows take no cache: call with "
-                                 "use_cache=False, or generate one sample a row")
+        _refuse_packed_cache(module, kwargs, key.shape[2] - length)
         return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap, sinks), None
     if kwargs.get("varlen_context") is not None:  # this rank's slice of a packed row (context parallelism)
         if sinks is not None:
@@ -344,6 +340,8 @@ def varlen_attention_forward(
     info, indices = batch_info(b, length, query.device, attention_mask, kwargs)
     if info.num_seqs > b:  # packed rows: every other layer must keep the samples apart too
         refuse_packing(getattr(module, "config", None))
+    if kwargs.get("use_cache") and not torch.compiler.is_compiling():  # these keys go into a cache
+        setattr(module, PACKED_PREFILL, length if info.num_seqs > b else None)
     # [B*L, H, D]; v's head size may differ (MLA)
     q, k, v = (x.transpose(1, 2).reshape(b * length, x.shape[1], x.shape[-1]) for x in (query, key, value))
     if indices is not None:
@@ -354,6 +352,24 @@ def varlen_attention_forward(
     if indices is not None:
         out = out.new_zeros(b * length, h, dv).index_copy(0, indices, out)
     return out.view(b, length, h, dv), None
+
+
+# an attention module whose last prefill into a cache was a packed row: that row's length (keys a row)
+PACKED_PREFILL = "varlen_packed_prefill"
+
+
+def _refuse_packed_cache(module: torch.nn.Module, kwargs: dict, cached: int) -> None:
+    """Queries shorter than keys: the cache's ``cached`` earlier keys belong to no packed sample of this
+    call, and a cache a packed row filled holds several samples that a decoded token would all see."""
+    packed = [k for k in PACKED_METADATA if kwargs.get(k) is not None]
+    if packed:  # the cache holds earlier tokens: a packed batch's boundaries say nothing of them
+        raise PackingRefused(f"varlen attention: a packed batch ({', '.join(packed)}) with a KV cache that already "
+                             f"holds tokens ({type(module).__name__}); packed rows take no cache: call with "
+                             "use_cache=False, or generate one sample a row")
+    if getattr(module, PACKED_PREFILL, None) == cached:
+        raise PackingRefused(f"varlen attention: decoding from a KV cache that a packed batch filled "
+                             f"({type(module).__name__}): its rows hold several samples, and a new token would attend "
+                             "to all of them; prefill one prompt a row (padded rows), then decode")
 
 
 def _context_attention(query: Tensor, key: Tensor, value: Tensor, kwargs: dict, **kw) -> Tensor:

@@ -79,6 +79,7 @@ def run_sample_wise(model: nn.Module, derive) -> tuple[str, ...]:
 
 
 CACHES = ("cache", "cache_params", "past_key_values", "past_key_value")
+FROM_PACKED = "varlen_from_packed"  # set on a cache a packed batch ran with (its mixers' states left empty)
 SAMPLE_POSITIONS = ("cache_position",)  # [L]: a sample alone counts from 0
 
 
@@ -87,7 +88,8 @@ class _SampleWise:
     sample's ``[1, n, C]`` through the mixer alone; samples of one length go through together as the
     rows of one ``[k, n, C]`` batch (a mixer keeps its batch's rows apart). Its other arguments
     follow: per-token tensors (``[B, L, ...]``: positions, rotary tables, a 2-D mask) are cut to the
-    sample, a cache is left out (a packed batch is no prefill to decode from), row-wide metadata
+    sample, a cache is left out and marked (a packed batch is no prefill to decode from: decoding from
+    that cache is refused), row-wide metadata
     (``cu_seq_lens_q``, a 4-D mask) is dropped, the rest passes as it is."""
 
     def __init__(self, forward, bounds: Boundaries, name: str) -> None:
@@ -95,6 +97,10 @@ class _SampleWise:
 
     def __call__(self, hidden_states: Tensor, *args, **kwargs):
         if self.bounds.info is None:
+            if any(getattr(kwargs.get(k), FROM_PACKED, False) for k in CACHES):
+                raise PackingRefused(f"varlen: decoding from a cache that a packed batch was run with ({self.name}): "
+                                     "its mixers ran one sample at a time and left the cache's state empty; prefill "
+                                     "one prompt a row (padded rows), then decode")
             return self.forward(hidden_states, *args, **kwargs)
         return self.packed(hidden_states, *args, **kwargs)
 
@@ -106,6 +112,9 @@ class _SampleWise:
         if info.total_tokens != rows * length:
             raise ValueError(f"varlen: {self.name} got {rows * length} tokens, the batch's metadata "
                              f"{info.total_tokens}")
+        for k in CACHES:  # left out: marked, so that decoding from it is refused rather than wrong
+            if kwargs.get(k) is not None:
+                setattr(kwargs[k], FROM_PACKED, True)
         kwargs = {k: (None if k in CACHES else v) for k, v in kwargs.items()}
         spans = _spans(info.lengths, length)  # (row, offset, length) of each sample
         outs: list = [None] * len(spans)
