@@ -384,15 +384,25 @@ def _rewrite_run_json(folder: Path, edit) -> None:
     (folder / checkpoint.MANIFEST).write_text(json.dumps(listed))
 
 
-@pytest.mark.parametrize("schema, code", [(None, 0), (99, 2), ("one", 2)])
+def _older(schema):
+    """A run.json as an older varlen wrote it: no "settings" before schema 2, no "schema" before 1."""
+    def edit(c):
+        c.pop("settings")
+        c.pop("schema") if schema == 0 else c.update(schema=schema)
+    return edit
+
+
+@pytest.mark.parametrize("schema, code", [(0, 0), (1, 0), (99, 2), ("one", 2)])
 def test_run_json_carries_a_schema_an_old_one_resumes_a_later_one_is_refused(tmp_path, capsys, schema, code):
     out = tmp_path / "o"
-    assert _train(["--steps", 2, "--save-every", 2, "--out", out], capsys)[0] == 0
+    assert _train(["--steps", 2, "--save-every", 2, "--lr", "0.002", "--out", out], capsys)[0] == 0
     folder = checkpoint.latest(out / "checkpoint")
-    assert json.loads((folder / "run.json").read_text())["schema"] == checkpoint.RUN_SCHEMA
-    # None: a checkpoint from before the key (schema 0), which holds the same fields
-    _rewrite_run_json(folder, lambda c: c.pop("schema") if schema is None else c.update(schema=schema))
-    got, _, err = _train(["--steps", 3, "--save-every", 2, "--resume", "--out", out], capsys)
+    assert json.loads((folder / "run.json").read_text())["schema"] == checkpoint.RUN_SCHEMA == 2
+    settings = checkpoint.settings_of(folder)  # the whole configuration, group by group
+    assert settings["optim"]["lr"] == 0.002 and settings["step"]["steps"] == 2 and settings["run"]["out"] == str(out)
+    assert "settings" not in checkpoint.config_of(folder) and checkpoint.config_of(folder)["lr"] == 0.002
+    _rewrite_run_json(folder, _older(schema) if schema in (0, 1) else lambda c: c.update(schema=schema))
+    got, _, err = _train(["--steps", 3, "--save-every", 2, "--lr", "0.002", "--resume", "--out", out], capsys)
     assert got == code, err
     if code:
         assert len(_lines(err)) == 1 and f"schema {schema!r}" in err and "run.json" in err, err

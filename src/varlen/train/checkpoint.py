@@ -331,21 +331,34 @@ def load(path: Path, model, optimizer, *, rank: int) -> dict:
     return extra
 
 
-# run.json's layout: the run's settings (varlen train's CONFIG_FIELDS) beside "schema". 0 (no "schema"
-# key) is what checkpoints written before the key held: the same fields, read as they are. A change
-# to what a field means gets a new number and, here, the step that reads the older one.
-RUN_SCHEMA = 1
+# run.json's layout: the settings a checkpoint is tied to (varlen train's CONFIG_FIELDS) beside
+# "schema". 0 (no "schema" key) is what checkpoints written before the key held: the same fields,
+# read as they are; 2 adds "settings", the run's whole configuration group by group as its flags
+# spell it (for the reader: a resume compares the tied fields alone). A change to what a field
+# means gets a new number and, here, the step that reads the older one.
+RUN_SCHEMA = 2
 
 
-def config_of(path: Path) -> dict:
-    """The settings a checkpoint was written with, without the schema number; a run.json of a later
-    schema than this varlen reads raises :class:`CheckpointError`."""
+def _run_json(path: Path) -> dict:
     config = json.loads((path / "run.json").read_text())
     schema = config.pop("schema", 0)
     if not isinstance(schema, int) or not 0 <= schema <= RUN_SCHEMA:
         raise CheckpointError(f"{path / 'run.json'}: schema {schema!r}, written by another version of varlen "
                               f"(this one reads schemas 0 to {RUN_SCHEMA}); resume it with that version")
     return config
+
+
+def config_of(path: Path) -> dict:
+    """The settings a checkpoint is tied to, without the schema number; a run.json of a later schema
+    than this varlen reads raises :class:`CheckpointError`."""
+    config = _run_json(path)
+    config.pop("settings", None)
+    return config
+
+
+def settings_of(path: Path) -> dict | None:
+    """The whole configuration of the run that wrote a checkpoint (schema 2 on), group by group."""
+    return _run_json(path).get("settings")
 
 
 def differences(saved: dict, now: dict) -> dict[str, tuple]:

@@ -331,7 +331,7 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     eval_collate = make_collator(conf, sampler, ds, max_len, d.device.type, plain=True)  # built once, not per eval
     evaluator = None if held_out is None else (lambda: evaluate(
         engine, held_out, eval_collate, micro_budget, dp=dp, dp_rank=d.rank // conf.step.cp))
-    loop = Loop(conf, d, engine, opt, sampler, ds, collate, config, evaluator)
+    loop = Loop(conf, d, engine, opt, sampler, ds, collate, {**config, "settings": conf.as_dict()}, evaluator)
     log = loop.run(step, batches_done)
     if d.main:
         compiled_late = graph_count() - loop.graphs_after_warmup if conf.runtime.compile else None
@@ -435,13 +435,13 @@ def make_collator(conf, sampler, ds, max_len: int, device_type: str, plain: bool
 class Loop:
     """The training loop: steps, the log, progress and checkpoints."""
 
-    def __init__(self, conf, d: Dist, engine: Engine, opt, sampler, ds, collate, config: dict, evaluator=None):
+    def __init__(self, conf, d: Dist, engine: Engine, opt, sampler, ds, collate, run_json: dict, evaluator=None):
         self.conf, self.d, self.engine, self.opt, self.sampler = conf, d, engine, opt, sampler
         o = conf.optim
         self.schedule = Schedule(o.lr_schedule, o.lr, o.warmup_steps, conf.step.steps, o.min_lr_ratio)
         self.evaluator = evaluator  # () -> {"eval_loss", "eval_ppl", "eval_targets"}, every rank
         self.board = None  # a TensorBoard writer, while run() runs
-        self.ds, self.collate, self.config = ds, collate, config
+        self.ds, self.collate, self.run_json = ds, collate, run_json  # what each checkpoint's run.json holds
         self.log_path = conf.run.out / "train_log.jsonl" if conf.run.out else None
         self.step = 0
         self.batches_done = 0
@@ -592,7 +592,7 @@ class Loop:
         try:
             checkpoint.save(conf.run.out / "checkpoint", self.engine.wrapped, self.opt, step=self.step,
                             sampler_state=self.sampler.state_dict(self.batches_done), rank=d.rank,
-                            config=self.config, keep=conf.run.keep)
+                            config=self.run_json, keep=conf.run.keep)
         except checkpoint.SAVE_ERRORS as e:
             kept = checkpoint.latest(conf.run.out / "checkpoint")
             stop(f"saving the checkpoint of step {self.step} failed ({checkpoint.describe(e)}); its partial folder was "

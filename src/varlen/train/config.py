@@ -182,6 +182,14 @@ class TrainConfig:
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
         return cls(**{name: from_args(group, args) for name, group in GROUPS.items()})
 
+    def as_dict(self) -> dict[str, dict]:
+        """Every setting, group by group, as JSON values (what a checkpoint's run.json keeps as "settings")."""
+        def plain(v):
+            return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+
+        return {name: {f.name: plain(getattr(getattr(self, name), f.name)) for f in fields(group)}
+                for name, group in GROUPS.items()}
+
     def resolved(self) -> TrainConfig:
         """The defaults that depend on other settings filled in: the preset of a study model, AdamW's
         weight decay."""
