@@ -10,16 +10,16 @@
 set -uo pipefail
 out=$1; n=${2:-4}; mkdir -p "$out/runs"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
-common="--preset study --splits balanced --steps 10 --warmup 3 --out $out/runs ${CP_ARGS:-}"
+common="--preset study --splits balanced --steps 10 --timing-warmup 3 --out $out/runs ${CP_ARGS:-}"
 launch() {
   echo "== $*, $(date -u +%T)" | tee -a "$out/cp.log"
   timeout "${LAUNCH_TIMEOUT:-420}" torchrun --standalone "$@" >> "$out/cp.log" 2>&1 || echo "   exit $?" | tee -a "$out/cp.log"
   grep '^{' "$out/cp.log" | tail -2 | cut -c1-300
 }
-launch --nproc-per-node 1 -m varlen.bench.scaling $common --tokens-per-rank 32768 --dists uniform --label one-gpu
-launch --nproc-per-node "$n" -m varlen.bench.scaling $common --tokens-per-rank 32768 --max-len $((n * 32768)) \
+launch --nproc-per-node 1 -m varlen.bench.scaling $common --max-tokens-per-rank 32768 --dists uniform --label one-gpu
+launch --nproc-per-node "$n" -m varlen.bench.scaling $common --max-tokens-per-rank 32768 --max-len $((n * 32768)) \
   --cp "$n" --dists fixed,lognormal --label "cp$n"
 if [ "${SAME_DOC:-0}" = 1 ]; then
-  launch --nproc-per-node 1 -m varlen.bench.scaling $common --tokens-per-rank $((n * 32768)) --max-len $((n * 32768)) \
+  launch --nproc-per-node 1 -m varlen.bench.scaling $common --max-tokens-per-rank $((n * 32768)) --max-len $((n * 32768)) \
     --dists fixed --label one-gpu-same-document
 fi

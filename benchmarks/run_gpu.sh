@@ -269,7 +269,7 @@ PY
          grep -hE "ms/step|FAILED|n/a" "$out/te-eager.log" "$out/te-compiled.log" ;;
   length-*)
          len=${part#length-}; len=${len%k}
-         python3 -m varlen bench --preset study --max-len $((len * 1024)) --tokens-per-batch 65536 --modes train \
+         python3 -m varlen bench --preset study --max-len $((len * 1024)) --max-tokens 65536 --modes train \
            --strategies padded,packed-flash,packed-flex --out "$out/$part" ${BENCH_ARGS:-} >"$out/$part.log" 2>&1
          grep -E "ms/step|FAILED|fastest" "$out/$part.log" | tail -30 ;;
   *-*)   mode=${part%-*}; comp=${part#*-}; [ "$comp" = compiled ] && c=on || c=off

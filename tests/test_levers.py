@@ -87,6 +87,29 @@ def test_preset_names_are_the_decoder_presets_in_every_command(capsys):
     assert len(set(listed)) == 1 and set(re.findall(r"\w+", listed[0])) == set(PRESETS), listed
 
 
+def test_one_spelling_for_each_setting_across_commands():
+    # what varlen train calls --timing-warmup (untimed steps), --max-tokens (a step's token budget),
+    # --max-tokens-per-rank and varlen bench's --case-timeout, the other commands spell alike; their
+    # older spellings still parse to the same setting
+    from varlen.bench.cli import parse_args as bench
+    from varlen.bench.scaling import parse as scaling
+    from varlen.check_cli import parse_args as check
+    from varlen.train.cli import parse_args as train
+
+    conf = train(["--timing-warmup", "3", "--max-tokens", "4096"])
+    assert (conf.run.timing_warmup, conf.step.max_tokens) == (3, 4096)
+    assert train(["--max-tokens-per-rank", "512"]).step.max_tokens_per_rank == 512
+    for argv in (["--timing-warmup", "3", "--max-tokens", "4096"], ["--warmup", "3", "--tokens-per-batch", "4096"]):
+        args = bench(argv)
+        assert (args.warmup, args.tokens_per_batch) == (3, 4096)
+    for argv in (["--timing-warmup", "3", "--max-tokens-per-rank", "512"], ["--warmup", "3", "--tokens-per-rank", "512"]):
+        args = scaling(argv)
+        assert (args.warmup, args.tokens_per_rank) == (3, 512)
+    one = ["--all-architectures"]
+    assert check([*one, "--case-timeout", "60"]).timeout == check([*one, "--timeout", "60"]).timeout == 60
+    assert bench(["--case-timeout", "60"]).case_timeout == 60
+
+
 def test_a_bench_case_carries_its_levers_to_the_worker_and_back():
     from varlen.bench.cases import WORKLOADS, Case
 

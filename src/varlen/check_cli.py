@@ -44,7 +44,8 @@ def parse_args(argv):
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument("--markdown", type=Path, default=None, help="--all-architectures: write the matrix as Markdown")
     p.add_argument("--jobs", type=positive_int, default=1, help="--all-architectures: architectures at once")
-    p.add_argument("--timeout", type=positive_int, default=900, help="--all-architectures: seconds an architecture")
+    p.add_argument("--case-timeout", "--timeout", dest="timeout", type=positive_int, default=900, metavar="S",
+                   help="--all-architectures: seconds an architecture (as varlen bench's --case-timeout a case)")
     return p.parse_args(argv)
 
 

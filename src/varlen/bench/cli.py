@@ -37,10 +37,13 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--max-len", type=positive_int, help="longest sample length")
     p.add_argument("--length-dist", help="uniform, fixed, lognormal, or a file of lengths")
-    p.add_argument("--tokens-per-batch", type=positive_int,
-                   help="token-budget batches (best-fit packed) instead of --batch-size samples; for length scaling")
+    # spelt as varlen train spells the same things (the older spellings still parse)
+    p.add_argument("--max-tokens", "--tokens-per-batch", dest="tokens_per_batch", type=positive_int, metavar="N",
+                   help="token-budget batches (best-fit packed) of N tokens instead of --batch-size samples; for "
+                        "length scaling")
     p.add_argument("--steps", type=positive_int, help="timed steps per case")
-    p.add_argument("--warmup", type=positive_int, help="untimed steps per case (compilation happens here)")
+    p.add_argument("--timing-warmup", "--warmup", dest="warmup", type=positive_int, metavar="N",
+                   help="untimed steps per case (compilation happens here)")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=nonneg_int, help="DataLoader workers")
     p.add_argument("--device", type=device_name,

@@ -41,12 +41,15 @@ def parse(argv):
     p.add_argument("--parallel", choices=["ddp", "fsdp2"], default="ddp")
     p.add_argument("--dists", default="uniform,lognormal")
     p.add_argument("--splits", default="balanced,naive")
-    p.add_argument("--tokens-per-rank", type=positive_int, default=16384)
+    # spelt as varlen train spells the same things (the older spellings still parse)
+    p.add_argument("--max-tokens-per-rank", "--tokens-per-rank", dest="tokens_per_rank", type=positive_int,
+                   default=16384, metavar="N", help="tokens per rank and step")
     p.add_argument("--cp", type=positive_int, default=1, help="context parallelism: ranks sharing each packed row (decoder)")
     p.add_argument("--max-len", type=positive_int, default=None,
                    help="longest document (default the preset's positions - 1; more enlarges the model's positions)")
     p.add_argument("--steps", type=positive_int, default=15)
-    p.add_argument("--warmup", type=nonneg_int, default=3)
+    p.add_argument("--timing-warmup", "--warmup", dest="warmup", type=nonneg_int, default=3, metavar="N",
+                   help="untimed steps of each configuration")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     add_flags(Wrapping, p)  # --reduce-dtype, --bucket-mb, --static-graph, --reshard-after-forward: as varlen train's
     p.add_argument("--cost", choices=["flops", "measure"], default="flops",
