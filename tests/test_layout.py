@@ -3,6 +3,7 @@ module, no private name crosses a package, no import cycle (function-level impor
 library functions stay short enough to read at once."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,33 @@ def _imports(name: str, path: Path):
 
 def _graph() -> dict[str, set[str]]:
     return {m: {t for t, _, _ in _imports(m, p) if t in MODULES and t != m} for m, p in MODULES.items()}
+
+
+def _floors() -> list[tuple[str, list[str]]]:
+    """docs/architecture.md's table of floors, bottom up: (floor, the modules and packages on it)."""
+    table = (SRC.parent.parent / "docs" / "architecture.md").read_text().split("\n| floor |", 1)[1].split("\n\n")[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines()[2:]]
+    return [(name.strip(), ["varlen." + m.strip("/").replace("/", ".") for m in re.findall(r"`([^`]+)`", mods)])
+            for name, mods in rows]
+
+
+def _floor_of(module: str, floors) -> int | None:
+    if module.endswith("__main__"):  # ``python -m`` entry points: commands
+        return len(floors) - 1
+    placed = [(len(p), i) for i, (_, mods) in enumerate(floors) for p in mods
+              if module == p or module.startswith(p + ".")]
+    return max(placed)[1] if placed else None
+
+
+def test_every_module_imports_its_floor_or_those_below_as_the_architecture_doc_draws():
+    floors = _floors()
+    assert [f for f, _ in floors][:2] == ["metadata", "kernels"] and floors[-1][0] == "commands", floors
+    unplaced = [m for m in MODULES if m != "varlen" and _floor_of(m, floors) is None]
+    assert not unplaced, f"modules on no floor of docs/architecture.md: {unplaced}"
+    up = [f"{m} ({floors[_floor_of(m, floors)][0]}) imports {t} ({floors[_floor_of(t, floors)][0]})"
+          for m, ts in _graph().items() if m != "varlen" for t in ts
+          if t != "varlen" and _floor_of(t, floors) > _floor_of(m, floors)]
+    assert not up, up
 
 
 def test_train_and_bench_do_not_import_each_other():
