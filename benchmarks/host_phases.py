@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 
 from varlen.bench import worker
 from varlen.bench.cases import WORKLOADS, Case
-from varlen.data import SyntheticDataset, move_batch
+from varlen.data import SyntheticDataset
+from varlen.engine import build_model
 from varlen.models import DecoderConfig, family
 
 PHASES = ("data", "copy", "launch", "wait", "step")
@@ -51,21 +52,20 @@ def main():
     torch.manual_seed(0)
     cfg = DecoderConfig.from_name(args.model, vocab_size=w.vocab_size, max_len=1024)
     fam = family(case.spec.family)
-    model = fam.build(cfg, case.backend).cuda().train(args.mode == "train")
+    model = build_model(fam, cfg, case.backend, torch.device("cuda"), train=args.mode == "train")
     batches = worker.sample_batches(w, w.warmup + w.steps)
     ds = SyntheticDataset(1 + max(i for b in batches for i in b), max_len=w.max_len, vocab_size=w.vocab_size,
                           length_dist=w.length_dist, seed=w.seed)
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=worker._collator(case, cfg, batches),
                         num_workers=args.workers, pin_memory=True)
-    step, it, rows = worker._step_fn(case, model, fam, False), iter(loader), []
+    engine = worker._engine(case, model, fam, False)
+    step, it, rows = worker._step_fn(case, engine), iter(loader), []
     for i in range(w.warmup + w.steps):
         torch.cuda.synchronize()
         t = [time.perf_counter()]
         host = next(it)
         t.append(time.perf_counter())
-        batch = move_batch(host, "cuda", non_blocking=True)
-        if not args.eager:
-            batch = batch.mark_dynamic()
+        batch = engine.prepare(host)  # moved; marked dynamic when compiled
         t.append(time.perf_counter())
         step(batch)
         t.append(time.perf_counter())
