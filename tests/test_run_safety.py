@@ -544,3 +544,26 @@ def test_one_dtype_spelling_across_commands():
     assert [parse(x) for x in ("bf16", "bfloat16", "fp32", "float32")] == ["bf16", "bf16", "fp32", "fp32"]
     with pytest.raises(argparse.ArgumentTypeError, match="'fp16' is not one of bf16, fp32"):
         parse("fp16")
+
+
+def test_held_out_rows_are_planned_once_and_each_evaluation_is_the_same_exact_loss(tmp_path, capsys, monkeypatch):
+    # the evaluator plans its rows when it is made: evaluating every step re-plans nothing, and the
+    # held-out loss is the exact token-weighted mean over the same targets every time
+    from varlen.data import TokenBudgetSampler
+    from varlen.train import evaluate
+
+    made = []
+
+    class Counting(TokenBudgetSampler):
+        def __init__(self, *a, **k):
+            made.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(evaluate, "TokenBudgetSampler", Counting)
+    out = tmp_path / "o"
+    code, _, err = _train(["--steps", 3, "--eval-split", "0.2", "--eval-every", 1, "--num-samples", 200,
+                           "--out", out], capsys)
+    assert code == 0, err
+    evals = [r for r in _log(out) if "eval_loss" in r]
+    assert len(evals) == 3 and len(made) == 1
+    assert len({r["eval_targets"] for r in evals}) == 1 and evals[0]["eval_targets"] > 0

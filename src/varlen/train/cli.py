@@ -35,7 +35,7 @@ from . import checkpoint
 from .data import DataError, DataReport, fingerprint, load
 from .config import TrainConfig
 from .guard import FiniteGuard, NonFinite
-from .evaluate import evaluate, hold_out
+from .evaluate import Evaluator, hold_out
 from .export import export, export_refusal
 from .lock import LockHeld, RunLock
 from .optim import Schedule, make_optimizer
@@ -329,8 +329,8 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
                 "held_out": len(held_out) if held_out else 0, "data_report": vars(report)}
         print("varlen train:", json.dumps(info), flush=True)
     eval_collate = make_collator(conf, sampler, ds, max_len, d.device.type, plain=True)  # built once, not per eval
-    evaluator = None if held_out is None else (lambda: evaluate(
-        engine, held_out, eval_collate, micro_budget, dp=dp, dp_rank=d.rank // conf.step.cp))
+    evaluator = None if held_out is None else Evaluator(engine, held_out, eval_collate, micro_budget, dp=dp,
+                                                        dp_rank=d.rank // conf.step.cp)
     loop = Loop(conf, d, engine, opt, sampler, ds, collate, {**config, "settings": conf.as_dict()}, evaluator)
     log = loop.run(step, batches_done)
     if d.main:

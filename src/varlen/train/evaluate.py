@@ -40,24 +40,32 @@ def hold_out(ds, fraction: float, seed: int) -> tuple[Part, Part | None]:
     return Part(ds, sorted(order[k:])), Part(ds, sorted(order[:k]))
 
 
-@torch.no_grad()
-def evaluate(engine: Engine, part: Part, collate, budget: int, *, dp: int, dp_rank: int) -> dict:
+class Evaluator:
     """Every held-out sample once, packed into rows of ``budget`` tokens, the data-parallel ranks
-    sharing them (each runs the same number of batches, so FSDP2's collectives match)."""
-    sampler = TokenBudgetSampler(part.lengths, budget, seed=0, world_size=dp, rank=dp_rank)
-    loader = torch.utils.data.DataLoader(part, batch_sampler=sampler, collate_fn=collate)
-    total = torch.zeros((), dtype=torch.float64, device=engine.device)
-    n = torch.zeros((), dtype=torch.int64, device=engine.device)
-    engine.wrapped.eval()
-    try:
-        for b in loader:
-            b_total, b_n = engine.loss_and_count(engine.prepare(b, dynamic=False))
-            total += b_total
-            n += b_n
-    finally:
-        engine.wrapped.train()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        dist.all_reduce(n)
-    loss = (total / n.clamp_min(1)).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_targets": int(n)}
+    sharing them (each runs the same number of batches, so FSDP2's collectives match). The rows are
+    planned once, when the evaluator is made, not at every evaluation."""
+
+    def __init__(self, engine: Engine, part: Part, collate, budget: int, *, dp: int, dp_rank: int):
+        self.engine = engine
+        sampler = TokenBudgetSampler(part.lengths, budget, seed=0, world_size=dp, rank=dp_rank)
+        sampler.global_batches()  # the plan, made here and kept by the sampler
+        self.loader = torch.utils.data.DataLoader(part, batch_sampler=sampler, collate_fn=collate)
+
+    @torch.no_grad()
+    def __call__(self) -> dict:
+        engine = self.engine
+        total = torch.zeros((), dtype=torch.float64, device=engine.device)
+        n = torch.zeros((), dtype=torch.int64, device=engine.device)
+        engine.wrapped.eval()
+        try:
+            for b in self.loader:
+                b_total, b_n = engine.loss_and_count(engine.prepare(b, dynamic=False))
+                total += b_total
+                n += b_n
+        finally:
+            engine.wrapped.train()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+            dist.all_reduce(n)
+        loss = (total / n.clamp_min(1)).item()
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_targets": int(n)}
