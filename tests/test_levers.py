@@ -103,7 +103,7 @@ def test_one_spelling_for_each_setting_across_commands():
         args = bench(argv)
         assert (args.warmup, args.tokens_per_batch) == (3, 4096)
     for argv in (["--timing-warmup", "3", "--max-tokens-per-rank", "512"], ["--warmup", "3", "--tokens-per-rank", "512"]):
-        args = scaling(argv)
+        args, _ = scaling(argv)
         assert (args.warmup, args.tokens_per_rank) == (3, 512)
     one = ["--all-architectures"]
     assert check([*one, "--case-timeout", "60"]).timeout == check([*one, "--timeout", "60"]).timeout == 60
@@ -138,7 +138,7 @@ def test_one_spelling_for_compile_backend_and_dtypes_across_commands(capsys):
     from varlen.bench.scaling import parse as scaling
 
     base = {train: [], scaling: [], check: ["--preset", "tiny"]}
-    compiled = {train: lambda c: c.runtime.compile}  # train's settings come in groups
+    compiled = {train: lambda c: c.runtime.compile, scaling: lambda c: c[0].compile}  # settings in groups
     for parse, extra in base.items():
         on = compiled.get(parse, lambda c: c.compile)
         assert on(parse([*extra, "--compile"])) is True and on(parse([*extra, "--no-compile"])) is False
@@ -146,24 +146,30 @@ def test_one_spelling_for_compile_backend_and_dtypes_across_commands(capsys):
             parse([*extra, "--backend", "nope"])
         assert "--backend" in capsys.readouterr().err
     reduce = ["--reduce-dtype", "bfloat16"]
-    assert train(reduce).wrapping.reduce_dtype == scaling(reduce).reduce_dtype == "bf16"
+    assert train(reduce).wrapping.reduce_dtype == scaling(reduce)[1].reduce_dtype == "bf16"
     for flag in ("--steps", "--tokens-per-rank", "--cp"):
         with pytest.raises(SystemExit):
             scaling([flag, "0"])
         assert flag in capsys.readouterr().err
+    # what cannot run is one line before anything starts
+    for argv, said in ((["--dists", "uniform,zipf"], "'zipf' is neither"), (["--splits", "balanced,random"], "random"),
+                       (["--preset", "tiny", "--cp", "3"], "--cp 3: context parallelism splits the heads")):
+        with pytest.raises(SystemExit):
+            scaling(argv)
+        err = capsys.readouterr().err
+        assert said in err and len([x for x in err.splitlines() if "error" in x]) == 1, err
 
 
 def test_train_and_the_scaling_sweep_take_the_same_wrapping_flags():
     import torch
 
-    from varlen.options import from_args
     from varlen.train.cli import parse_args as train
     from varlen.parallel.distributed import Wrapping
     from varlen.bench.scaling import parse as scaling
 
     argv = ["--reduce-dtype", "bfloat16", "--bucket-mb", "7", "--static-graph", "--no-reshard-after-forward"]
     want = Wrapping(reduce_dtype="bf16", bucket_mb=7, static_graph=True, reshard_after_forward=False)
-    assert train(argv).wrapping == from_args(Wrapping, scaling(argv)) == want
-    assert train([]).wrapping == from_args(Wrapping, scaling([])) == Wrapping()
+    assert train(argv).wrapping == scaling(argv)[1] == want
+    assert train([]).wrapping == scaling([])[1] == Wrapping()
     assert want.wrap_kwargs() == {"reduce_dtype": torch.bfloat16, "bucket_mb": 7, "static_graph": True,
                                   "reshard_after_forward": False}

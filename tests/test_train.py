@@ -129,7 +129,7 @@ def test_context_parallel_cli_equals_one_process(tmp_path):
 
 
 def test_scaling_sweep_with_context_parallelism(tmp_path):
-    from varlen.bench.scaling import report
+    from varlen.bench.sweep import report
 
     common = ["-m", "varlen.bench.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "2",
               "--warmup", "1", "--tokens-per-rank", "512", "--dists", "fixed", "--splits", "balanced", "--max-len", "1023"]
@@ -195,7 +195,7 @@ def test_killed_run_resumes_to_the_same_losses(tmp_path):
 
 
 def test_scaling_sweep_and_report(tmp_path):
-    from varlen.bench.scaling import report
+    from varlen.bench.sweep import report
 
     for n in (1, 2):
         _torchrun(n, "-m", "varlen.bench.scaling", "--preset", "tiny", "--device", "cpu", "--no-compile", "--steps", "3",
@@ -304,7 +304,7 @@ def test_garbage_collection_runs_on_its_own_cadence(monkeypatch):
 
 
 def test_efficiency_vs_alone_is_parallel_rate_over_the_ranks_alone():
-    from varlen.bench.scaling import _vs_alone
+    from varlen.bench.sweep import _vs_alone
 
     shares = [[[100], [100]], [[50], [150]]]  # [step][rank]: lengths
     ms = [[10.0, 10.0], [5.0, 15.0]]  # each rank alone: 150 tokens in 15 ms, 250 in 25 ms: 10k tokens/s each
@@ -353,7 +353,7 @@ def test_measured_cost_fits_three_weights_or_says_why(monkeypatch):
 
 def test_cost_check_scores_the_model_against_the_times():
     from varlen.data import CostModel
-    from varlen.bench.scaling import _cost_check
+    from varlen.bench.sweep import _cost_check
 
     true = CostModel(1.0, 1e-3, 5.0)
     shares = [[[10] * 30, [300]], [[50, 60], [200, 20, 20]], [[500], [5] * 40]]  # [step][rank]

@@ -13,9 +13,11 @@ import argparse
 from dataclasses import MISSING, field, fields
 
 
-def option(default, help: str, **argparse_kwargs):
-    """A field of an option group: its default and what ``argparse`` needs for its flag."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def option(default, help: str, *, flag: str | None = None, aliases: tuple[str, ...] = (), **argparse_kwargs):
+    """A field of an option group: its default and what ``argparse`` needs for its flag. ``flag``
+    spells the flag otherwise than the field's name does (as another command spells the same
+    setting); ``aliases`` are older spellings that still parse."""
+    return field(default=default, metadata={"help": help, "flag": flag, "aliases": aliases, **argparse_kwargs})
 
 
 def flag_of(name: str) -> str:
@@ -25,7 +27,9 @@ def flag_of(name: str) -> str:
 def add_flags(group: type, p: argparse.ArgumentParser) -> None:
     """One ``--flag`` for each field of ``group``, its default the field's."""
     for f in fields(group):
-        p.add_argument(flag_of(f.name), default=f.default, **f.metadata)
+        kwargs = {k: v for k, v in f.metadata.items() if k not in ("flag", "aliases")}
+        p.add_argument(f.metadata.get("flag") or flag_of(f.name), *f.metadata.get("aliases", ()), dest=f.name,
+                       default=f.default, **kwargs)
 
 
 def from_args(group: type, args: argparse.Namespace):
