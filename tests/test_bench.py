@@ -493,3 +493,17 @@ def test_a_gpu_preset_on_a_machine_without_cuda_is_one_line_before_any_case(pres
     assert e.value.code == 2 and f"--preset {preset} runs on CUDA and there is no CUDA device here" in err, err
     _, w = workload_from(parse_args(["--preset", preset, "--device", "cpu"]))
     assert w.device == "cpu"
+
+
+def test_flags_that_cannot_go_together_are_one_line_before_any_case(capsys):
+    from varlen.bench.cli import parse_args
+
+    for argv, said in ((["--modes", "eval,tune"], "--modes eval,tune: a comma list of eval and train"),
+                       (["--autotune", "--compile", "off"], "--compile off compiles nothing"),
+                       (["--model", "hf-gpt2", "--strategies", "packed-flex"], "not packed-flex")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and len([x for x in err.splitlines() if "error" in x]) == 1, err
+    opts = parse_args(["--max-tokens", "4096", "--fp8", "rowwise"])  # typed: the levers are their group
+    assert opts.tokens_per_batch == 4096 and opts.levers.fp8 == "rowwise"

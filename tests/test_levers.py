@@ -25,11 +25,11 @@ def test_every_field_is_a_flag_of_both_commands_with_the_same_default_and_choice
 
     assert set(CHOICES) == {f.name for f in fields(Levers)}  # a new lever gets its choices listed here
     bench, train = bench_args([]), train_args([])
-    assert Levers.from_args(bench) == train.levers == Levers()
+    assert bench.levers == train.levers == Levers()
     for f in fields(Levers):
         for value in CHOICES[f.name][1:]:
             argv = [flag_of(f.name), value]
-            assert getattr(Levers.from_args(bench_args(argv)), f.name) == value
+            assert getattr(bench_args(argv).levers, f.name) == value
             assert getattr(train_args(argv).levers, f.name) == value
 
 

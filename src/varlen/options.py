@@ -26,14 +26,19 @@ def flag_of(name: str) -> str:
 
 def add_flags(group: type, p: argparse.ArgumentParser) -> None:
     """One ``--flag`` for each field of ``group``, its default the field's."""
-    for f in fields(group):
+    for f in _flagged(group):
         kwargs = {k: v for k, v in f.metadata.items() if k not in ("flag", "aliases")}
         p.add_argument(f.metadata.get("flag") or flag_of(f.name), *f.metadata.get("aliases", ()), dest=f.name,
                        default=f.default, **kwargs)
 
 
 def from_args(group: type, args: argparse.Namespace):
-    return group(**{f.name: getattr(args, f.name) for f in fields(group)})
+    return group(**{f.name: getattr(args, f.name) for f in _flagged(group)})
+
+
+def _flagged(group: type) -> list:
+    """The fields made with :func:`option` (a group may hold other groups, whose flags are their own)."""
+    return [f for f in fields(group) if "help" in f.metadata]
 
 
 def changed(options) -> dict[str, object]:

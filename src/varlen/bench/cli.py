@@ -14,63 +14,24 @@ from pathlib import Path
 
 import torch
 
-from ..argtypes import device_name, device_problem, nonneg_int, positive_float, positive_int, usage_error
+from ..argtypes import device_problem, usage_error
 from ..data.synthetic import sample_lengths
 from ..info import environment
-from ..levers import Levers
-from .cases import STRATEGIES, WORKLOADS, case_name, grid, order_key, strategies_of
+from .cases import WORKLOADS, case_name, grid, order_key
+from .options import BenchOptions
 from .report import UNSTEADY, add_comparisons, add_mfu, print_table, save, unsteady
 from .runner import measure_peak, result_dicts, run_all
 
 
-def parse_args(argv):
+def parse_args(argv) -> BenchOptions:
+    """The command line as a :class:`BenchOptions`; flags that cannot go together are one line (exit 2)."""
     p = argparse.ArgumentParser(prog="varlen bench", description=__doc__)
-    p.add_argument("--preset", choices=sorted(WORKLOADS), default=None,
-                   help="workload preset (default: study on a GPU, tiny on a CPU)")
-    p.add_argument("--model", choices=["decoder", "hf-gpt2"], default="decoder",
-                   help="the study's reference decoder, or a stock HF GPT2LMHeadModel of the same size")
-    p.add_argument("--strategies", default=None,
-                   help=f"comma list (default: all of the model's): {','.join(STRATEGIES)}; "
-                        "a flash one may name its implementation: packed-flash:fa4, packed-flash:torch")
-    p.add_argument("--modes", default="eval,train", help="comma list of eval,train")
-    p.add_argument("--compile", choices=["both", "on", "off"], default="both")
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--max-len", type=positive_int, help="longest sample length")
-    p.add_argument("--length-dist", help="uniform, fixed, lognormal, or a file of lengths")
-    # spelt as varlen train spells the same things (the older spellings still parse)
-    p.add_argument("--max-tokens", "--tokens-per-batch", dest="tokens_per_batch", type=positive_int, metavar="N",
-                   help="token-budget batches (best-fit packed) of N tokens instead of --batch-size samples; for "
-                        "length scaling")
-    p.add_argument("--steps", type=positive_int, help="timed steps per case")
-    p.add_argument("--timing-warmup", "--warmup", dest="warmup", type=positive_int, metavar="N",
-                   help="untimed steps per case (compilation happens here)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=nonneg_int, help="DataLoader workers")
-    p.add_argument("--device", type=device_name,
-                   help="cpu, cuda or cuda:N (the cases then run with CUDA_VISIBLE_DEVICES naming that GPU alone)")
-    p.add_argument("--profile", action="store_true",
-                   help="profile 3 extra steps per case: attention / GEMM / elementwise / optimizer / host time")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="compiled packed cases run as CUDA graphs (torch.compile mode='reduce-overhead'): "
-                        "every batch padded to one number of sequences and, with --tokens-per-batch, one "
-                        "token count, else one of 8 row sizes an octave (a graph each, recorded in warm-up)")
-    p.add_argument("--autotune", action="store_true",
-                   help="compiled cases with Inductor's max-autotune: GEMMs as autotuned Triton/cuBLAS templates "
-                        "with the elementwise work around them fused in (compiling takes minutes longer)")
-    Levers.add_flags(p)  # --residual-dtype, --gelu, --mlp-kernel, --fp8: shared with varlen train
-    p.add_argument("--jobs", type=positive_int, default=1,
-                   help="cases run at once (default 1; more only to check that every case runs, e.g. the GPU "
-                        "smoke: concurrent cases share the GPU and the host, so their timings mean little)")
-    p.add_argument("--strict", action="store_true",
-                   help="a case this machine cannot run (a backend not installed) also fails the run")
-    p.add_argument("--case-timeout", type=positive_float, default=None, help="seconds per case (default 900 GPU, 600 CPU)")
-    p.add_argument("--out", type=Path, default=None, help="results folder (default bench-out/DEVICE-DATE)")
-    p.add_argument("--wide", action="store_true",
-                   help="print every column (throughput, floors, padding, recompiles, kernel, whole errors); by default "
-                        "the table fits 100 columns and cases n/a here are one line per reason (results.md has it all)")
-    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
-                   help="combine the results.json of runs split across calls (same device) into --out; runs nothing")
-    return p.parse_args(argv)
+    BenchOptions.add_flags(p)
+    opts = BenchOptions.from_args(p.parse_args(argv))
+    why = opts.problems()
+    if why:
+        p.error(why[0])
+    return opts
 
 
 def merge(dirs: list[Path], out: Path) -> dict:
@@ -111,9 +72,9 @@ def only_gpu(device: str) -> str:
     return kind
 
 
-def workload_from(args):
+def workload_from(args: BenchOptions):
     if args.device:
-        args.device = only_gpu(args.device)
+        args = replace(args, device=only_gpu(args.device))
     preset = args.preset or ("study" if torch.cuda.is_available() else "tiny")
     w = WORKLOADS[preset]
     overrides = {k: getattr(args, k) for k in ("batch_size", "max_len", "length_dist", "steps", "warmup", "seed",
@@ -124,14 +85,12 @@ def workload_from(args):
     if args.cuda_graphs:
         overrides["cuda_graphs"] = True
     if args.autotune:
-        if args.compile == "off":
-            usage_error("varlen bench", "--autotune tunes what torch.compile generates; --compile off compiles nothing")
         overrides["autotune"] = True
     w = replace(w, **overrides)
     if w.device == "cuda" and not torch.cuda.is_available():  # a GPU preset, or --device cuda, on a CPU machine
         usage_error("varlen bench", f"--preset {preset} runs on CUDA and there is no CUDA device here; use --preset "
                                     "tiny or --device cpu")
-    levers = Levers.from_args(args)
+    levers = args.levers
     # the bench autocasts to bf16 on CUDA and runs float32 on the CPU
     why = next(iter(levers.problems(args.model, "bf16" if w.device == "cuda" else "fp32")), None)
     if why:
@@ -140,7 +99,7 @@ def workload_from(args):
         usage_error("varlen bench", "--fp8 times float8 GEMMs, which need a CUDA GPU (on the CPU they are emulated)")
     w = replace(w, levers=levers)
     if w.tokens_per_batch and w.tokens_per_batch < w.max_len:
-        usage_error("varlen bench", f"--tokens-per-batch {w.tokens_per_batch} is below the longest sample "
+        usage_error("varlen bench", f"--max-tokens {w.tokens_per_batch} is below the longest sample "
                                     f"(--max-len {w.max_len})")
     try:  # a lengths file with a bad entry fails here, once, not in every case
         sample_lengths(1, w.length_dist, w.max_len, w.seed)
@@ -149,14 +108,9 @@ def workload_from(args):
     return preset, w
 
 
-def cases_from(args, w) -> list:
+def cases_from(args: BenchOptions, w) -> list:
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
-    family = strategies_of(args.model)
-    strategies = [s for s in args.strategies.split(",") if s] if args.strategies else family
-    wrong = [s for s in strategies if s.partition(":")[0] not in family]
-    if wrong:
-        usage_error("varlen bench", f"--strategies: --model {args.model} runs {','.join(family)}; not {','.join(wrong)}")
-    return grid(strategies, [m for m in args.modes.split(",") if m], compile_modes, w)
+    return grid(args.chosen_strategies(), [m for m in args.modes.split(",") if m], compile_modes, w)
 
 
 def case_line(case, result) -> str:
