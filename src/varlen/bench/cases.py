@@ -132,7 +132,7 @@ class Workload:
     dtype: str = "bfloat16"  # autocast dtype on CUDA; CPU runs float32
     profile: bool = False  # add a profiler breakdown of a few extra steps to every case
     # batches of a token budget (token-budget packing, TokenBudgetSampler) instead of batch_size
-    # samples: the length-scaling runs (--max-len 8192 --tokens-per-batch 65536)
+    # samples: the length-scaling runs (--max-len 8192 --max-tokens 65536)
     tokens_per_batch: int | None = None
     # compiled packed cases as CUDA graphs: one number of sequences, and one token count
     # (tokens_per_batch) or a few row sizes, a graph each; other strategies refuse it

@@ -1,11 +1,6 @@
-"""Weak scaling of packed training (the command is ``varlen.bench.scaling``): one torchrun launch
-per (world size, parallel); inside it the model is built and compiled once and every (length
-distribution, split) runs on it.
-
-Each rank's budget is fixed (``--tokens-per-rank``): the global batch grows with the world size,
-so ideal weak scaling keeps the step time flat. Efficiency = tokens/s at W GPUs / (W x tokens/s
-at 1 GPU) for the same parallel kind, split and distribution.
-"""
+"""Weak scaling of packed training (the command is ``varlen.bench.scaling``): the sweep's settings,
+the sweep (a model built, wrapped and compiled once, every length distribution and split timed on
+it) and the report that joins its launches."""
 
 from __future__ import annotations
 
