@@ -289,7 +289,8 @@ def test_unwritable_out_is_one_line(tmp_path, capsys):
     (["--max-len", "0"], "argument --max-len: 0 is not a positive integer"),
     (["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
     (["--jobs", "0"], "argument --jobs: 0 is not a positive integer"),
-    (["--tokens-per-batch", "50"], "--tokens-per-batch 50 is below the longest sample"),
+    (["--max-tokens", "50"], "--max-tokens 50 is below the longest sample"),
+    (["--tokens-per-batch", "50"], "--max-tokens 50 is below the longest sample"),  # its older spelling
     (["--device", "cuda:x"], "argument --device: 'cuda:x' is not cpu, cuda or cuda:N"),
 ])
 def test_bench_refuses_bad_numbers(args, message, capsys):
