@@ -111,8 +111,7 @@ class Sweep:
         model = build_model(self.fam, cfg, args.backend, d.device)
         dtype = torch.bfloat16 if cuda else None
         if args.cost == "measure":  # before wrapping: no collectives inside the timing
-            autocast = torch.autocast(d.device.type, dtype=dtype) if cuda else None
-            self.cost = measure_cost(model, self.fam, cfg, d, autocast)
+            self.cost = measure_cost(model, self.fam, cfg, d, dtype)
         else:
             self.cost = CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
         # DDP leaves the module it wraps usable on its own: called directly, its gradients stay local (the

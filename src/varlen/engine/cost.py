@@ -25,11 +25,14 @@ def cost_shares(cfg: DecoderConfig, device: torch.device) -> list[list[int]]:
     return shares + [[n] * (tokens // n // 2)]
 
 
-def measure_cost(model: nn.Module, fam: ModelFamily, cfg: DecoderConfig, d: Dist, autocast=None) -> CostModel:
+def measure_cost(model: nn.Module, fam: ModelFamily, cfg: DecoderConfig, d: Dist,
+                 dtype: torch.dtype | None = None) -> CostModel:
     """Time forward+backward of the same token count cut into sequences of 8 tokens up to the longest,
     and fit the cost model to it: per sequence, per token and per squared length, in this model on
-    this device. Rank 0 measures; every rank gets its weights, so that all split alike."""
+    this device, under autocast to ``dtype`` (None: none), as the run's engine steps it. Rank 0
+    measures; every rank gets its weights, so that all split alike."""
     coll = TrainCollator()
+    autocast = torch.autocast(d.device.type, dtype=dtype) if dtype is not None else nullcontext()
     g = torch.Generator().manual_seed(0)
 
     def timed(lengths):
@@ -37,7 +40,7 @@ def measure_cost(model: nn.Module, fam: ModelFamily, cfg: DecoderConfig, d: Dist
         samples = [(x, torch.full_like(x, IGNORE_INDEX)) for x in ids]  # timed on logits: no labels read
         batch = move_batch(coll(samples), d.device)
         def fwd_bwd():
-            with autocast or nullcontext():
+            with autocast:
                 fam.logits(model, batch).float().sum().backward()
 
         ts = time_calls(fwd_bwd, d.device, 3, warmup=1)

@@ -298,7 +298,7 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     cfg = conf.decoder_sizes() if isinstance(fam, PretrainedFamily) else DecoderConfig.from_name(
         conf.model.preset, **conf.levers.decoder_fields())
     tokenizer = model_tokenizer(conf, fam)
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if dtype == "bf16" else None
+    autocast_dtype = torch.bfloat16 if dtype == "bf16" else None  # the engine's and the cost fit's
     report = DataReport()
     ds, max_len = load_data(conf, cfg, micro_budget, report, tokenizer)
     ds, held_out = hold_out(ds, conf.data.eval_split, conf.run.seed)
@@ -307,7 +307,7 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     if resume_from is not None and checkpoint.step_of(resume_from) >= conf.step.steps:
         return nothing_to_do(conf, d, checkpoint.step_of(resume_from))
     model = new_model(conf, fam, cfg, d.device)
-    cost = measure_cost(model, fam, cfg, d, autocast) if conf.step.cost == "measure" else \
+    cost = measure_cost(model, fam, cfg, d, autocast_dtype) if conf.step.cost == "measure" else \
         CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=conf.step.window, seed=conf.run.seed,
                                  world_size=dp, rank=d.rank // conf.step.cp, split=conf.step.split, cost=cost)
@@ -315,7 +315,7 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
     trained, objective = head_in_loss(conf, fam, model, parallel)
     engine = Engine.around(trained, objective, d, parallel=parallel, wrapping=conf.wrapping,
                            compile=conf.runtime.compile, compile_mode="reduce-overhead" if conf.runtime.cuda_graphs
-                           else None, dtype=torch.bfloat16 if dtype == "bf16" else None, shard=shard)
+                           else None, dtype=autocast_dtype, shard=shard)
     opt = make_optimizer(conf.optim.optimizer, model, conf.optim.lr, conf.optim.weight_decay,
                          fused=parallel != "fsdp2" and (d.device.type == "cuda" or conf.run.log_every > 1))
     step, batches_done = restore(resume_from, engine.wrapped, opt, sampler, d)
