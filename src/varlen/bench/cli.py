@@ -110,7 +110,7 @@ def workload_from(args: BenchOptions):
 
 def cases_from(args: BenchOptions, w) -> list:
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
-    return grid(args.chosen_strategies(), [m for m in args.modes.split(",") if m], compile_modes, w)
+    return grid(args.chosen_strategies(), args.chosen_modes(), compile_modes, w)
 
 
 def case_line(case, result) -> str:

@@ -81,10 +81,13 @@ class BenchOptions:
         wrong = [s for s in self.chosen_strategies() if s.partition(":")[0] not in family]
         if wrong:
             out.append(f"--strategies: --model {self.model} runs {','.join(family)}; not {','.join(wrong)}")
-        modes = [m for m in self.modes.split(",") if m]
+        modes = self.chosen_modes()
         if not modes or set(modes) - {"eval", "train"}:
             out.append(f"--modes {self.modes}: a comma list of eval and train")
         return out
+
+    def chosen_modes(self) -> list[str]:
+        return [m for m in self.modes.split(",") if m]
 
     def chosen_strategies(self) -> list[str]:
         return [s for s in self.strategies.split(",") if s] if self.strategies else strategies_of(self.model)
