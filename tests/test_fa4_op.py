@@ -122,14 +122,39 @@ def test_qkvpacked_op_forward_and_grads_match_truth(torch_kernels, lengths, caus
     assert_matches_truth(out, q, k, v, lengths, causal)
 
 
-def test_qkvpacked_opcheck(torch_kernels):
+@pytest.mark.parametrize("lengths", ["random", "length_1", "many_tiny"])
+def test_qkvpacked_softcap_and_sinks_match_the_split_call(torch_kernels, lengths):
+    # packed and split are one op: the same forward and gradients, soft-capping and sinks included
+    lengths = CASES[lengths]
+    q, k, v = random_qkv(lengths, 4, 4, 16, torch.float64, seed=len(lengths) + 3)
+    qkv, sinks = torch.stack((q, k, v), 1).requires_grad_(), torch.randn(4, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    kw = dict(scale=scale_of(16), causal=True, left=-1, right=0, softcap=3.0, sinks=sinks)
+    packed = fa4.attention_qkvpacked(qkv, cu, max(lengths), **kw)
+    split = fa4.attention(*qkv.unbind(1), cu, max(lengths), **kw)
+    torch.testing.assert_close(packed, split, rtol=0, atol=0)
+    w = torch.randn_like(split)
+    for g, r in zip(torch.autograd.grad((packed * w).sum(), (qkv, sinks)),
+                    torch.autograd.grad((split * w).sum(), (qkv, sinks))):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("softcap,with_sinks", [(0.0, False), (2.0, True)], ids=["plain", "softcap_sinks"])
+def test_qkvpacked_opcheck(torch_kernels, softcap, with_sinks):
+    # the same pair with k and v None: q is the whole [T, 3, H, D], its gradient one buffer of that shape
     qkv = torch.randn(13, 3, 4, 16, requires_grad=True)
+    sinks = torch.randn(4, requires_grad=True) if with_sinks else None
     cu = torch.tensor([0, 3, 12, 13], dtype=torch.int32)
-    torch.library.opcheck(fa4.fa4_varlen_qkv_fwd, (qkv, cu, 9, 0.25, True, -1, 0))
-    out, lse = fa4.fa4_varlen_qkv_fwd(qkv, cu, 9, 0.25, True, -1, 0)
+    args = (qkv, None, None, cu, 9, 0.25, True, -1, 0, softcap, sinks)
+    torch.library.opcheck(fa4.fa4_varlen_fwd, args)
+    out, lse = fa4.fa4_varlen_fwd(*args)
     assert out.shape == (13, 4, 16) and lse.shape == (4, 13) and not lse.requires_grad
-    torch.library.opcheck(fa4.fa4_varlen_qkv_bwd, (torch.randn_like(out), qkv.detach(), out.detach(), lse, cu, 9, 0.25,
-                                                   True, -1, 0))
+    bwd_args = (torch.randn_like(out), qkv.detach(), None, None, out.detach(), lse, cu, 9, 0.25, True, -1, 0, softcap,
+                None if sinks is None else sinks.detach())
+    torch.library.opcheck(fa4.fa4_varlen_bwd, bwd_args)
+    dqkv, dk, dv, dsinks = fa4.fa4_varlen_bwd(*bwd_args)
+    assert dqkv.shape == qkv.shape and dk.numel() == dv.numel() == 0
+    assert dsinks.shape == ((4,) if with_sinks else (0,))
 
 
 def test_opcheck(torch_kernels):

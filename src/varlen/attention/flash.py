@@ -196,14 +196,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, info: SeqInfo, *, causal, scale, 
 
 def attention_qkvpacked(qkv: Tensor, info: SeqInfo, *, causal, scale, window_size, impl: str | None = None,
                         softcap: float = 0.0) -> Tensor:  # qkv [T, 3, H, D] -> [T, H, D]
-    """FA4 takes ``qkv`` whole (its gradient comes back as one buffer); the others, and FA4 with
-    soft-capping, take the views."""
+    """FA4 takes ``qkv`` whole (its gradient comes back as one buffer); the others take the views."""
     q, k, v = qkv.unbind(1)
     impl = impl or resolve_impl(q, k, causal, window_size, None, softcap)
-    if impl != "fa4" or softcap:
+    if impl != "fa4":
         return attention(q, k, v, info, causal=causal, scale=scale, window_size=window_size, impl=impl, softcap=softcap)
     from . import fa4
 
     left, right = window_bounds(causal, window_size)
     return fa4.attention_qkvpacked(qkv, info.cu_seqlens, info.max_seqlen, scale=scale, causal=causal, left=left,
-                                   right=right)
+                                   right=right, softcap=softcap)
