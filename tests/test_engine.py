@@ -9,7 +9,7 @@ import torch
 
 from varlen.bench import hf_models
 from varlen.bench.cases import STRATEGIES, padded_length
-from varlen.data import PackCollator, SyntheticDataset
+from varlen.data import PackCollator, PadCollator, SyntheticDataset
 from varlen.engine import Engine, Objective, build_model
 from varlen.loss import lm_loss
 from varlen.models import DECODER, HF_GPT2, DecoderConfig
@@ -92,3 +92,28 @@ def test_step_norms_only_when_clipped_or_checked():
     seen = []
     stats = engine.step([batch], opt, before_update=seen.append)
     assert seen == [stats] and stats.grad_norm is not None and float(stats.grad_norm) > 0
+
+
+def test_prepare_gives_each_batch_its_attention_backends_shapes(monkeypatch):
+    # the backend owns its max_seqlen policy: SDPA (padding to max_seqlen when compiled) gets the
+    # batch's bucket, the others the collator's bound; CUDA graphs keep the rows the collator shaped;
+    # a padded batch has no packed metadata to change; the losses are the same either way
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: model)
+    cfg = DecoderConfig.from_name("tiny", vocab_size=89, max_len=1024)
+    torch.manual_seed(0)
+    model = build_model(DECODER, cfg, "sdpa", torch.device("cpu"), train=False).double()
+    host = PackCollator(max_seqlen=1000)(_samples(4, 60, 89, seed=5))
+    d, obj = Dist.alone("cpu"), Objective.logits(DECODER)
+    assert Engine.around(model, obj, d).prepare(host).info.max_seqlen == 1000
+    assert Engine.around(model, obj, d, attention="flex").prepare(host).info.max_seqlen == 1000
+    for backend in ("sdpa", "auto"):
+        sdpa = Engine.around(model, obj, d, compile=True, attention=backend)
+        assert sdpa.prepare(host).info.max_seqlen == 64
+    graphs = Engine.around(model, obj, d, compile=True, compile_mode="reduce-overhead", attention="sdpa")
+    assert graphs.prepare(host).info.max_seqlen == 1000
+    padded = PadCollator(length=64)(_samples(4, 60, 89, seed=5))
+    assert padded.for_kernels(lambda info: 1 / 0) is padded
+    assert torch.equal(Engine.around(model, obj, d, attention="sdpa").prepare(padded).input_ids, padded.input_ids)
+    plain, bucketed = Engine.around(model, obj, d), Engine.around(model, obj, d, attention="sdpa")
+    assert float(bucketed.eval_loss(bucketed.prepare(host))) == pytest.approx(
+        float(plain.eval_loss(plain.prepare(host))), rel=1e-12)

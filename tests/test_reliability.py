@@ -373,18 +373,27 @@ def test_token_bucket_is_few_sizes_an_octave_within_one_step(per_octave):
 
 
 def test_compiled_sdpa_pads_to_the_batch_bucket_not_the_bound():
-    # varlen train --compile on the sdpa path used to pad every batch to --max-len
-    from varlen.attention import pads_to_max_seqlen
+    # varlen train --compile on the sdpa path used to pad every batch to --max-len; the backend's own
+    # prepare(info) buckets max_seqlen per batch, the collator knows nothing of kernels
+    from varlen.attention import prepare
     from varlen.data import PackCollator
 
-    assert pads_to_max_seqlen("sdpa", "cpu") and pads_to_max_seqlen("auto", "cpu")
-    assert not pads_to_max_seqlen("flex", "cpu") and not pads_to_max_seqlen("reference", "cpu")
     samples = [(torch.arange(n), torch.arange(n) + 1) for n in (100, 37, 5)]
-    assert PackCollator(max_seqlen=5000)(samples).info.max_seqlen == 5000
-    info = PackCollator(max_seqlen=5000, bucket_max_seqlen=True)(samples).info
+    collated = PackCollator(max_seqlen=5000)(samples).info
+    assert collated.max_seqlen == 5000
+    for backend in ("flex", "reference", "nested"):  # they take the bound: constant, no recompile
+        assert prepare(collated, backend, "cpu") is collated
+    info = prepare(collated, "sdpa", "cpu")
     assert info.max_seqlen == 128 and info.lengths == (100, 37, 5)
-    filled = PackCollator(max_seqlen=5000, pad_to=1000, bucket_max_seqlen=True)(samples).info
-    assert filled.max_seqlen == 128 and max(filled.lengths) <= 128 and filled.total_tokens == 1000
+    assert prepare(collated, "auto", "cpu").max_seqlen == 128  # auto on a CPU: sdpa first
+    assert prepare(info, "sdpa", "cpu") is info  # a bucket is its own bucket
+    # filler stays within the samples' bucket, so it never raises the padding
+    filled = PackCollator(max_seqlen=5000, pad_to=1000)(samples).info
+    assert max(filled.lengths) <= 128 and filled.total_tokens == 1000
+    assert prepare(filled, "sdpa", "cpu").max_seqlen == 128
+    # CUDA graphs' fixed sequence count shares the filler out up to the bound: correct, padded further
+    graphed = PackCollator(max_seqlen=5000, pad_to=1000, num_seqs=4)(samples).info
+    assert graphed.lengths[3] == 858 and prepare(graphed, "sdpa", "cpu").max_seqlen == 1024
 
     from varlen.attention import sdpa
     seen = []

@@ -391,7 +391,7 @@ def test_cuda_graphs_rows_take_few_shapes_and_keep_every_token():
     args = parse_args(["--compile", "--cuda-graphs", "--device", "cuda", "--max-tokens", "2048"])
     ds = SyntheticDataset(600, max_len=255, length_dist="lognormal", seed=5)
     sampler = TokenBudgetSampler(ds.lengths, 2048, seed=0)
-    collate = make_collator(args, sampler, ds, 255, "cuda")
+    collate = make_collator(args, sampler, ds, 255)
     plain = TrainCollator(max_seqlen=255)
     rows, seqs = set(), set()
     for b in list(sampler)[:40]:
@@ -415,7 +415,7 @@ def test_a_later_epochs_larger_row_gets_a_shape_of_its_own():
     args = parse_args(["--compile", "--cuda-graphs", "--device", "cuda", "--max-tokens", "6144"])
     ds = SyntheticDataset(100_000, max_len=1023, length_dist="lognormal", seed=0)
     sampler = TokenBudgetSampler(ds.lengths, 6144, seed=0)
-    collate = make_collator(args, sampler, ds, 1023, "cuda")
+    collate = make_collator(args, sampler, ds, 1023)
     big = max(sampler.global_batches(5), key=len)
     assert len(big) > collate.pack.num_seqs, "the case this test is about"
     samples = [ds[i] for i in big]

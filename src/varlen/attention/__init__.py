@@ -13,7 +13,7 @@ from .api import (
     check_inputs,
     choose_backend,
     kernel_name,
-    pads_to_max_seqlen,
+    prepare,
 )
 from .nested import nested_sdpa
 from .sdpa import padded_attention, padded_mask
@@ -33,5 +33,5 @@ __all__ = [
     "nested_sdpa",
     "padded_attention",
     "padded_mask",
-    "pads_to_max_seqlen",
+    "prepare",
 ]

@@ -96,14 +96,19 @@ def backend_unavailable(backend: str) -> str | None:
     return backend_module(name).unavailable(**kw)
 
 
-def pads_to_max_seqlen(backend: str, device_type: str) -> bool:
-    """Whether ``backend`` (or what ``"auto"`` takes first on this device) pads sequences to
-    ``max_seqlen`` when compiled, so a collator should bucket ``max_seqlen`` per batch
-    (``PackCollator(bucket_max_seqlen=True)``)."""
+def prepare(info: SeqInfo, backend: str = "auto", device_type: str = "cpu") -> SeqInfo:
+    """``info`` as ``backend``'s kernels (for ``"auto"``: the first backend that can run on
+    ``device_type``) take it: each backend owns its shape policy. Host arithmetic, once per batch,
+    before the batch goes to the device (``Engine.prepare`` calls it); the kernels then read it as it
+    is, also under ``torch.compile``, where they cannot look at the batch's lengths without a guard
+    per batch. SDPA pads to ``max_seqlen`` and gets the batch's longest as one of a few buckets
+    instead of the collator's bound; the others take the bound (an upper bound is valid for them,
+    and a constant one is no recompile)."""
     if backend == "auto":
         runnable = [b for b in AUTO_ORDER.get(device_type, ()) if not backend_unavailable(b)]
         backend = runnable[0] if runnable else "reference"
-    return backend_module(split_backend(backend)[0]).CAPS.pads_to_max_seqlen
+    m = backend_module(split_backend(backend)[0])
+    return m.prepare(info) if hasattr(m, "prepare") else info
 
 
 def backend_reasons(name: str, q: Tensor, k: Tensor, v: Tensor, info, causal: bool, window_size,

@@ -2,7 +2,8 @@
 
 A backend module exposes ``CAPS`` (a :class:`Capabilities`), ``unavailable()`` (why it cannot run
 on this machine at all, or ``None``), ``reasons(q, k, v, info, causal, window_size)`` (why it
-cannot run these inputs) and ``attention(q, k, v, info, *, causal, scale, window_size)``.
+cannot run these inputs) and ``attention(q, k, v, info, *, causal, scale, window_size)``; and where its kernels want the batch's
+metadata otherwise than the collator made it, ``prepare(info)`` (host-side, once per batch).
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ class Capabilities:
     sinks: bool = False  # attention sinks: a learned logit per head beside every row's scores (GPT-OSS)
     gqa: bool = True
     autograd: bool = True
-    # pads every sequence to ``max_seqlen`` under torch.compile (the batch's longest cannot be read
-    # there without a guard per batch): collators should hand it a per-batch bucket, not the bound
-    pads_to_max_seqlen: bool = False
     notes: str = ""
 
     def reasons(self, q: Tensor, k: Tensor, causal: bool, window_size: tuple[int, int], softcap: float = 0.0,

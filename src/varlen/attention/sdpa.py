@@ -7,18 +7,19 @@ go into one mask. ``L`` is the batch's longest sample rounded up to a power of t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..buckets import pow2_bucket, round_up
+from ..buckets import pow2_bucket, round_up, seqlen_bucket
 from ..seqinfo import SeqInfo
 from .common import Capabilities, band, window_bounds
 
 CAPS = Capabilities(
     name="sdpa",
     window=True,
-    pads_to_max_seqlen=True,
     notes="pads to the longest sample (a power of two) and masks; memory grows with B * L^2",
 )
 
@@ -31,6 +32,14 @@ def unavailable() -> str | None:
 
 def reasons(q, k, v, info, causal, window_size) -> list[str]:
     return []
+
+
+def prepare(info: SeqInfo) -> SeqInfo:
+    """``max_seqlen`` the batch's longest sequence as a power of two, capped at the collator's bound
+    (:func:`varlen.buckets.seqlen_bucket`: at most 8 values a run, a compiled graph each): compiled,
+    :func:`padded_length` pads to ``max_seqlen``, so memory follows the batch, not the bound."""
+    bucket = seqlen_bucket(max(info.lengths), info.max_seqlen)
+    return info if bucket == info.max_seqlen else replace(info, max_seqlen=bucket, _cache={})
 
 
 def padded_mask(key_valid: Tensor, causal: bool, window_size: tuple[int, int] = (-1, -1)) -> Tensor:
@@ -66,8 +75,8 @@ def padded_length(info: SeqInfo) -> int:
     samples once padded each to 5000 and ran out of memory). SDPA with a mask leaves its fast
     kernels at lengths off multiples of 16, and a power of two capped at a collator's
     ``max_seqlen`` (1000, not 1024) lands there (docs/gpu-notes.md). Compiled: ``max_seqlen`` itself, aligned
-    (reading the host lengths would guard on them, a recompile per batch; collators bucket it per
-    batch for this backend)."""
+    (reading the host lengths would guard on them, a recompile per batch; :func:`prepare` buckets it
+    per batch)."""
     aligned_bound = round_up(info.max_seqlen, ALIGN)
     if torch.compiler.is_compiling():
         return aligned_bound

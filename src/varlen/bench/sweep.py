@@ -121,7 +121,7 @@ class Sweep:
         self.alone = dist.new_subgroups(1)[0] if self.local is not None and dist.is_initialized() else None
         self.engine = Engine.around(model, Objective.logits(self.fam), d, parallel=args.parallel,
                                     wrapping=wrapping, compile=args.compile, dtype=dtype,
-                                    shard=self.shard)
+                                    shard=self.shard, attention=args.backend)
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, fused=cuda and args.parallel == "ddp")
         self.collate = TrainCollator(max_seqlen=max_len if args.compile else None, multiple_of=args.cp)
         self.budget = args.tokens_per_rank * d.world_size

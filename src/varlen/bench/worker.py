@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils.data import DataLoader
 
-from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, graph_num_seqs, round_up
 from ..data import Batch, NestedCollator, PackCollator, PadCollator, PadToLongestCollator, SyntheticDataset
 from ..engine import Engine, Objective, build_model
@@ -43,9 +42,7 @@ def _collator(case: Case, cfg: DecoderConfig, batches: list[list[int]]):
         case _:
             # compiled: a constant max_seqlen (an upper bound is valid for every kernel) keeps
             # the compiled graph from specialising on each batch's longest sample
-            own = family(case.spec.family).own_attention  # a peer's attention: nothing of varlen's to ask
             return PackCollator(max_seqlen=w.max_len if case.compile else None,
-                                bucket_max_seqlen=not own and pads_to_max_seqlen(case.backend, w.device),
                                 pad_to_multiple_of=w.levers.token_multiple)
 
 
@@ -162,7 +159,8 @@ def _engine(case: Case, model, fam, graphed: bool) -> Engine:
     return Engine.around(model, objective, Dist.alone(w.device), compile=case.compile,
                          compile_mode=compile_mode(w.autotune, graphed),
                          dtype=getattr(torch, w.dtype) if w.device == "cuda" else None,
-                         static=graphed and bool(w.tokens_per_batch))
+                         static=graphed and bool(w.tokens_per_batch),
+                         attention=None if fam.own_attention else case.backend)  # a peer's: nothing of varlen's
 
 
 def _step_fn(case: Case, engine: Engine):

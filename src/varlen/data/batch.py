@@ -42,6 +42,11 @@ class Batch:
         """Called by ``DataLoader(pin_memory=True)``: the copy to the GPU can then be non-blocking."""
         return self._map(lambda x: x.pin_memory())
 
+    def for_kernels(self, prepare) -> "Batch":
+        """This batch with ``prepare(info)`` for its packed metadata (``varlen.attention.prepare``: the
+        shapes an attention backend's kernels take); padded and nested batches have none."""
+        return self
+
     def mark_dynamic(self) -> "Batch":
         """This batch, its changing sizes marked for ``torch.compile`` (no recompile to learn they
         change). Padded rows stay static: their lengths come from a few buckets, and static
@@ -114,6 +119,9 @@ class PackedBatch(Batch):
     context: object = None
     row_len: int | None = None  # HF's [T / row_len, row_len] rows (PackRowsCollator); None: one row [1, T]
     dynamic: bool = False  # token and sequence counts marked as changing for torch.compile
+
+    def for_kernels(self, prepare) -> "PackedBatch":
+        return replace(self, info=prepare(self.info))
 
     def mark_dynamic(self) -> "PackedBatch":
         mark = torch._dynamo.maybe_mark_dynamic

@@ -138,9 +138,9 @@ class PackCollator:
     them all. ``pad_to`` must then leave at least one filler token per missing sequence.
     ``pad_to_bucket`` (sizes per octave, :func:`varlen.buckets.token_bucket`) rounds the row up to
     one of a few sizes instead: with ``num_seqs``, a run has a few shapes, a CUDA graph each.
-    ``bucket_max_seqlen`` hands the kernels the batch's longest sample as a power of two instead
-    of the bound (:func:`varlen.buckets.seqlen_bucket`, at most 8 values): for kernels that pad
-    to ``max_seqlen`` under ``torch.compile`` (SDPA), so memory follows the batch, not the bound.
+    Filler sequences are at most the longest sample's power-of-two bucket
+    (:func:`varlen.buckets.seqlen_bucket`) long, so a kernel that pads to a per-batch ``max_seqlen``
+    (SDPA's :func:`varlen.attention.prepare`) pads to what the samples need, not to the bound.
     """
 
     max_seqlen: int | None = None
@@ -148,7 +148,6 @@ class PackCollator:
     pad_to_multiple_of: int | None = None  # buckets of token counts: fewer shapes for the compiler
     num_seqs: int | None = None  # a fixed number of sequences (real + filler): CUDA graphs
     pad_to_bucket: int | None = None  # token_bucket(per_octave=...) of the row: a few shapes
-    bucket_max_seqlen: bool = False
     pad_id: int = 0
     ignore_index: int = IGNORE_INDEX
     labels: Labels = Labels.SHIFTED  # UNSHIFTED: each sample's first label is ignored
@@ -164,13 +163,12 @@ class PackCollator:
             raise ValueError(f"batch has {total} tokens, more than pad_to={self.pad_to}")
         target = self.row_tokens(lengths)
         max_seqlen = self.max_seqlen
-        if self.bucket_max_seqlen and max_seqlen is not None and lengths:
-            max_seqlen = seqlen_bucket(max(lengths), max_seqlen)
-        # filler no longer than the longest sample, so its positions stay inside the model's range
+        # filler no longer than the longest sample's bucket, so its positions stay inside the model's
+        # range and a kernel padding to the batch's longest (SDPA) pads no further for it
         cap = max_seqlen or max(lengths, default=None)
         if self.num_seqs is None:
-            filler = filler_lengths(target - total, cap)
-        else:
+            filler = filler_lengths(target - total, seqlen_bucket(max(lengths), cap) if max_seqlen and lengths else cap)
+        else:  # the filler shared out over a fixed count: up to the bound (a smaller cap might not fit)
             filler = split_filler(target - total, len(lengths), self.num_seqs, cap)
         info = SeqInfo.from_lengths(lengths + filler, max_seqlen=max_seqlen,
                                     filler=range(len(lengths), len(lengths) + len(filler)))

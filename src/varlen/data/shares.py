@@ -22,16 +22,15 @@ class TrainCollator:
     """A rank's share of a step -> one :class:`PackedBatch`; an empty share -> one ignored filler
     token, so the rank still runs forward/backward and its collectives match the others'."""
 
-    def __init__(self, pad_to: int | None = None, max_seqlen: int | None = None, bucket_max_seqlen: bool = False,
-                 multiple_of: int = 1, num_seqs: int | None = None, pad_to_bucket: int | None = None):
+    def __init__(self, pad_to: int | None = None, max_seqlen: int | None = None, multiple_of: int = 1,
+                 num_seqs: int | None = None, pad_to_bucket: int | None = None):
         # pad_to (--static): rows of at least this many tokens, rounded up to STATIC_ROW_MULTIPLE;
         # multiple_of: rows split evenly over a context group (filler tokens make up the rest);
         # num_seqs, pad_to_bucket: CUDA graphs (PackCollator's: one number of sequences, few row sizes)
         self.quantum = math.lcm(STATIC_ROW_MULTIPLE, multiple_of)
         pad_to = round_up(pad_to, self.quantum) if pad_to else None
-        self.pack = PackCollator(max_seqlen=max_seqlen, pad_to=pad_to, bucket_max_seqlen=bucket_max_seqlen,
-                                 pad_to_multiple_of=multiple_of if multiple_of > 1 else None, num_seqs=num_seqs,
-                                 pad_to_bucket=pad_to_bucket)
+        self.pack = PackCollator(max_seqlen=max_seqlen, pad_to=pad_to, num_seqs=num_seqs, pad_to_bucket=pad_to_bucket,
+                                 pad_to_multiple_of=multiple_of if multiple_of > 1 else None)
         self.pad_to, self.multiple_of = pad_to, multiple_of
 
     def __call__(self, samples) -> PackedBatch:

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..attention import prepare
 from ..data import Batch, move_batch
 from ..levers import Levers
 from ..loss import cross_entropy_sum, num_targets
@@ -59,6 +60,7 @@ class Engine:
     dtype: torch.dtype | None = None  # autocast's, or None
     shard: ContextShard | None = None  # context parallelism: this rank's slice of every row
     dynamic: bool = False  # compiled on rows of varying shapes: mark each batch's sizes dynamic
+    attention: str | None = None  # the attention backend whose shape policy each batch gets (None: none)
     autocast: object = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -67,18 +69,25 @@ class Engine:
     @classmethod
     def around(cls, model: nn.Module, objective: Objective, d: Dist, *, parallel: str = "none",
                wrapping: Wrapping = Wrapping(), compile: bool = False, compile_mode: str | None = None,
-               dtype: torch.dtype | None = None, shard: ContextShard | None = None, static: bool = False) -> Engine:
+               dtype: torch.dtype | None = None, shard: ContextShard | None = None, static: bool = False,
+               attention: str | None = None) -> Engine:
         """``model`` compiled and wrapped for ``parallel`` (``none``, ``ddp``, ``fsdp2``): FSDP2 gathers
-        parameters in ``dtype``; ``static``: every row has one shape (nothing marked dynamic)."""
+        parameters in ``dtype``; ``static``: every row has one shape (nothing marked dynamic);
+        ``attention``: the backend varlen's attention runs in the model (None: attention of its own),
+        whose shape policy each batch gets, except under CUDA graphs (rows the collator shaped once)."""
         wrapped = wrap(model, parallel, d, **wrapping.wrap_kwargs(),
                        param_dtype=dtype if dtype == torch.bfloat16 else None, compile=compile,
                        compile_mode=compile_mode)
-        return cls(model, wrapped, objective, d.device, dtype, shard, dynamic=compile and not static)
+        graphs = compile and compile_mode in ("reduce-overhead", "max-autotune")
+        return cls(model, wrapped, objective, d.device, dtype, shard, dynamic=compile and not static,
+                   attention=None if graphs else attention)
 
     def prepare(self, host: Batch, dynamic: bool | None = None) -> Batch:
-        """A collated batch as the model takes it: this rank's context slice, on the device (without
-        waiting for the copy), its sizes marked dynamic when compiled on varying shapes."""
-        b = shard_batch(host, self.shard) if self.shard is not None else host
+        """A collated batch as the model takes it: its metadata as the attention backend's kernels take
+        it (``varlen.attention.prepare``), this rank's context slice, on the device (without waiting for
+        the copy), its sizes marked dynamic when compiled on varying shapes."""
+        b = host if self.attention is None else host.for_kernels(lambda i: prepare(i, self.attention, self.device.type))
+        b = shard_batch(b, self.shard) if self.shard is not None else b
         b = move_batch(b, self.device, non_blocking=True)
         return b.mark_dynamic() if (self.dynamic if dynamic is None else dynamic) else b
 

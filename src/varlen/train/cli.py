@@ -22,7 +22,6 @@ from typing import NoReturn
 import torch
 
 from ..argtypes import device_problem, runtime_error, usage_error
-from ..attention import pads_to_max_seqlen
 from ..buckets import GRAPH_BUCKETS_PER_OCTAVE, ceil_div, graph_num_seqs
 from ..data import CostModel, TokenBudgetSampler, TrainCollator
 from ..engine import Engine, Objective, build_model, measure_cost
@@ -311,11 +310,11 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
         CostModel.from_flops(cfg.dim, cfg.n_layers, cfg.vocab_size)
     sampler = TokenBudgetSampler(ds.lengths, micro_budget, window=conf.step.window, seed=conf.run.seed,
                                  world_size=dp, rank=d.rank // conf.step.cp, split=conf.step.split, cost=cost)
-    collate = make_collator(conf, sampler, ds, max_len, d.device.type)
+    collate = make_collator(conf, sampler, ds, max_len)
     trained, objective = head_in_loss(conf, fam, model, parallel)
     engine = Engine.around(trained, objective, d, parallel=parallel, wrapping=conf.wrapping,
                            compile=conf.runtime.compile, compile_mode="reduce-overhead" if conf.runtime.cuda_graphs
-                           else None, dtype=autocast_dtype, shard=shard)
+                           else None, dtype=autocast_dtype, shard=shard, attention=conf.model.backend)
     opt = make_optimizer(conf.optim.optimizer, model, conf.optim.lr, conf.optim.weight_decay,
                          fused=parallel != "fsdp2" and (d.device.type == "cuda" or conf.run.log_every > 1))
     step, batches_done = restore(resume_from, engine.wrapped, opt, sampler, d)
@@ -328,7 +327,7 @@ def train(conf, d: Dist, budget: int, micro_budget: int, shard, dp: int, paralle
                 "cost_per_token_sq": cost.per_token_sq, "cost_per_seq": cost.per_seq, "resumed_at": step,
                 "held_out": len(held_out) if held_out else 0, "data_report": vars(report)}
         print("varlen train:", json.dumps(info), flush=True)
-    eval_collate = make_collator(conf, sampler, ds, max_len, d.device.type, plain=True)  # built once, not per eval
+    eval_collate = make_collator(conf, sampler, ds, max_len, plain=True)  # built once, not per eval
     evaluator = None if held_out is None else Evaluator(engine, held_out, eval_collate, micro_budget, dp=dp,
                                                         dp_rank=d.rank // conf.step.cp)
     loop = Loop(conf, d, engine, opt, sampler, ds, collate, {**config, "settings": conf.as_dict()}, evaluator)
@@ -411,15 +410,14 @@ def restore(found: Path | None, wrapped, opt, sampler, d: Dist) -> tuple[int, in
     return extra["step"], extra["sampler"]["batches_done"]
 
 
-def make_collator(conf, sampler, ds, max_len: int, device_type: str, plain: bool = False) -> TrainCollator:
+def make_collator(conf, sampler, ds, max_len: int, plain: bool = False) -> TrainCollator:
     """Rows as the flags shape them: ``--static`` one token count (the busiest rank's share),
     ``--cuda-graphs`` one number of sequences and one of 8 row sizes an octave; ``plain``: neither
     (evaluation)."""
     # rows split evenly over the context group, each slice a whole number of fp8 GEMM tiles
     multiple_of = conf.step.cp * (conf.levers.token_multiple or 1)
     if plain:
-        return TrainCollator(max_seqlen=max_len, multiple_of=multiple_of,
-                             bucket_max_seqlen=pads_to_max_seqlen(conf.model.backend, device_type))
+        return TrainCollator(max_seqlen=max_len, multiple_of=multiple_of)
     planned = conf.step.static or conf.runtime.cuda_graphs
     shares = [s for b in sampler.global_batches() for s in sampler.shares(b)] if planned else []
     row = max((sum(ds.lengths[i] for i in s) for s in shares), default=0)
@@ -428,8 +426,7 @@ def make_collator(conf, sampler, ds, max_len: int, device_type: str, plain: bool
         num_seqs = graph_num_seqs(max(len(s) for s in shares), row, max_len)
         return TrainCollator(max_seqlen=max_len, multiple_of=multiple_of, num_seqs=num_seqs,
                              pad_to_bucket=GRAPH_BUCKETS_PER_OCTAVE)
-    return TrainCollator(pad_to=row if conf.step.static else None, max_seqlen=max_len,
-                         multiple_of=multiple_of, bucket_max_seqlen=pads_to_max_seqlen(conf.model.backend, device_type))
+    return TrainCollator(pad_to=row if conf.step.static else None, max_seqlen=max_len, multiple_of=multiple_of)
 
 
 class Loop:
