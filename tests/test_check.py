@@ -111,6 +111,39 @@ def test_bad_arguments(tmp_path, capsys):
     assert e.value.code == 2 and "pass --random-init" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,says", [
+    ([], "say what to check: one of --all-architectures, --hf-config, --preset"),
+    (["--preset", "tiny", "--hf-config", "x"], "(not --hf-config and --preset)"),
+    (["--preset", "tiny", "--jobs", "4"], "--jobs is for --all-architectures"),
+    (["--preset", "tiny", "--markdown", "m.md"], "--markdown is for --all-architectures"),
+    (["--preset", "tiny", "--timeout", "5"], "--case-timeout is for --all-architectures"),
+    (["--preset", "tiny", "--random-init"], "--random-init is for --hf-config"),
+    (["--all-architectures", "llama", "--device", "cpu", "--backend", "flex"], "--backend would be ignored"),
+    (["--all-architectures", "--compile"], "--compile would be ignored"),
+    (["--preset", "tiny", "--backend", "nope"], "unknown attention backend 'nope'"),
+    (["--preset", "tiny", "--device", "gpu"], "--device"),
+])
+def test_flags_that_cannot_go_together_or_would_be_ignored(flags, says, capsys):
+    # one line (argparse's, exit 2) before any model is built: a flag never silently does nothing
+    with pytest.raises(SystemExit) as e:
+        main(flags)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and says in err[-1], err
+
+
+def test_check_options_spell_settings_as_train_does():
+    # one definition of --backend and --device for every command: same help, same type
+    from varlen.check import CheckOptions
+    from varlen.train.config import ModelOptions
+    from dataclasses import fields
+
+    check_f, train_f = ({f.name: f for f in fields(g)} for g in (CheckOptions, ModelOptions))
+    for name in ("backend", "device"):
+        assert check_f[name].metadata["type"] is train_f[name].metadata["type"]
+        assert check_f[name].default == train_f[name].default
+    assert check_f["backend"].metadata["help"].endswith(train_f["backend"].metadata["help"].split(": ", 1)[1])
+
+
 def test_check_catches_a_loss_normalised_per_micro_batch(monkeypatch):
     # each micro-batch's mean summed (num_items_in_batch dropped): the accumulation check fails
     import varlen.check as vc

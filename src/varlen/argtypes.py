@@ -9,6 +9,8 @@ from typing import NoReturn
 
 import torch
 
+from .options import option
+
 # A learning rate or any number the run multiplies float32 weights by: beyond this it is inf there.
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -68,6 +70,19 @@ device_name.__name__ = "a device"
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+BACKEND_CHOICES = "auto, flash, flash:fa4|fa2|torch, xformers, flex, sdpa, nested, reference"
+
+
+def backend_option(what: str = "attention backend", default: str = "auto"):
+    """The ``--backend`` field every command's options spell alike (:func:`varlen.options.option`)."""
+    return option(default, f"{what}: {BACKEND_CHOICES}", type=backend_name)
+
+
+def device_option(more: str = ""):
+    """The ``--device`` field every command's options spell alike; ``more``: what it means there."""
+    return option(default_device(), "cpu, cuda or cuda:N" + (f" ({more})" if more else ""), type=device_name)
 
 
 def device_problem(name: str) -> str | None:

@@ -16,16 +16,21 @@ and an all-ones attention mask, it reports the leak.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import re
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .argtypes import backend_option, device_option, dtype_name, positive_int
 from .loss import IGNORE_INDEX, Labels, ignore_starts
+from .models.decoder import PRESETS
+from .options import changed, flag_of, option
 from .seqinfo import SeqInfo
 
 
@@ -535,3 +540,51 @@ def _compiled(report, subject, model, truth_model, device, vocab, max_len, n, g,
 
 def to_json(report: Report) -> str:
     return json.dumps(report.to_dict(), indent=1)
+
+
+# the flags --all-architectures leaves to each architecture's own process (tiny, random, on the CPU)
+MATRIX_FIXES = ("random_init", "attn_implementation", "backend", "device", "dtype", "max_len", "seed", "compile")
+MATRIX_ONLY = ("markdown", "jobs", "case_timeout")
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What ``varlen check`` checks (every architecture, an HF model, or varlen's decoder: one of them),
+    on which kernel and device; flags generated from the fields (:mod:`varlen.options`), spelt as
+    ``varlen train`` and ``varlen bench`` spell the same settings."""
+    all_architectures: list[str] | None = option(
+        None, "the compatibility matrix: every causal LM type the installed transformers registers (or these), each "
+        "tiny and random, checked on the CPU in its own process", nargs="*", metavar="TYPE")
+    hf_config: Path | None = option(None, "an HF causal LM: a model folder, or a folder / config.json (with "
+                                    "--random-init)", type=Path, metavar="PATH")
+    preset: str | None = option(None, "varlen's decoder of this preset", choices=sorted(PRESETS))
+    random_init: bool = option(False, "random weights from the config (no weights needed)", action="store_true")
+    attn_implementation: str = option("varlen", "for --hf-config: varlen, sdpa, eager, ...")
+    backend: str = backend_option("varlen's kernel")
+    device: str = device_option()
+    dtype: str | None = option(None, "the model's dtype (default: fp32 on a CPU, bf16 on CUDA)",
+                               type=dtype_name("fp32", "bf16", "fp16"), metavar="{fp32,bf16,fp16}")
+    max_len: int = option(256, "the longest sample checked (capped at the model's positions)", type=positive_int)
+    seed: int = option(0, "the seed of weights and samples", type=int)
+    compile: bool = option(False, "also check a compiled model over random batches",
+                           action=argparse.BooleanOptionalAction)
+    json: Path | None = option(None, "write the report here", type=Path)
+    markdown: Path | None = option(None, "--all-architectures: write the matrix as Markdown", type=Path)
+    jobs: int = option(1, "--all-architectures: architectures at once", type=positive_int)
+    case_timeout: int = option(900, "--all-architectures: seconds an architecture (as varlen bench's --case-timeout "
+                               "a case)", type=positive_int, metavar="S", aliases=("--timeout",))
+
+    def problems(self) -> list[str]:
+        """Flags that cannot go together, or that would be ignored, one line each; empty when fine."""
+        chosen = [flag_of(f) for f in ("all_architectures", "hf_config", "preset") if getattr(self, f) is not None]
+        if len(chosen) != 1:
+            return ["say what to check: one of --all-architectures, --hf-config, --preset" +
+                    (f" (not {' and '.join(chosen)})" if chosen else "")]
+        set_ = changed(self)
+        if self.all_architectures is not None:
+            return [f"--all-architectures checks each type tiny, random and on the CPU in its own process: "
+                    f"{flag_of(f)} would be ignored" for f in MATRIX_FIXES if f in set_]
+        out = [f"{flag_of(f)} is for --all-architectures" for f in MATRIX_ONLY if f in set_]
+        if self.preset is not None:
+            out += [f"{flag_of(f)} is for --hf-config" for f in ("random_init", "attn_implementation") if f in set_]
+        return out

@@ -11,42 +11,25 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from .argtypes import DTYPES, backend_name, default_device, device_name, device_problem, dtype_name, positive_int, usage_error
-from .models.decoder import PRESETS
+from .argtypes import DTYPES, device_problem, usage_error
+from .check import CheckOptions
+from .options import add_flags, from_args
 
 
-def parse_args(argv):
+def parse_args(argv) -> CheckOptions:
+    """The command line as a :class:`~varlen.check.CheckOptions`; flags that cannot go together, or that
+    would be ignored, are one line (exit 2)."""
     p = argparse.ArgumentParser(prog="varlen check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--all-architectures", nargs="*", metavar="TYPE",
-                       help="the compatibility matrix: every causal LM type the installed transformers registers "
-                            "(or these), each tiny and random, checked on the CPU in its own process")
-    model.add_argument("--hf-config", type=Path, metavar="PATH",
-                       help="an HF causal LM: a model folder, or a folder / config.json (with --random-init)")
-    model.add_argument("--preset", choices=sorted(PRESETS), help="varlen's decoder of this preset")
-    p.add_argument("--random-init", action="store_true", help="random weights from the config (no weights needed)")
-    p.add_argument("--attn-implementation", default="varlen", help="for --hf-config: varlen, sdpa, eager, ...")
-    p.add_argument("--backend", type=backend_name, default="auto",
-                   help="varlen's kernel: auto, flash, flash:fa4|fa2|torch, flex, sdpa, xformers, reference")
-    p.add_argument("--device", type=device_name, default=default_device(), help="cpu, cuda or cuda:N")
-    p.add_argument("--dtype", type=dtype_name("fp32", "bf16", "fp16"), default=None, metavar="{fp32,bf16,fp16}",
-                   help="the model's dtype (default: fp32 on a CPU, bf16 on CUDA)")
-    p.add_argument("--max-len", type=positive_int, default=256,
-                   help="the longest sample checked (capped at the model's positions)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="also check a compiled model over random batches")
-    p.add_argument("--json", type=Path, default=None, help="write the report here")
-    p.add_argument("--markdown", type=Path, default=None, help="--all-architectures: write the matrix as Markdown")
-    p.add_argument("--jobs", type=positive_int, default=1, help="--all-architectures: architectures at once")
-    p.add_argument("--case-timeout", "--timeout", dest="timeout", type=positive_int, default=900, metavar="S",
-                   help="--all-architectures: seconds an architecture (as varlen bench's --case-timeout a case)")
-    return p.parse_args(argv)
+    add_flags(CheckOptions, p)
+    opts = from_args(CheckOptions, p.parse_args(argv))
+    why = opts.problems()
+    if why:
+        p.error(why[0])
+    return opts
 
 
 def all_architectures(args) -> int:
@@ -64,7 +47,7 @@ def all_architectures(args) -> int:
         usage_error("varlen check", f"--all-architectures: not causal-LM types of transformers "
                                     f"{transformers.__version__}: {', '.join(unknown)}")
     say = lambda o: print(f"{o.model_type:32s} {o.outcome:14s} {o.seconds:6.1f} s  {o.reason[:160]}", flush=True)  # noqa: E731
-    outcomes = matrix.run_matrix(types, jobs=args.jobs, timeout=args.timeout, progress=say)
+    outcomes = matrix.run_matrix(types, jobs=args.jobs, timeout=args.case_timeout, progress=say)
     versions = {"transformers": transformers.__version__, "torch": torch.__version__,
                 "date": time.strftime("%Y-%m-%d")}
     if args.json:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from dataclasses import dataclass
 
-from ..argtypes import backend_name, default_device, device_name, nonneg_int, positive_int
+from ..argtypes import backend_option, device_option, nonneg_int, positive_int
 from ..data import LENGTH_DISTS, CostModel, PackedBatch, SyntheticDataset, TokenBudgetSampler, TrainCollator
 from ..engine import Engine, Objective, build_model, measure_cost
 from ..measure import GarbageCollection, graph_count, since, start
@@ -32,8 +32,8 @@ class SweepOptions:
     """The sweep's model, the configurations it times and how (data-parallel wrapping: ``Wrapping``)."""
     preset: str = option("study", "the decoder preset", choices=sorted(PRESETS))
     model: str = option("decoder", "the study's model family (decoder, hf-gpt2, hf-llama)")
-    backend: str = option("auto", "attention backend", type=backend_name)
-    device: str = option(default_device(), "cpu, cuda or cuda:N", type=device_name)
+    backend: str = backend_option()
+    device: str = device_option("under torchrun each rank takes the GPU of its LOCAL_RANK")
     parallel: str = option("ddp", "data parallelism", choices=["ddp", "fsdp2"])
     dists: str = option("uniform,lognormal", "length distributions (comma list): uniform, fixed, lognormal or "
                         "a file of lengths")

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from ..argtypes import (backend_name, default_device, device_name, dtype_name, nonneg_float, nonneg_int, positive_float,
+from ..argtypes import (backend_option, device_option, dtype_name, nonneg_float, nonneg_int, positive_float,
                         positive_int)
 from ..levers import Levers
 from ..models import DecoderConfig, family
@@ -50,10 +50,8 @@ class ModelOptions:
     model: str = option("decoder", "a folder holding a saved HF causal LM (config.json, safetensors weights, tokenizer "
                         "files) to fine-tune; or, for the study, varlen's decoder, hf-gpt2 or hf-llama of --preset's "
                         "size with random weights", metavar="NAME|DIR")
-    backend: str = option("auto", "attention backend: auto, flash, flash:fa4|fa2|torch, xformers, flex, sdpa, nested, "
-                          "reference", type=backend_name)
-    device: str = option(default_device(), "cpu, cuda or cuda:N (one process; under torchrun each rank takes the GPU "
-                         "of its LOCAL_RANK)", type=device_name)
+    backend: str = backend_option()
+    device: str = device_option("one process; under torchrun each rank takes the GPU of its LOCAL_RANK")
 
 
 @dataclass(frozen=True)
