@@ -56,19 +56,23 @@ def _check_bf16(backend, lengths, heads, kv_heads, causal, seed):
 
 @pytest.mark.parametrize("backend", ["flash:fa4", "flash:torch", "auto"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_smoke_qkvpacked_vs_float64(backend, causal):
+@pytest.mark.parametrize("softcap", [0.0, 4.0], ids=["no_cap", "softcap"])
+def test_smoke_qkvpacked_vs_float64(backend, causal, softcap):
     # attention_qkvpacked: FA4 reads q, k, v as strided views of [T, 3, H, D] and writes the gradients
-    # into one such buffer (stack's backward hands q, k, v their thirds); the study's heads
+    # into one such buffer (stack's backward hands q, k, v their thirds); the study's heads; with
+    # Gemma 2's soft-capping the same op pair (FA4's packed form took no cap before)
     lengths = [1, 37, 200, 5, 1023] + [1, 2, 3] * 4
     q, k, v = random_qkv(lengths, 16, 16, 64, torch.bfloat16, device="cuda", seed=3 + causal)
+    if softcap:
+        q, k = q * 2, k * 2  # scores of a few units, so a cap of 4 bites
     info = SeqInfo.from_lengths(lengths, device="cuda")
     for x in (q, k, v):
         x.requires_grad_()
-    why = backend_reasons(backend, q, k, v, info, causal, (-1, -1)) if backend != "auto" else []
+    why = backend_reasons(backend, q, k, v, info, causal, (-1, -1), softcap) if backend != "auto" else []
     if why:
         pytest.skip(f"{backend}: {'; '.join(why)}")
-    out = attention_qkvpacked(torch.stack((q, k, v), 1), info, causal=causal, backend=backend)
-    assert_matches_truth(out, q, k, v, lengths, causal)
+    out = attention_qkvpacked(torch.stack((q, k, v), 1), info, causal=causal, backend=backend, softcap=softcap)
+    assert_matches_truth(out, q, k, v, lengths, causal, softcap=softcap)
 
 
 @pytest.mark.parametrize("backend", ["flash:fa4", "flex", "reference", "auto"])
