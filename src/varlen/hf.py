@@ -99,29 +99,38 @@ def use(backend: str = "auto", model: torch.nn.Module | None = None) -> None:
     # every config the model's modules hold: a composite model's text config is another object
     for config in {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}.values():
         config.varlen_backend = backend
-        _SAMPLE_WISE[id(config)] = (weakref.ref(config), wrapped)
+        _MODELS[id(config)] = ModelState(weakref.ref(config), wrapped)
 
 
 def refuse_packing(config) -> None:
     """Packed rows reached a model with layers that would mix its samples: one line, before any kernel."""
     if config is None:
         return
-    ref, wrapped = _SAMPLE_WISE.get(id(config), (None, ()))
-    wrapped = wrapped if ref is not None and ref() is config else ()
-    ref, why = _REFUSALS.get((id(config), wrapped), (None, None))
-    if ref is None or ref() is not config:  # once per config: decided from it alone (all a layer sees)
+    state = _MODELS.get(id(config))
+    if state is None or state.config() is not config:  # a model varlen.hf.use never saw (or a new one at that id)
+        state = _MODELS[id(config)] = ModelState(weakref.ref(config))
+    if state.refusal is None:  # once per model: decided from its config alone (all a layer sees)
         from .packable import config_refusal
 
-        why = config_refusal(config, wrapped) or ""
-        _REFUSALS[(id(config), wrapped)] = (weakref.ref(config), why)
-    if why:
-        raise PackingRefused(f"varlen cannot pack this model exactly: {why}; varlen.hf.use(backend, model) runs "
-                             "its known state-space / linear-attention mixers one sample at a time, otherwise "
+        state.refusal = config_refusal(config, state.sample_wise) or ""
+    if state.refusal:
+        raise PackingRefused(f"varlen cannot pack this model exactly: {state.refusal}; varlen.hf.use(backend, model) "
+                             "runs its known state-space / linear-attention mixers one sample at a time, otherwise "
                              "train it on padded rows")
 
 
-_REFUSALS: dict[tuple, tuple] = {}  # (id(config), sample-wise paths) -> (weak reference to it, the refusal or "")
-_SAMPLE_WISE: dict[int, tuple] = {}  # id(config) -> (weak reference to it, its model's sample-wise mixer paths)
+@dataclass
+class ModelState:
+    """What varlen keeps of one model, found from the config every layer of it holds: the mixers
+    ``use`` set to run sample by sample, and whether packed rows are refused (decided once). Kept
+    beside the config, not on it: a config saves every attribute it holds with the model."""
+
+    config: weakref.ref
+    sample_wise: tuple[str, ...] = ()
+    refusal: str | None = None  # None: not decided yet; "": packs exactly
+
+
+_MODELS: dict[int, ModelState] = {}  # id(config) -> its model's state (a plain dict: torch.compile traces it)
 
 
 def backend_of(module: torch.nn.Module) -> str:
