@@ -106,7 +106,7 @@ def test_one_spelling_for_each_setting_across_commands():
         args, _ = scaling(argv)
         assert (args.warmup, args.tokens_per_rank) == (3, 512)
     one = ["--all-architectures"]
-    assert check([*one, "--case-timeout", "60"]).timeout == check([*one, "--timeout", "60"]).timeout == 60
+    assert check([*one, "--case-timeout", "60"]).case_timeout == check([*one, "--timeout", "60"]).case_timeout == 60
     assert bench(["--case-timeout", "60"]).case_timeout == 60
 
 
