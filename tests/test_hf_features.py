@@ -195,7 +195,7 @@ def test_a_packed_batch_on_a_filled_cache_is_refused():
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="varlen").eval()
     cache = model(input_ids=torch.arange(1, 6)[None], use_cache=True).past_key_values
     batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(1, n + 1)} for n in (3, 4)])
-    with pytest.raises(varlen.hf.PackingRefused, match=r"a packed batch \(varlen_info\) with a KV cache that already"):
+    with pytest.raises(varlen.hf.PackingRefused, match=r"a packed batch \(varlen_info\) with a KV cache"):
         model(**batch, past_key_values=cache, use_cache=True)
     # decoding one sample with its own cache stays as it was (a fresh cache: the refused call's layer
     # had appended its keys before its attention refused)
@@ -225,3 +225,79 @@ def test_decoding_from_a_cache_a_packed_batch_filled_is_refused():
     model(**batch, use_cache=False)  # no cache filled: nothing to refuse later
     cache = model(input_ids=torch.arange(1, 6)[None]).past_key_values
     model(input_ids=torch.tensor([[7]]), past_key_values=cache)
+
+
+def _cache_model(name: str, dtype=torch.float64, **extra):
+    # tiny models: Llama (full attention), Mistral (one sliding window), Gemma 2 (windows on
+    # every other layer, soft-capping)
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(name, num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64,
+                                            pad_token_id=0, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").to(dtype).eval()
+    return cfg, model
+
+
+CACHE_MODELS = [("llama", {}), ("mistral", {"sliding_window": 4}),
+                ("gemma2", {"sliding_window": 4, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0})]
+
+
+@pytest.mark.parametrize("name, extra", CACHE_MODELS, ids=[n for n, _ in CACHE_MODELS])
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_decoding_with_a_cache_matches_eager(name, extra, cache):
+    # a static cache's keys are all its slots, those past what it holds empty: a query must see only
+    # the filled ones up to its own (it once saw them all, silently off by up to 0.3 in the logits);
+    # a sliding window's static cache rolls once full. Prefill, single tokens past the window, then a
+    # chunk of three, each against transformers' eager attention on a cache of the same kind
+    cfg, model = _cache_model(name, **extra)
+    chunks = [torch.arange(1, 7)[None], torch.tensor([[9]]), torch.tensor([[11]]), torch.tensor([[13]]),
+              torch.tensor([[5, 6, 7]])]
+
+    def run(impl):
+        model.set_attn_implementation(impl)
+        if impl == "varlen":
+            varlen.hf.use("reference", model)
+        past = (transformers.StaticCache(config=cfg, max_cache_len=24) if cache == "static"
+                else transformers.DynamicCache(config=cfg))
+        return [model(input_ids=ids, past_key_values=past, use_cache=True).logits for ids in chunks]
+
+    want, got = run("eager"), run("varlen")
+    for g, w in zip(got, want):  # eager's softmax is float32 whatever the inputs: float32 tolerance
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
+@pytest.mark.parametrize("name, extra", CACHE_MODELS, ids=[n for n, _ in CACHE_MODELS])
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_generating_left_padded_prompts_matches_eager(name, extra, cache):
+    # generate() hands attention a 2-D padding mask over the filled slots; a static cache's keys
+    # outnumber it (those slots are cut off, as transformers' FlashAttention path does). float32:
+    # eager's masked softmax turns a left-padded row to NaN in float64
+    cfg, model = _cache_model(name, torch.float32, **extra)
+    ids = torch.tensor([[0, 0, 3, 4, 5], [7, 8, 9, 10, 11]])
+    mask = (ids != 0).long()
+
+    def run(impl):
+        model.set_attn_implementation(impl)
+        if impl == "varlen":
+            varlen.hf.use("reference", model)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             cache_implementation=cache, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+        return out.sequences, torch.stack(out.logits)
+
+    (want_ids, want), (got_ids, got) = run("eager"), run("varlen")
+    assert torch.equal(got_ids, want_ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_a_packed_row_into_a_static_cache_is_refused():
+    # a static cache's keys outnumber the queries even when it is empty, so a packed row there takes
+    # the decode path, where boundaries would be ignored: refused, also when only position_ids
+    # (restarting inside the row) say it is packed, as TRL's padding-free collator sends it
+    cfg, model = _cache_model("llama")
+    model.set_attn_implementation("varlen")
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(1, n + 1)} for n in (3, 4)])
+    for kwargs in ({"varlen_info": batch["varlen_info"]}, {}):
+        past = transformers.StaticCache(config=cfg, max_cache_len=16)
+        with pytest.raises(varlen.hf.PackingRefused, match="a packed batch .* with a KV cache"):
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], past_key_values=past, **kwargs)

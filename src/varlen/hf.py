@@ -139,12 +139,16 @@ def backend_of(module: torch.nn.Module) -> str:
 
 
 @torch.compiler.disable  # host-side derivation (it reads the tensor), cached across layers also when compiled
-def _once_per_batch(tensor: Tensor, build):
-    version, value = _PER_BATCH.get(tensor, (None, None))
+def _once_per_batch(tensor: Tensor, what: str, build):
+    """``build()``, the ``what`` of ``tensor`` (one tensor may stand for several things: a row's
+    sequences, whether it is packed), derived by the first layer and kept for the others."""
+    version, values = _PER_BATCH.get(tensor, (None, None))
     if version != tensor._version:  # a tensor changed in place is derived again
-        value = build()
-        _PER_BATCH[tensor] = (tensor._version, value)
-    return value
+        values = {}
+        _PER_BATCH[tensor] = (tensor._version, values)
+    if what not in values:
+        values[what] = build()
+    return values[what]
 
 
 def _is_packed(pos: Tensor, real: Tensor | None = None) -> bool:
@@ -230,14 +234,14 @@ def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kw
         cu = kwargs.get("cu_seq_lens_q")
         unpadded = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            unpadded = _once_per_batch(attention_mask, lambda: _from_mask(attention_mask, pos))
+            unpadded = _once_per_batch(attention_mask, "unpadded", lambda: _from_mask(attention_mask, pos))
         if unpadded is not None:
             info, indices = unpadded
         elif cu is not None:
-            info = _once_per_batch(cu, lambda: SeqInfo.from_cu_seqlens(cu.to(torch.int32), max_seqlen=kwargs.get("max_length_q")))
+            info = _once_per_batch(cu, "info", lambda: SeqInfo.from_cu_seqlens(cu.to(torch.int32), max_seqlen=kwargs.get("max_length_q")))
             _check_positions_once(pos, info, rows)
         elif pos is not None:
-            info = _once_per_batch(pos, lambda: _from_positions(pos, rows))
+            info = _once_per_batch(pos, "info", lambda: _from_positions(pos, rows))
         else:
             info = SeqInfo.from_lengths([length] * rows)
     else:
@@ -259,22 +263,42 @@ def _on_device(info: SeqInfo, device) -> SeqInfo:
     return info.cached(("to", str(device)), lambda: info.to(device, non_blocking=True), when_compiling=True)
 
 
-def _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap, sinks=None):
-    """Queries shorter than keys (generation with a KV cache): no packing there; plain math, with
-    the window, the soft-capping and the sinks honoured (the queries are the last ``lq`` positions)."""
-    lq, lk = query.shape[2], key.shape[2]
-    i = torch.arange(lq, device=query.device)[:, None] + (lk - lq)
-    j = torch.arange(lk, device=query.device)[None, :]
-    allowed = band(i, j, *window_bounds(causal, window))[None, None]  # [1, 1, lq, lk]
-    if attention_mask is not None and attention_mask.dim() == 2:
-        allowed = allowed & attention_mask[:, None, None, -lk:].bool()
+def _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap, sinks=None, position_ids=None):
+    """Queries fewer than keys (generation with a KV cache): no packing there; plain math, with
+    the window, the soft-capping and the sinks honoured."""
+    key, value, allowed = _cache_slots(query, key, value, attention_mask, position_ids, causal, window)
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     compute = torch.promote_types(query.dtype, torch.float32)  # float64 stays float64
     scores = soft_cap((query @ key.transpose(-1, -2)).to(compute) * scale, softcap or 0.0)
     probs = sink_softmax(scores.masked_fill(~allowed, float("-inf")).transpose(0, 1), sinks).transpose(0, 1)
+    probs = probs.masked_fill(~allowed, 0.0)  # a padding query sees no key: zeros, as the packed path gives it, not NaN
     return (probs.to(value.dtype) @ value).transpose(1, 2)
+
+
+def _cache_slots(query, key, value, attention_mask, position_ids, causal, window) -> tuple[Tensor, Tensor, Tensor]:
+    """The cache's keys and values, and which of them each query sees ``[B | 1, 1, lq, lk]``.
+
+    A static cache's keys are all its slots, the ones past what it holds empty (zeros that a
+    softmax would still weigh). With a 2-D padding mask, the mask covers the slots filled (as
+    transformers' FlashAttention path reads it): the rest are cut off and the queries are the last
+    of the slots. Without one, a query's slot is its position (static: slots are positions) or its
+    place from the end (a sliding window's cache that has rolled), whichever comes first; in a
+    dynamic cache the two agree."""
+    lq = query.shape[2]
+    mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+    if mask is not None and key.shape[2] > mask.shape[-1]:
+        key, value = key[:, :, : mask.shape[-1]], value[:, :, : mask.shape[-1]]
+    lk = key.shape[2]
+    slot = torch.arange(lq, device=query.device)[None] + (lk - lq)  # [1, lq]
+    if mask is None and position_ids is not None and position_ids.dim() == 2 and position_ids.shape[-1] == lq:
+        slot = torch.minimum(position_ids.to(query.device), slot)  # [B, lq]
+    j = torch.arange(lk, device=query.device)
+    allowed = band(slot[:, :, None], j, *window_bounds(causal, window))[:, None]  # [B | 1, 1, lq, lk]
+    if mask is not None:
+        allowed = allowed & mask[:, None, None, -lk:].bool()
+    return key, value, allowed
 
 
 # What transformers' attention call sites pass beside q/k/v/mask (inventory of its modeling files:
@@ -337,8 +361,9 @@ def varlen_attention_forward(
     b, h, length, d = query.shape
     window = (-1, -1) if not sliding_window else (sliding_window - 1, -1)
     if key.shape[2] != length:
-        _refuse_packed_cache(module, kwargs, key.shape[2] - length)
-        return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap, sinks), None
+        _refuse_packed_cache(module, kwargs, key.shape[2] - length, attention_mask)
+        return _decode_step(query, key, value, attention_mask, scaling, causal, window, softcap, sinks,
+                            kwargs.get("position_ids")), None
     if kwargs.get("varlen_context") is not None:  # this rank's slice of a packed row (context parallelism)
         if sinks is not None:
             raise PackingRefused(f"varlen attention cannot honour attention sinks ({type(module).__name__}) with "
@@ -367,14 +392,20 @@ def varlen_attention_forward(
 PACKED_PREFILL = "varlen_packed_prefill"
 
 
-def _refuse_packed_cache(module: torch.nn.Module, kwargs: dict, cached: int) -> None:
-    """Queries shorter than keys: the cache's ``cached`` earlier keys belong to no packed sample of this
-    call, and a cache a packed row filled holds several samples that a decoded token would all see."""
+def _refuse_packed_cache(module: torch.nn.Module, kwargs: dict, cached: int, attention_mask: Tensor | None) -> None:
+    """Queries fewer than keys: the cache's earlier keys belong to no packed sample of this call, and
+    a cache a packed row filled holds several samples that a decoded token would all see."""
     packed = [k for k in PACKED_METADATA if kwargs.get(k) is not None]
-    if packed:  # the cache holds earlier tokens: a packed batch's boundaries say nothing of them
-        raise PackingRefused(f"varlen attention: a packed batch ({', '.join(packed)}) with a KV cache that already "
-                             f"holds tokens ({type(module).__name__}); packed rows take no cache: call with "
-                             "use_cache=False, or generate one sample a row")
+    pos = kwargs.get("position_ids")
+    if not packed and pos is not None and pos.dim() == 2 and pos.shape[-1] > 1:  # one query a row is one sample
+        real = attention_mask.bool()[:, -pos.shape[-1]:] if attention_mask is not None and attention_mask.dim() == 2 else None
+        if _once_per_batch(pos, "packed", lambda: _is_packed(pos, real)):
+            packed = ["position_ids that restart inside a row"]
+    if packed:  # the cache holds earlier tokens, or a static cache's slots: a packed batch says nothing of them
+        raise PackingRefused(f"varlen attention: a packed batch ({', '.join(packed)}) with a KV cache "
+                             f"({type(module).__name__}: its keys outnumber the queries, holding earlier tokens or "
+                             "a static cache's slots); packed rows take no cache: call with use_cache=False, or "
+                             "generate one sample a row")
     if getattr(module, PACKED_PREFILL, None) == cached:
         raise PackingRefused(f"varlen attention: decoding from a KV cache that a packed batch filled "
                              f"({type(module).__name__}): its rows hold several samples, and a new token would attend "
