@@ -301,3 +301,27 @@ def test_a_packed_row_into_a_static_cache_is_refused():
         past = transformers.StaticCache(config=cfg, max_cache_len=16)
         with pytest.raises(varlen.hf.PackingRefused, match="a packed batch .* with a KV cache"):
             model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], past_key_values=past, **kwargs)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_a_refused_packed_call_leaves_the_cache_as_it_was(cache):
+    # refused inside attention, the first layer would already have written the packed row's keys
+    # into the cache, and decoding on would carry them silently: a model varlen.hf.use saw refuses
+    # before any layer runs, and its cache decodes on exactly
+    cfg, model = _cache_model("llama", torch.float32)
+    model.set_attn_implementation("varlen")
+    varlen.hf.use("reference", model)
+    past = (transformers.StaticCache(config=cfg, max_cache_len=16) if cache == "static"
+            else transformers.DynamicCache(config=cfg))
+    prompt = torch.arange(1, 6)[None]
+    model(input_ids=prompt, past_key_values=past)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in past.layers]
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(1, n + 1)} for n in (3, 4)])
+    for kwargs in ({"varlen_info": batch["varlen_info"]}, {}):
+        with pytest.raises(varlen.hf.PackingRefused, match="LlamaForCausalLM: one that holds tokens"):
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], past_key_values=past, **kwargs)
+    for layer, (k, v) in zip(past.layers, before):
+        assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+    step = model(input_ids=torch.tensor([[7]]), past_key_values=past).logits
+    whole = model(input_ids=torch.cat([prompt[0], torch.tensor([7])])[None], use_cache=False).logits
+    torch.testing.assert_close(step[0, -1], whole[0, -1], rtol=1e-5, atol=1e-5)

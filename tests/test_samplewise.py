@@ -66,8 +66,9 @@ def test_mixers_see_each_sample_alone_and_unpacked_rows_whole():
 def test_use_is_idempotent_and_a_deep_copy_reads_its_own_batches():
     model = _tiny("mamba2").eval()
     varlen.hf.use("auto", model)
+    hooks = dict(model._forward_pre_hooks)  # the boundaries' capture, the packed-cache guard
     varlen.hf.use("auto", model)
-    assert len(model._forward_pre_hooks) == 1
+    assert dict(model._forward_pre_hooks) == hooks and len(hooks) == 2
     twin = copy.deepcopy(model)
     assert getattr(twin, HOOKED) is not getattr(model, HOOKED)
     batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(4, 4 + n)} for n in (3, 4)])
@@ -88,7 +89,9 @@ def test_a_mixer_that_returns_its_state_is_refused_naming_it():
 def test_attention_only_models_get_no_hook_and_context_parallelism_is_refused():
     llama = _tiny("llama")
     varlen.hf.use("auto", llama)
-    assert not llama._forward_pre_hooks and sample_wise_paths(llama) == ()
+    # only the packed-cache guard every model gets, no boundaries' capture
+    assert list(llama._forward_pre_hooks.values()) == [varlen.hf._refuse_packed_into_cache]
+    assert sample_wise_paths(llama) == ()
     model = _tiny("mamba2")
     varlen.hf.use("auto", model)
     with pytest.raises(PackingRefused, match="sample by sample with context parallelism"):

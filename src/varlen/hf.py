@@ -100,6 +100,30 @@ def use(backend: str = "auto", model: torch.nn.Module | None = None) -> None:
     for config in {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}.values():
         config.varlen_backend = backend
         _MODELS[id(config)] = ModelState(weakref.ref(config), wrapped)
+    if _refuse_packed_into_cache not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_refuse_packed_into_cache, with_kwargs=True)
+
+
+def _refuse_packed_into_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """A packed batch with a KV cache that holds tokens, or a static one, refused before the first
+    layer runs (a forward pre-hook :func:`use` puts on the model): refused inside attention instead, the
+    first layer would already have written its keys into the cache, and decoding on from it would
+    carry them silently. Attention keeps its own check for models ``use`` never saw."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is None or not hasattr(cache, "get_seq_length") or torch.compiler.is_compiling():
+        return
+    mask = kwargs.get("attention_mask")  # generate() may hand over one per layer type, each 2-D or None
+    masks = list(mask.values()) if isinstance(mask, dict) else [mask]
+    mask = next((m for m in masks if isinstance(m, Tensor) and m.dim() == 2), None)
+    packed = _packed_metadata(kwargs, mask)
+    if packed and (_is_static(cache) or int(cache.get_seq_length()) > 0):
+        raise PackingRefused(_packed_cache_message(packed, type(model).__name__))
+
+
+def _is_static(cache) -> bool:
+    from transformers.cache_utils import StaticLayer
+
+    return any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ()))
 
 
 def refuse_packing(config) -> None:
@@ -395,21 +419,32 @@ PACKED_PREFILL = "varlen_packed_prefill"
 def _refuse_packed_cache(module: torch.nn.Module, kwargs: dict, cached: int, attention_mask: Tensor | None) -> None:
     """Queries fewer than keys: the cache's earlier keys belong to no packed sample of this call, and
     a cache a packed row filled holds several samples that a decoded token would all see."""
-    packed = [k for k in PACKED_METADATA if kwargs.get(k) is not None]
-    pos = kwargs.get("position_ids")
-    if not packed and pos is not None and pos.dim() == 2 and pos.shape[-1] > 1:  # one query a row is one sample
-        real = attention_mask.bool()[:, -pos.shape[-1]:] if attention_mask is not None and attention_mask.dim() == 2 else None
-        if _once_per_batch(pos, "packed", lambda: _is_packed(pos, real)):
-            packed = ["position_ids that restart inside a row"]
+    packed = _packed_metadata(kwargs, attention_mask)
     if packed:  # the cache holds earlier tokens, or a static cache's slots: a packed batch says nothing of them
-        raise PackingRefused(f"varlen attention: a packed batch ({', '.join(packed)}) with a KV cache "
-                             f"({type(module).__name__}: its keys outnumber the queries, holding earlier tokens or "
-                             "a static cache's slots); packed rows take no cache: call with use_cache=False, or "
-                             "generate one sample a row")
+        raise PackingRefused(_packed_cache_message(packed, type(module).__name__))
     if getattr(module, PACKED_PREFILL, None) == cached:
         raise PackingRefused(f"varlen attention: decoding from a KV cache that a packed batch filled "
                              f"({type(module).__name__}): its rows hold several samples, and a new token would attend "
                              "to all of them; prefill one prompt a row (padded rows), then decode")
+
+
+def _packed_metadata(kwargs: dict, attention_mask: Tensor | None) -> list[str]:
+    """What says a call's rows are packed: their boundaries, or positions restarting inside a row
+    (read once a batch; one query a row is one sample)."""
+    packed = [k for k in PACKED_METADATA if kwargs.get(k) is not None]
+    pos = kwargs.get("position_ids")
+    if not packed and isinstance(pos, Tensor) and pos.dim() == 2 and pos.shape[-1] > 1:
+        mask = attention_mask if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 else None
+        real = None if mask is None else mask.bool()[:, -pos.shape[-1]:]
+        if _once_per_batch(pos, "packed", lambda: _is_packed(pos, real)):
+            packed = ["position_ids that restart inside a row"]
+    return packed
+
+
+def _packed_cache_message(packed: list[str], where: str) -> str:
+    return (f"varlen attention: a packed batch ({', '.join(packed)}) with a KV cache ({where}: one that holds "
+            "tokens, or a static one); packed rows take no cache: call with use_cache=False, or generate one "
+            "sample a row")
 
 
 def _context_attention(query: Tensor, key: Tensor, value: Tensor, kwargs: dict, **kw) -> Tensor:
