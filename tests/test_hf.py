@@ -314,6 +314,40 @@ def test_metadata_from_positions_is_derived_once_a_batch_compiled_too_and_not_ke
             assert len(varlen.hf._PER_BATCH) == 0  # nothing of the batch is kept after it
 
 
+@pytest.mark.parametrize("kind", ["position_ids", "flash_kwargs", "rows", "padded"])
+def test_a_model_use_saw_reads_its_batch_once_at_its_entry_compiled_in_one_graph(kind):
+    # without varlen_info every layer looked the batch's sequences up in a function torch.compile
+    # leaves its graph for (it reads the batch on the host): a graph per layer. A model varlen.hf.use
+    # saw reads them once, at its entry, and hands them down: one graph (padded rows: transformers'
+    # own mask function still breaks it), eager's logits, the reference's
+    from torch._dynamo.testing import CompileCounter
+
+    ref, vm = _models("llama_gqa")
+    unseen = copy.deepcopy(vm)  # attn_implementation="varlen" alone: its layers read the batch
+    varlen.hf.use("sdpa", vm)
+    samples = _samples([3, 9, 4])
+    ids, mask, _ = _padded(samples)
+    batch = varlen.hf.VarlenCollator(flash_kwargs=True)([{"input_ids": s} for s in samples])
+    kw = {"position_ids": {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]},
+          "flash_kwargs": {k: v for k, v in batch.items() if k not in ("varlen_info", "labels")},
+          "rows": {"input_ids": ids},
+          "padded": {"input_ids": ids, "attention_mask": mask}}[kind]
+    torch._dynamo.reset()
+    counter, per_layer = CompileCounter(), CompileCounter()
+    with torch.no_grad():
+        eager = vm(**kw, use_cache=False).logits
+        got = torch.compile(vm, backend=counter)(**kw, use_cache=False).logits
+        torch.compile(unseen, backend=per_layer)(**kw, use_cache=False)
+        want = ref(**kw, use_cache=False).logits if kind in ("rows", "padded") else \
+            ref(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()][None]
+    real = mask.bool() if kind == "padded" else torch.ones(got.shape[:2], dtype=torch.bool)
+    torch.testing.assert_close(got[real], eager[real], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got[real], want[real], rtol=1e-9, atol=1e-9)
+    assert per_layer.frame_count > vm.config.num_hidden_layers  # the test's premise: a break in every layer
+    assert counter.frame_count == 1 or kind == "padded" and counter.frame_count < per_layer.frame_count - 2, \
+        (counter.frame_count, per_layer.frame_count)
+
+
 @pytest.mark.parametrize("lengths", [[5, 1, 17, 3, 9], [1], [40], [1] * 7])
 def test_flash_kwargs_are_what_transformers_flattening_collator_gives(lengths):
     # the boundaries as transformers names them, for layers that read them (its FlashAttention path,

@@ -66,7 +66,7 @@ def test_mixers_see_each_sample_alone_and_unpacked_rows_whole():
 def test_use_is_idempotent_and_a_deep_copy_reads_its_own_batches():
     model = _tiny("mamba2").eval()
     varlen.hf.use("auto", model)
-    hooks = dict(model._forward_pre_hooks)  # the boundaries' capture, the packed-cache guard
+    hooks = dict(model._forward_pre_hooks)  # the boundaries' capture, the entry hook
     varlen.hf.use("auto", model)
     assert dict(model._forward_pre_hooks) == hooks and len(hooks) == 2
     twin = copy.deepcopy(model)
@@ -89,8 +89,8 @@ def test_a_mixer_that_returns_its_state_is_refused_naming_it():
 def test_attention_only_models_get_no_hook_and_context_parallelism_is_refused():
     llama = _tiny("llama")
     varlen.hf.use("auto", llama)
-    # only the packed-cache guard every model gets, no boundaries' capture
-    assert list(llama._forward_pre_hooks.values()) == [varlen.hf._refuse_packed_into_cache]
+    # only the entry hook every model gets, no boundaries' capture
+    assert list(llama._forward_pre_hooks.values()) == [varlen.hf._at_model_entry]
     assert sample_wise_paths(llama) == ()
     model = _tiny("mamba2")
     varlen.hf.use("auto", model)

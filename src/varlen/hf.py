@@ -21,6 +21,8 @@ for packed rows when ``use_cache=True`` and silently attends across samples).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from dataclasses import dataclass
 
@@ -29,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from torch import Tensor
 
 from .attention import BACKENDS, BackendUnavailable, attention
-from .attention.api import split_backend
+from .attention.api import prepare, split_backend
 from .attention.common import band, sink_softmax, soft_cap, window_bounds
 from .data.batch import PackedBatch
 from .loss import IGNORE_INDEX, Labels
@@ -100,17 +102,57 @@ def use(backend: str = "auto", model: torch.nn.Module | None = None) -> None:
     for config in {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}.values():
         config.varlen_backend = backend
         _MODELS[id(config)] = ModelState(weakref.ref(config), wrapped)
-    if _refuse_packed_into_cache not in model._forward_pre_hooks.values():
-        model.register_forward_pre_hook(_refuse_packed_into_cache, with_kwargs=True)
+    if _at_model_entry not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_at_model_entry, with_kwargs=True)
 
 
-def _refuse_packed_into_cache(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """A packed batch with a KV cache that holds tokens, or a static one, refused before the first
-    layer runs (a forward pre-hook :func:`use` puts on the model): refused inside attention instead, the
-    first layer would already have written its keys into the cache, and decoding on from it would
-    carry them silently. Attention keeps its own check for models ``use`` never saw."""
+def _at_model_entry(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """What varlen does before the first layer of a model :func:`use` saw (a forward pre-hook).
+
+    With a KV cache, a packed batch is refused if the cache holds tokens or is static: refused in
+    attention instead, the first layer would already have written its keys into the cache, and
+    decoding on would carry them silently (attention keeps its own check for models ``use`` never
+    saw). Without one (training, evaluation), the batch's sequences are read once and handed to
+    every layer as ``varlen_info``, as varlen's collators hand them: otherwise every layer looks
+    them up, and a compiled model leaves its graph in every layer to do so."""
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if cache is None or not hasattr(cache, "get_seq_length") or torch.compiler.is_compiling():
+    if cache is None and any(kwargs.get(k) is not None for k in ("varlen_info", "varlen_context")):
+        return None  # described by varlen's collators, or one rank's slice: nothing to read (and no graph break)
+    return _read_batch(model, args, kwargs, cache)
+
+
+@torch.compiler.disable  # it reads the batch on the host: once a forward, at the model's entry
+def _read_batch(model: torch.nn.Module, args: tuple, kwargs: dict, cache) -> tuple[tuple, dict] | None:
+    if cache is not None:
+        _refuse_packed_into_cache(model, kwargs, cache)
+        return None
+    described = _describe_batch(model, args, kwargs)
+    return None if described is None else (args, {**kwargs, **described})
+
+
+def _describe_batch(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict | None:
+    """``varlen_info`` (and ``varlen_indices`` of padded rows' real tokens) for a call that has none,
+    as the attention layers would derive them, shaped for the model's backend."""
+    x = kwargs.get("input_ids", args[0] if args else None)
+    x = x if x is not None else kwargs.get("inputs_embeds")
+    pos, mask = kwargs.get("position_ids"), kwargs.get("attention_mask")
+    if (not isinstance(x, Tensor) or x.dim() < 2 or not _takes_kwargs(type(model))
+            or (pos is not None and pos.dim() != 2) or (mask is not None and mask.dim() != 2)):
+        return None  # mRoPE positions, a model's own mask: left to attention
+    rows, length = x.shape[:2]
+    info, indices = batch_info(rows, length, x.device, mask, {k: kwargs.get(k) for k in METADATA})
+    info = prepare(info, backend_of(model), x.device.type)
+    return {"varlen_info": info} if indices is None else {"varlen_info": info, "varlen_indices": indices}
+
+
+@functools.cache
+def _takes_kwargs(cls: type) -> bool:
+    """Does the model's forward take ``**kwargs`` (and so carry ``varlen_info`` to its layers)?"""
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values())
+
+
+def _refuse_packed_into_cache(model: torch.nn.Module, kwargs: dict, cache) -> None:
+    if not hasattr(cache, "get_seq_length"):
         return
     mask = kwargs.get("attention_mask")  # generate() may hand over one per layer type, each 2-D or None
     masks = list(mask.values()) if isinstance(mask, dict) else [mask]
@@ -252,7 +294,7 @@ def _check_positions_once(pos: Tensor | None, info: SeqInfo, rows: int) -> None:
 def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kwargs: dict) -> tuple[SeqInfo, Tensor | None]:
     """SeqInfo for the flattened ``rows * length`` tokens, and the real-token indices when padded."""
     info = kwargs.get("varlen_info")
-    indices = None
+    indices = kwargs.get("varlen_indices")  # padded rows' real tokens, when the model's entry read them
     if info is None:
         pos = kwargs.get("position_ids")
         cu = kwargs.get("cu_seq_lens_q")
@@ -268,7 +310,7 @@ def batch_info(rows: int, length: int, device, attention_mask: Tensor | None, kw
             info = _once_per_batch(pos, "info", lambda: _from_positions(pos, rows))
         else:
             info = SeqInfo.from_lengths([length] * rows)
-    else:
+    elif indices is None:  # padded rows' samples are their masks' runs, whatever positions they carry
         _check_positions_once(kwargs.get("position_ids"), info, rows)
     expected = rows * length if indices is None else indices.numel()
     if info.total_tokens != expected:
@@ -331,7 +373,7 @@ def _cache_slots(query, key, value, attention_mask, position_ids, causal, window
 # Refused when set: features varlen cannot honour; any other argument with a
 # value is refused too, by name, rather than ignored.
 METADATA = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "varlen_info",
-            "varlen_context", "seq_idx")  # seq_idx: TRL's sequence index per token, for linear-attention layers
+            "varlen_indices", "varlen_context", "seq_idx")  # seq_idx: TRL's sequence index per token, for linear-attention layers
 PACKED_METADATA = ("varlen_info", "cu_seq_lens_q", "cu_seq_lens_k", "varlen_context")  # a packed batch's own
 HARMLESS = ("use_cache", "cache_position", "past_key_values", "deterministic", "num_items_in_batch", "shift_labels",
             "labels", "logits_to_keep")
