@@ -325,3 +325,25 @@ def test_a_refused_packed_call_leaves_the_cache_as_it_was(cache):
     step = model(input_ids=torch.tensor([[7]]), past_key_values=past).logits
     whole = model(input_ids=torch.cat([prompt[0], torch.tensor([7])])[None], use_cache=False).logits
     torch.testing.assert_close(step[0, -1], whole[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_from_a_cache_a_packed_batch_filled_is_refused_compiled_too():
+    # attention marks its modules only eagerly; a model varlen.hf.use saw marks the cache itself at its
+    # entry, so a compiled model refuses too, before any layer writes the decoded token's keys
+    cfg, model = _cache_model("llama", torch.float32)
+    model.set_attn_implementation("varlen")
+    varlen.hf.use("reference", model)
+    compiled = torch.compile(model, backend="eager")
+    batch = varlen.hf.VarlenCollator()([{"input_ids": torch.arange(1, n + 1)} for n in (3, 4)])
+    for kwargs in ({"varlen_info": batch["varlen_info"]}, {}):
+        past = transformers.DynamicCache(config=cfg)
+        compiled(input_ids=batch["input_ids"], position_ids=batch["position_ids"], past_key_values=past, **kwargs)
+        before = [layer.keys.clone() for layer in past.layers]
+        with pytest.raises(varlen.hf.PackingRefused, match="decoding from a KV cache that a packed batch filled"):
+            compiled(input_ids=torch.tensor([[7]]), past_key_values=past, position_ids=torch.tensor([[7]]))
+        assert all(torch.equal(layer.keys, k) for layer, k in zip(past.layers, before))
+    past = transformers.DynamicCache(config=cfg)  # one prompt a row: decoding on is the sample's own continuation
+    compiled(input_ids=torch.arange(1, 6)[None], past_key_values=past)
+    step = compiled(input_ids=torch.tensor([[7]]), past_key_values=past).logits
+    whole = model(input_ids=torch.cat([torch.arange(1, 6), torch.tensor([7])])[None], use_cache=False).logits
+    torch.testing.assert_close(step[0, -1], whole[0, -1], rtol=1e-5, atol=1e-5)

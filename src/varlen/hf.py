@@ -37,7 +37,7 @@ from .data.batch import PackedBatch
 from .loss import IGNORE_INDEX, Labels
 from .parallel.context import ulysses_attention
 from .packable import PackingRefused
-from .samplewise import run_sample_wise
+from .samplewise import FROM_PACKED, run_sample_wise
 from .seqinfo import SeqInfo
 
 NAME = "varlen"
@@ -124,7 +124,7 @@ def _at_model_entry(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
 @torch.compiler.disable  # it reads the batch on the host: once a forward, at the model's entry
 def _read_batch(model: torch.nn.Module, args: tuple, kwargs: dict, cache) -> tuple[tuple, dict] | None:
     if cache is not None:
-        _refuse_packed_into_cache(model, kwargs, cache)
+        _check_cache(model, kwargs, cache)
         return None
     described = _describe_batch(model, args, kwargs)
     return None if described is None else (args, {**kwargs, **described})
@@ -151,15 +151,24 @@ def _takes_kwargs(cls: type) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.forward).parameters.values())
 
 
-def _refuse_packed_into_cache(model: torch.nn.Module, kwargs: dict, cache) -> None:
+def _check_cache(model: torch.nn.Module, kwargs: dict, cache) -> None:
+    """A packed batch takes an empty dynamic cache only, and marks it: the rows it leaves hold several
+    samples each, so decoding on from that cache is refused (here, before the first layer writes,
+    also when the model is compiled; attention's own marks are eager only)."""
     if not hasattr(cache, "get_seq_length"):
         return
     mask = kwargs.get("attention_mask")  # generate() may hand over one per layer type, each 2-D or None
     masks = list(mask.values()) if isinstance(mask, dict) else [mask]
     mask = next((m for m in masks if isinstance(m, Tensor) and m.dim() == 2), None)
     packed = _packed_metadata(kwargs, mask)
-    if packed and (_is_static(cache) or int(cache.get_seq_length()) > 0):
+    if packed and (_is_static(cache) or int(cache.get_seq_length()) > 0):  # (a static cache's length is on the device)
         raise PackingRefused(_packed_cache_message(packed, type(model).__name__))
+    if packed:
+        setattr(cache, FROM_PACKED, True)
+    elif getattr(cache, FROM_PACKED, False) and int(cache.get_seq_length()) > 0:
+        raise PackingRefused(f"varlen: decoding from a KV cache that a packed batch filled ({type(model).__name__}): "
+                             "its rows hold several samples, and a new token would attend to all of them; prefill one "
+                             "prompt a row (padded rows), then decode")
 
 
 def _is_static(cache) -> bool:
