@@ -517,11 +517,19 @@ def _context_attention(query: Tensor, key: Tensor, value: Tensor, kwargs: dict, 
 
 def register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, varlen_attention_forward)
-    # like FlashAttention: the model hands over the 2-D padding mask (or None), not a dense mask
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AttentionMaskInterface.register(NAME, padding_mask)
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, *args, attention_mask: Tensor | None = None,
+                 **kwargs) -> Tensor | None:
+    """What the model hands attention for a mask: the 2-D padding mask (its last ``kv_length`` slots,
+    a sliding window's), or None. As transformers' FlashAttention mask function, without its test
+    for an all-ones mask: that reads the mask on the host, a sync on the GPU and a graph break in a
+    compiled model; attention reads the batch once anyway (an all-ones mask: rows of one sample)."""
+    return None if attention_mask is None else attention_mask[:, -kv_length:]
 
 
 @dataclass(frozen=True)
