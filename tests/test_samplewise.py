@@ -15,6 +15,7 @@ import varlen.hf  # noqa: E402  registers "varlen"
 from varlen import matrix  # noqa: E402
 from varlen.check import check  # noqa: E402
 from varlen.hf import PackingRefused  # noqa: E402
+from varlen.data import PackCollator, PackRowsCollator  # noqa: E402
 from varlen.samplewise import HOOKED, sample_wise_paths  # noqa: E402
 
 
@@ -142,3 +143,17 @@ def test_decoding_from_a_cache_a_packed_batch_ran_with_is_refused():
     step = model(input_ids=torch.tensor([[7]]), cache_params=cache, use_cache=True, cache_position=torch.tensor([5]))
     whole = model(input_ids=torch.cat([torch.arange(1, 6), torch.tensor([7])])[None], use_cache=False).logits
     torch.testing.assert_close(step.logits[0, -1], whole[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_mixer_that_carries_the_rows_state_in_an_argument_is_refused_before_it_runs():
+    # RWKV hands each block a list of [B, C, layers] state tensors it writes in place: cut to one
+    # sample's [1, n, C], the first write failed on the shape (two rows) instead of refusing
+    model = _tiny("rwkv").eval()
+    varlen.hf.use("auto", model)
+    samples = [{"input_ids": torch.arange(4, 4 + n)} for n in (3, 4, 2, 5)]
+    packed = PackCollator(max_seqlen=8, labels="unshifted")([(s["input_ids"], s["input_ids"]) for s in samples])
+    rows = PackRowsCollator(row_len=7, labels="unshifted")([(s["input_ids"], s["input_ids"]) for s in samples])
+    for batch in (packed.hf_kwargs(), rows.hf_kwargs()):
+        with pytest.raises(PackingRefused, match=r"blocks\.0\.attention \(RwkvSelfAttention\).*argument 'state'"):
+            with torch.no_grad():
+                model(**batch, use_cache=True)

@@ -116,6 +116,10 @@ class _SampleWise:
             if kwargs.get(k) is not None:
                 setattr(kwargs[k], FROM_PACKED, True)
         kwargs = {k: (None if k in CACHES else v) for k, v in kwargs.items()}
+        held = [k for k, v in (*enumerate(args), *kwargs.items()) if _holds_state(v)]
+        if held:  # a list of per-row tensors the mixer reads and writes: no sample's alone, none to cut
+            raise PackingRefused(f"varlen cannot run {self.name} sample by sample: it carries a state of the "
+                                 f"whole rows in its argument {held[0]!r}, which varlen cannot cut per sample")
         spans = _spans(info.lengths, length)  # (row, offset, length) of each sample
         outs: list = [None] * len(spans)
         for n, members in _by_length(spans).items():
@@ -173,6 +177,12 @@ def _cut(value, row: int, off: int, n: int, rows: int, length: int):
         r = row if value.shape[0] == rows else 0
         return value[r:r + 1, off:off + n]
     return None  # row-wide metadata: cu_seq_lens, seq_idx over the row, a 4-D mask
+
+
+def _holds_state(value) -> bool:
+    """A list (RWKV's ``state``) or dict of tensors: a recurrent state kept outside a cache object."""
+    values = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else ()
+    return any(isinstance(v, Tensor) for v in values)
 
 
 def _count(value, n: int):
