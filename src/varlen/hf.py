@@ -37,7 +37,7 @@ from .data.batch import PackedBatch
 from .loss import IGNORE_INDEX, Labels
 from .parallel.context import ulysses_attention
 from .packable import PackingRefused
-from .samplewise import FROM_PACKED, run_sample_wise
+from .samplewise import CACHES, FROM_PACKED, run_sample_wise
 from .seqinfo import SeqInfo
 
 NAME = "varlen"
@@ -115,7 +115,7 @@ def _at_model_entry(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
     saw). Without one (training, evaluation), the batch's sequences are read once and handed to
     every layer as ``varlen_info``, as varlen's collators hand them: otherwise every layer looks
     them up, and a compiled model leaves its graph in every layer to do so."""
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    cache = next((kwargs[k] for k in CACHES if kwargs.get(k) is not None), None)
     if cache is None and any(kwargs.get(k) is not None for k in ("varlen_info", "varlen_context")):
         return None  # described by varlen's collators, or one rank's slice: nothing to read (and no graph break)
     return _read_batch(model, args, kwargs, cache)
@@ -166,9 +166,7 @@ def _check_cache(model: torch.nn.Module, kwargs: dict, cache) -> None:
     if packed:
         setattr(cache, FROM_PACKED, True)
     elif getattr(cache, FROM_PACKED, False) and int(cache.get_seq_length()) > 0:
-        raise PackingRefused(f"varlen: decoding from a KV cache that a packed batch filled ({type(model).__name__}): "
-                             "its rows hold several samples, and a new token would attend to all of them; prefill one "
-                             "prompt a row (padded rows), then decode")
+        raise PackingRefused(_packed_filled_message(type(model).__name__))
 
 
 def _is_static(cache) -> bool:
@@ -474,9 +472,7 @@ def _refuse_packed_cache(module: torch.nn.Module, kwargs: dict, cached: int, att
     if packed:  # the cache holds earlier tokens, or a static cache's slots: a packed batch says nothing of them
         raise PackingRefused(_packed_cache_message(packed, type(module).__name__))
     if getattr(module, PACKED_PREFILL, None) == cached:
-        raise PackingRefused(f"varlen attention: decoding from a KV cache that a packed batch filled "
-                             f"({type(module).__name__}): its rows hold several samples, and a new token would attend "
-                             "to all of them; prefill one prompt a row (padded rows), then decode")
+        raise PackingRefused(_packed_filled_message(type(module).__name__))
 
 
 def _packed_metadata(kwargs: dict, attention_mask: Tensor | None) -> list[str]:
@@ -490,6 +486,11 @@ def _packed_metadata(kwargs: dict, attention_mask: Tensor | None) -> list[str]:
         if _once_per_batch(pos, "packed", lambda: _is_packed(pos, real)):
             packed = ["position_ids that restart inside a row"]
     return packed
+
+
+def _packed_filled_message(where: str) -> str:
+    return (f"varlen attention: decoding from a KV cache that a packed batch filled ({where}): its rows hold several "
+            "samples, and a new token would attend to all of them; prefill one prompt a row (padded rows), then decode")
 
 
 def _packed_cache_message(packed: list[str], where: str) -> str:
