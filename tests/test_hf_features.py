@@ -246,7 +246,7 @@ CACHE_MODELS = [("llama", {}), ("mistral", {"sliding_window": 4}),
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_decoding_with_a_cache_matches_eager(name, extra, cache):
     # a static cache's keys are all its slots, those past what it holds empty: a query must see only
-    # the filled ones up to its own (it once saw them all, silently off by up to 0.3 in the logits);
+    # the filled ones up to its own (it once saw them all: silently wrong logits);
     # a sliding window's static cache rolls once full. Prefill, single tokens past the window, then a
     # chunk of three, each against transformers' eager attention on a cache of the same kind
     cfg, model = _cache_model(name, **extra)
